@@ -1,0 +1,154 @@
+"""AGIQA-3K on disk: read and validate data.csv and the images it names.
+
+AGIQA-3K (Li et al., TCSVT 2023) ships 2,982 JPEG images and a data.csv with
+the columns name,prompt,adj1,adj2,style,mos_quality,std_quality,mos_align,
+std_align (CRLF line endings, prompts quoted when they contain commas).
+Every check here runs before any training, and every error says what to fix.
+
+Score normalization: both MOS columns are on a 0-5 scale; the example trains
+on MOS / 5, so targets lie in [0, 1] (the original report divided by 100).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["REQUIRED_COLUMNS", "MOS_SCALE", "Record", "read_csv", "check_images", "load_agiqa"]
+
+REQUIRED_COLUMNS = ("name", "prompt", "adj1", "adj2", "style", "mos_quality", "std_quality", "mos_align", "std_align")
+MOS_SCALE = 5.0  # MOS range is [0, 5]; targets are MOS / MOS_SCALE
+_SHOW = 5  # how many offending names an error lists
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of the dataset."""
+
+    name: str  # file name relative to the data root
+    group: str  # the prompt: splits never put one prompt in two parts
+    mos: float  # raw MOS of the chosen target, 0-5
+
+
+def _first(names: list[str]) -> str:
+    """The first few names, and how many more, for an error message."""
+    shown = ", ".join(names[:_SHOW])
+    return shown + (f", ... ({len(names) - _SHOW} more)" if len(names) > _SHOW else "")
+
+
+def _parse_row(row: dict[str, str | None], line: int, column: str, path: Path) -> Record:
+    """Turn one CSV row into a Record, or raise naming the line and the problem."""
+    name = (row.get("name") or "").strip()
+    if not name:
+        raise ValueError(f"{path}, line {line}: empty 'name'; every row needs an image file name")
+    if None in row.values() or None in row:
+        raise ValueError(
+            f"{path}, line {line} ({name}): wrong number of fields; quote prompts that contain commas"
+        )
+    text = (row.get(column) or "").strip()
+    try:
+        mos = float(text)
+    except ValueError:
+        raise ValueError(f"{path}, line {line} ({name}): '{column}' is {text!r}, not a number") from None
+    if not math.isfinite(mos) or not 0.0 <= mos <= MOS_SCALE:
+        raise ValueError(f"{path}, line {line} ({name}): '{column}' = {mos} is outside the MOS range [0, 5]")
+    return Record(name=name, group=row.get("prompt") or "", mos=mos)
+
+
+def read_csv(path: str | Path, target: str = "quality") -> list[Record]:
+    """Read AGIQA-3K's data.csv.
+
+    Args:
+        path: the data.csv file.
+        target: "quality" (mos_quality) or "align" (mos_align).
+
+    Returns:
+        One Record per row, in file order.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unknown target, missing columns, a malformed row, an empty
+            file or duplicate names; the message names the columns or line.
+    """
+    if target not in ("quality", "align"):
+        raise ValueError(f"target must be 'quality' or 'align', got {target!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; --data-root must hold AGIQA-3K's data.csv next to the images")
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        header = [h.strip() for h in (reader.fieldnames or [])]
+        missing = [c for c in REQUIRED_COLUMNS if c not in header]
+        if missing:
+            raise ValueError(f"{path} lacks the columns {missing} (found {header}); expected {list(REQUIRED_COLUMNS)}")
+        reader.fieldnames = header
+        records = [_parse_row(row, i + 2, f"mos_{target}", path) for i, row in enumerate(reader)]
+    if not records:
+        raise ValueError(f"{path} has a header but no rows")
+    duplicates = sorted(n for n, k in Counter(r.name for r in records).items() if k > 1)
+    if duplicates:
+        raise ValueError(f"{path} lists {len(duplicates)} names more than once: {_first(duplicates)}")
+    return records
+
+
+def check_images(root: str | Path, names: list[str], decode: bool = True) -> None:
+    """Check that every named image exists and (optionally) decodes.
+
+    Args:
+        root: folder holding the images.
+        names: file names relative to root.
+        decode: also open each file with Pillow and verify it.
+
+    Raises:
+        FileNotFoundError: some images are absent (says how many, lists the first).
+        ValueError: some images exist but cannot be read as images.
+        ImportError: decode=True and Pillow is not installed.
+    """
+    root = Path(root)
+    absent = [n for n in names if not (root / n).is_file()]
+    if absent:
+        raise FileNotFoundError(
+            f"{len(absent)} of {len(names)} images listed in data.csv are missing from {root}: {_first(absent)}. "
+            "Extract the whole AGIQA-3K archive into --data-root."
+        )
+    if not decode:
+        return
+    from PIL import Image
+
+    unreadable = []
+    for name in names:
+        try:
+            with Image.open(root / name) as image:
+                image.verify()
+        except Exception:  # Pillow raises several classes for broken files
+            unreadable.append(name)
+    if unreadable:
+        raise ValueError(
+            f"{len(unreadable)} of {len(names)} images in {root} cannot be decoded: {_first(unreadable)}. "
+            "Re-extract or re-download them."
+        )
+
+
+def load_agiqa(root: str | Path, target: str = "quality", decode: bool = True) -> list[Record]:
+    """Validate an extracted AGIQA-3K folder and return its records.
+
+    Args:
+        root: the folder with data.csv and the JPEG images.
+        target: "quality" or "align".
+        decode: verify that every image decodes (slower, catches truncation).
+
+    Returns:
+        The records of data.csv.
+
+    Raises:
+        FileNotFoundError, ValueError: see `read_csv` and `check_images`.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data-root {root} is not a folder; extract AGIQA-3K there (README.md)")
+    records = read_csv(root / "data.csv", target)
+    check_images(root, [r.name for r in records], decode=decode)
+    return records

@@ -1,0 +1,160 @@
+"""CNNIQA (Kang et al., CVPR 2014) with the layer names IQA-PyTorch uses.
+
+One 7x7 convolution, global max and min pooling of its 50 maps, and three
+fully connected layers. Inputs are RGB in [0, 1], any spatial size >= 7.
+The state-dict keys are exactly conv1.{weight,bias} and fc1..fc3.{weight,bias},
+so IQA-PyTorch's published checkpoints (e.g. CNNIQA_koniq10k-e6f14c91.pth,
+a {"params": state_dict} dict) load unchanged.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CNNIQA", "load_pretrained", "save_plain", "EXPECTED_SHAPES"]
+
+# Key -> shape of the reference architecture (ker_size 7, 50 kernels, 800 nodes).
+EXPECTED_SHAPES: dict[str, tuple[int, ...]] = {
+    "conv1.weight": (50, 3, 7, 7),
+    "conv1.bias": (50,),
+    "fc1.weight": (800, 100),
+    "fc1.bias": (800,),
+    "fc2.weight": (800, 800),
+    "fc2.bias": (800,),
+    "fc3.weight": (1, 800),
+    "fc3.bias": (1,),
+}
+
+
+class CNNIQA(nn.Module):
+    """The CNNIQA regressor: image (B, 3, H, W) in [0, 1] -> score (B,).
+
+    Args:
+        kernels: number of conv1 filters (50 in the reference model).
+        kernel_size: conv1 kernel size (7).
+        hidden: width of fc1 and fc2 (800).
+        dropout: dropout probability after fc1 (0.5).
+    """
+
+    def __init__(self, kernels: int = 50, kernel_size: int = 7, hidden: int = 800, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, kernels, kernel_size)  # no padding, as in the reference
+        self.fc1 = nn.Linear(2 * kernels, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, 1)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Score a batch of images.
+
+        Args:
+            x: (B, 3, H, W) RGB in [0, 1], H and W at least the kernel size.
+
+        Returns:
+            (B,) predicted quality.
+        """
+        h = self.conv1(x)  # (B, 3, H, W) -> (B, K, H-6, W-6)
+        h_max = torch.amax(h, dim=(2, 3))  # (B, K) global max pooling
+        h_min = torch.amin(h, dim=(2, 3))  # (B, K) global min pooling
+        h = torch.cat((h_max, h_min), dim=1)  # (B, 2K)
+        h = self.dropout(F.relu(self.fc1(h)))  # (B, hidden)
+        h = F.relu(self.fc2(h))
+        return self.fc3(h).squeeze(1)  # (B, 1) -> (B,)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from .safetensors or a torch file ({"params": sd} or sd)."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors come in many classes
+        raise ValueError(
+            f"could not read {path} as a torch checkpoint ({exc}); pass IQA-PyTorch's .pth "
+            "({'params': state_dict}), a bare state dict, or a .safetensors file"
+        ) from exc
+    if isinstance(obj, dict) and "params" in obj and isinstance(obj["params"], dict):
+        obj = obj["params"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(
+            f"{path} holds a {type(obj).__name__}, not a state dict; expected {{'params': state_dict}} "
+            "as IQA-PyTorch saves it, or a bare {name: tensor} dict"
+        )
+    return obj
+
+
+def _check_state_dict(state: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
+    """Raise a ValueError naming every missing, unexpected or misshaped key."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [
+        f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != expected[k]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    if misshaped:
+        problems.append("wrong shapes " + "; ".join(misshaped))
+    if problems:
+        raise ValueError(
+            f"{path} is not a CNNIQA checkpoint: " + ", ".join(problems) + ". Expected exactly the keys "
+            f"{sorted(expected)} (IQA-PyTorch's CNNIQA with ker_size=7, n_kers=50, n1/n2_nodes=800)."
+        )
+
+
+def load_pretrained(model: CNNIQA, path: str | Path) -> CNNIQA:
+    """Load CNNIQA weights into `model`, checking every key and shape first.
+
+    Args:
+        model: the CNNIQA to fill (plain, before svdtune.apply).
+        path: IQA-PyTorch .pth ({"params": state_dict}), a bare state-dict
+            .pth/.pt, or a .safetensors file.
+
+    Returns:
+        The same model, for chaining.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: unreadable file, or wrong/missing/extra keys or shapes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"pretrained weights {path} not found; download IQA-PyTorch's CNNIQA_koniq10k-e6f14c91.pth "
+            "(see examples/cnniqa_agiqa/README.md) or drop --pretrained"
+        )
+    state = _read_state_dict(path)
+    _check_state_dict(state, model, path)
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model
+
+
+def save_plain(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Save a plain (unadapted or merged) CNNIQA as safetensors.
+
+    Args:
+        model: a CNNIQA whose state dict has exactly the reference keys.
+        path: destination .safetensors file.
+        metadata: optional string metadata for the header.
+
+    Raises:
+        ValueError: the model still carries adapter keys (merge it first).
+    """
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    extra = sorted(set(state) - set(EXPECTED_SHAPES))
+    if extra:
+        raise ValueError(f"model has non-CNNIQA keys {extra}; call svdtune.merge(model) before saving it plain")
+    save_file(state, str(path), metadata=metadata)

@@ -1,0 +1,280 @@
+"""Whole-model operations: apply, trainable_parameters, report, set_scale, merge, restore."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from svdtune.config import SpectralConfig
+from svdtune.cache import decompose_cached
+from svdtune.decompose import SUPPORTED_TYPES, weight_matrix
+from svdtune.errors import SvdtuneError
+from svdtune.layers import DELTA, SpectralLayer, adapt, delta_weight, spectrum_shift, unadapt
+from svdtune.report import Report, build_report
+from svdtune.targets import as_patterns, select
+
+_FLAGS = "_svdtune_requires_grad"  # on the root model: requires_grad of every parameter before apply
+
+
+def apply(
+    model: nn.Module,
+    targets: str | Iterable[str],
+    exclude: str | Iterable[str] = (),
+    rank: int | None = None,
+    mode: str = "shift",
+    *,
+    trainable: str | Iterable[str] = (),
+    cache_dir: str | os.PathLike | None = None,
+) -> nn.Module:
+    """Adapt the selected layers in place: freeze everything, train one delta per singular value.
+
+    Each selected ``nn.Linear``/``nn.ConvNd``/``nn.ConvTransposeNd`` (or subclass)
+    keeps its object identity, class ancestry and state-dict keys, and gains a
+    parameter ``svd_delta`` of zeros, so the model's output is unchanged until
+    training. Every other parameter is frozen, except those of ``trainable`` modules.
+
+    Args:
+        model: any module; changed in place.
+        targets: glob patterns over ``named_modules()`` names; a pattern also
+            matches a trailing dotted part of a name (``"fc*"`` selects ``head.fc2``).
+        exclude: patterns (same rule) of layers to leave alone.
+        rank: tune only the top ``rank`` singular values of each layer (capped at the
+            layer's min(m, n)); only those singular vectors are stored. None: all.
+        mode: "shift" (sigma' = relu(sigma + s*delta), SVDiff) or "scale"
+            (sigma' = sigma * (1 + s*delta)).
+        trainable: patterns of modules whose own parameters stay fully trainable
+            (e.g. a new head); they must not be targets.
+        cache_dir: a folder to store and reuse decompositions in (keyed by the
+            weight's bytes, shape, dtype, rank and algorithm); None computes every SVD.
+
+    Returns:
+        The same model object.
+
+    Raises:
+        SvdtuneError: a pattern selects nothing (the message lists similar names),
+            a layer is already adapted or cannot be (lazy, parametrized, non-finite
+            weight), a layer is both a target and trainable, or bad rank/mode. The
+            model is unchanged when it is raised.
+
+    Example:
+        >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+        >>> model = svdtune.apply(model, targets=["0", "2"])
+        >>> optimizer = torch.optim.AdamW(svdtune.trainable_parameters(model), lr=1e-3)
+    """
+    config = SpectralConfig(mode=mode, rank=rank)
+    layers = select(model, as_patterns(targets, "targets"), as_patterns(exclude, "exclude"), SUPPORTED_TYPES, "targets")
+    free = _select_trainable(model, as_patterns(trainable, "trainable"), layers)
+    for name, layer in layers.items():
+        _check_adaptable(name, layer)
+    cache_dir = None if cache_dir is None else os.fspath(cache_dir)
+    factors = {name: _decompose_named(name, layer, rank, cache_dir) for name, layer in layers.items()}
+    # Nothing above changed the model; nothing below can fail.
+    if _FLAGS not in model.__dict__:  # first apply: remember what was trainable, then freeze it all
+        model.__dict__[_FLAGS] = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.requires_grad_(False)
+    for name, layer in layers.items():
+        layer.requires_grad_(False)
+        adapt(layer, factors[name], config, cache_dir)
+    for module in free:
+        module.requires_grad_(True)
+    return model
+
+
+def _select_trainable(model: nn.Module, patterns: tuple[str, ...], layers: dict[str, nn.Module]) -> list[nn.Module]:
+    if not patterns:
+        return []
+    modules = select(model, patterns, (), (nn.Module,), "trainable")
+    for name, module in modules.items():
+        clash = [n for n, m in module.named_modules(prefix=name) if n in layers or isinstance(m, SpectralLayer)]
+        if clash:
+            raise SvdtuneError(
+                f"{clash[0]!r} is both a target and inside trainable module {name!r}; "
+                "a layer is either spectrally tuned or fully trained: drop it from one list."
+            )
+    return list(modules.values())
+
+
+def _check_adaptable(name: str, layer: nn.Module) -> None:
+    if isinstance(layer, SpectralLayer):
+        raise SvdtuneError(
+            f"layer {name!r} is already adapted by svdtune; exclude it, or call svdtune.restore(model) first."
+        )
+    weight = layer._parameters.get("weight")
+    if not isinstance(weight, nn.Parameter):
+        raise SvdtuneError(
+            f"layer {name!r} has no plain 'weight' parameter (parametrized or weight-normed?); "
+            "remove the parametrization first or exclude the layer."
+        )
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise SvdtuneError(f"layer {name!r} is lazy and not initialized yet; run one forward pass before apply.")
+
+
+def _decompose_named(name: str, layer: nn.Module, rank: int | None, cache_dir: str | None):
+    try:
+        return decompose_cached(layer._parameters["weight"], rank, cache_dir)
+    except SvdtuneError as error:
+        raise SvdtuneError(f"layer {name!r}: {error}") from None
+
+
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, SpectralLayer]]:
+    """(qualified name, layer) for every svdtune layer in the model, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, SpectralLayer):
+            yield name, module
+
+
+def _require_adapted(model: nn.Module, action: str) -> list[tuple[str, SpectralLayer]]:
+    layers = list(adapted_layers(model))
+    if not layers:
+        raise SvdtuneError(f"the model has no svdtune layers to {action}; call svdtune.apply(model, targets=...) first.")
+    return layers
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters to give the optimizer: every delta plus the ``trainable`` modules' parameters.
+
+    Args:
+        model: a model passed through `apply`.
+
+    Returns:
+        The parameters with ``requires_grad=True``, deltas first, each once.
+
+    Raises:
+        SvdtuneError: if the model has no svdtune layers.
+
+    Example:
+        >>> optimizer = torch.optim.AdamW(svdtune.trainable_parameters(model), lr=1e-3)
+    """
+    layers = _require_adapted(model, "train")
+    deltas = [layer._parameters[DELTA] for _, layer in layers]
+    seen = {id(p) for p in deltas}
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    return [p for p in deltas if p.requires_grad] + others
+
+
+def report(model: nn.Module) -> Report:
+    """A table of the adapted layers: name, type, weight shape, rank, mode, trainable numbers, % of model.
+
+    Args:
+        model: any model; fully trainable parameters outside svdtune layers are listed too.
+
+    Returns:
+        A `Report`; ``print(report)`` shows the table, ``report.rows`` holds the data.
+
+    Example:
+        >>> print(svdtune.report(model))
+    """
+    return build_report(model)
+
+
+def set_scale(model: nn.Module, scale: float) -> nn.Module:
+    """Set the strength s of every layer's deltas (1.0 = as trained, 0.0 = the base model).
+
+    Args:
+        model: a model passed through `apply`.
+        scale: the new s (any finite number; > 1 extrapolates).
+
+    Returns:
+        The same model.
+
+    Raises:
+        SvdtuneError: if the model has no svdtune layers or scale is not finite.
+
+    Example:
+        >>> svdtune.set_scale(model, 0.8)
+    """
+    layers = _require_adapted(model, "scale")
+    configs = [dataclasses.replace(layer._spectral.config, scale=scale) for _, layer in layers]
+    for (_, layer), config in zip(layers, configs):
+        layer._spectral.config = config
+    return model
+
+
+def singular_values(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
+    """The tuned singular values of each layer before and after its deltas.
+
+    Returns:
+        {layer name: (sigma, sigma_adapted)}, detached 1-D float tensors of length rank.
+
+    Raises:
+        SvdtuneError: if the model has no svdtune layers.
+    """
+    with torch.no_grad():
+        return {
+            name: (layer._factors().sigma.clone(), layer.spectrum().clone())
+            for name, layer in _require_adapted(model, "inspect")
+        }
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Bake the deltas into plain layers of the original classes, in place.
+
+    Every merged weight is computed (in float32 or better) and checked to be
+    finite before any layer is changed. Parameters get back the ``requires_grad``
+    they had before `apply`.
+
+    Args:
+        model: a model passed through `apply`.
+
+    Returns:
+        The same model, with no svdtune layers left: save it with ``torch.save`` or
+        safetensors and load it into the original architecture without svdtune.
+
+    Raises:
+        SvdtuneError: if the model has no svdtune layers or a merged weight is not finite.
+
+    Example:
+        >>> svdtune.merge(model)
+        >>> torch.save(model.state_dict(), "merged.pt")
+    """
+    layers = _require_adapted(model, "merge")
+    with torch.no_grad():
+        weights = {name: merged_weight(layer) for name, layer in layers}
+    for name, weight in weights.items():
+        if not torch.isfinite(weight).all():
+            raise SvdtuneError(f"merging layer {name!r} gives non-finite weights; check its deltas and scale.")
+    for name, layer in layers:
+        unadapt(layer, weights[name])
+    _restore_flags(model)
+    return model
+
+
+def merged_weight(layer: SpectralLayer) -> Tensor:
+    """W' in the base weight's dtype, accumulated in float32 (float64 for float64 weights)."""
+    factors, base, config = layer._factors(), layer.base_weight, layer._spectral.config
+    shift = spectrum_shift(factors.sigma, layer._parameters[DELTA], config.scale, config.mode)
+    work = factors.sigma.dtype
+    change = delta_weight(factors.U.to(work), factors.Vh.to(work), shift)
+    return (weight_matrix(base).to(work) + change).reshape(base.shape).to(base.dtype)
+
+
+def restore(model: nn.Module) -> nn.Module:
+    """Undo `apply`: the original layer classes and their untouched weights, in place.
+
+    The modules are the same objects as before `apply`; their weights are the same
+    tensors, bit for bit; parameters get back the ``requires_grad`` they had. The
+    deltas are dropped (save them first with `save_delta` if needed).
+
+    Returns:
+        The same model.
+
+    Raises:
+        SvdtuneError: if the model has no svdtune layers.
+
+    Example:
+        >>> svdtune.restore(model)
+    """
+    for _, layer in _require_adapted(model, "restore"):
+        unadapt(layer)
+    _restore_flags(model)
+    return model
+
+
+def _restore_flags(model: nn.Module) -> None:
+    flags = model.__dict__.pop(_FLAGS, {})
+    for name, param in model.named_parameters():
+        param.requires_grad_(flags.get(name, param.requires_grad))

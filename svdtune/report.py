@@ -1,0 +1,74 @@
+"""A table of what svdtune adapted and trains in a model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from svdtune.decompose import weight_matrix
+from svdtune.layers import DELTA, SpectralLayer
+
+_HEADER = ("layer", "type", "weight shape", "rank", "mode", "trainable", "% of model")
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One adapted layer (or fully trainable parameter) in a `Report`."""
+
+    name: str
+    type: str
+    weight_shape: tuple[int, ...]
+    rank: str  # "k/min(m,n)", or "full" for a fully trained parameter
+    mode: str
+    trainable: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """What `svdtune.report` returns; ``str(report)`` is the table.
+
+    Attributes:
+        rows: one per adapted layer, then one per fully trainable parameter.
+        trainable: numbers the optimizer trains (deltas plus trainable modules).
+        total: parameters of the base model (deltas not counted).
+    """
+
+    rows: tuple[LayerRow, ...]
+    trainable: int
+    total: int
+
+    def __str__(self) -> str:
+        cells = [_HEADER] + [
+            (r.name, r.type, "x".join(map(str, r.weight_shape)), r.rank, r.mode, f"{r.trainable:,}", _percent(r.trainable, self.total))
+            for r in self.rows
+        ]
+        cells.append(("total", "", "", "", "", f"{self.trainable:,}", _percent(self.trainable, self.total)))
+        widths = [max(len(row[i]) for row in cells) for i in range(len(_HEADER))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines.insert(-1, lines[1])
+        return "\n".join(lines)
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.4f}%" if whole else "-"
+
+
+def build_report(model: nn.Module) -> Report:
+    """The rows for every svdtune layer and every other trainable parameter of ``model``."""
+    rows, deltas = [], set()
+    for name, module in model.named_modules():
+        if isinstance(module, SpectralLayer):
+            delta = module._parameters[DELTA]
+            deltas.add(id(delta))
+            full = min(weight_matrix(module.base_weight).shape)
+            rows.append(LayerRow(
+                name, module._spectral.original_class.__name__, tuple(module.base_weight.shape),
+                f"{delta.numel()}/{full}", module._spectral.config.mode, delta.numel() if delta.requires_grad else 0,
+            ))
+    for name, param in model.named_parameters():
+        if param.requires_grad and id(param) not in deltas:
+            rows.append(LayerRow(name, "parameter", tuple(param.shape), "full", "-", param.numel()))
+    total = sum(p.numel() for p in model.parameters() if id(p) not in deltas)
+    return Report(tuple(rows), sum(r.trainable for r in rows), total)
