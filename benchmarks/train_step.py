@@ -1,0 +1,160 @@
+"""Train-step cost of svdtune against full fine-tuning, measured in one run.
+
+A step is forward, backward and AdamW on a stack of Linear layers. Every form is
+timed on the same inputs in the same process, interleaved, and reported as a
+ratio to full fine-tuning of the same layers (median of several repeats).
+
+Forms:
+  full        every weight and bias trained (the baseline, 1.00x)
+  naive       W' = U @ diag(relu(S + d)) @ Vh rebuilt every forward (public SVDiff code)
+  two-path    W x + ((x Vh^T) * (sigma' - sigma)) U^T
+  svdtune     svdtune.apply(rank=None): the path chosen per layer and batch
+  svdtune-r16 svdtune.apply(rank=16)
+  floor       frozen base, gradients w.r.t. activations only (no trainable weight)
+
+Run: python benchmarks/train_step.py [--quick] [--device cuda] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import svdtune
+
+
+class NaiveSVDLinear(nn.Module):
+    """The public SVDiff forward: rebuild the whole weight from its factors every call."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        U, S, Vh = torch.linalg.svd(linear.weight.detach().float(), full_matrices=False)
+        dtype = linear.weight.dtype
+        self.register_buffer("U", U.to(dtype))
+        self.register_buffer("S", S.to(dtype))
+        self.register_buffer("Vh", Vh.to(dtype))
+        self.register_buffer("bias", linear.bias.detach().clone())
+        self.delta = nn.Parameter(torch.zeros_like(self.S))
+
+    def forward(self, x):
+        weight = self.U @ torch.diag(F.relu(self.S + self.delta)) @ self.Vh
+        return F.linear(x, weight, self.bias)
+
+
+class TwoPathLinear(NaiveSVDLinear):
+    """Exact residual form: frozen dense path plus a factorized correction."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__(linear)
+        self.register_buffer("W", linear.weight.detach().clone())
+
+    def forward(self, x):
+        shift = F.relu(self.S + self.delta) - self.S
+        return F.linear(x, self.W, self.bias) + F.linear(F.linear(x, self.Vh) * shift, self.U)
+
+
+def make_stack(width: int, depth: int, device, dtype) -> nn.Sequential:
+    layers = []
+    for _ in range(depth):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).to(device=device, dtype=dtype)
+
+
+def replace_linears(model: nn.Sequential, cls) -> nn.Sequential:
+    model = copy.deepcopy(model)
+    for i, layer in enumerate(model):
+        if isinstance(layer, nn.Linear):
+            model[i] = cls(layer)
+    return model
+
+
+def build_forms(base: nn.Sequential, quick: bool) -> dict[str, nn.Module]:
+    forms = {"full": copy.deepcopy(base)}
+    forms["naive"] = replace_linears(base, NaiveSVDLinear)
+    if not quick:
+        forms["two-path"] = replace_linears(base, TwoPathLinear)
+    forms["svdtune"] = svdtune.apply(copy.deepcopy(base), targets=["*"])
+    forms["svdtune-r16"] = svdtune.apply(copy.deepcopy(base), targets=["*"], rank=16)
+    floor = copy.deepcopy(base).requires_grad_(False)
+    forms["floor"] = floor
+    return forms
+
+
+def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    x = x if params else x.requires_grad_(True)  # the floor: gradients w.r.t. activations only
+
+    def step():
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            x.grad = None
+
+    return step
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(steps: dict[str, callable], device, repeats: int, inner: int) -> dict[str, float]:
+    for step in steps.values():  # warm up (allocator, optimizer state, kernels)
+        step(); step()
+    times = {name: [] for name in steps}
+    for _ in range(repeats):  # interleaved, so drifts in machine load hit every form alike
+        for name, step in steps.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(inner):
+                step()
+            sync(device)
+            times[name].append((time.perf_counter() - start) / inner)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="two shapes, fewer repeats")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--depth", type=int, default=3, help="Linear layers per stack")
+    args = parser.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        shapes = [(1024, 64), (1024, 1024), (4096, 4096)]
+    else:
+        shapes = [(800, 64), (1024, 256), (2048, 512)] if args.quick else [
+            (800, 64), (800, 512), (1024, 64), (1024, 256), (2048, 64), (2048, 512)]
+    repeats, inner = (3, 2) if args.quick else (5, 3)
+    ratios: dict[str, list[float]] = {}
+    print(f"device={device} dtype={args.dtype} depth={args.depth} torch={torch.__version__} threads={torch.get_num_threads()}")
+    print(f"{'width':>6} {'batch':>6} {'full ms':>9}  " + "  ".join(f"{n:>11}" for n in build_forms(make_stack(8, 1, device, dtype), args.quick) if n != "full"))
+    for width, batch in shapes:
+        base = make_stack(width, args.depth, device, dtype)
+        x = torch.randn(batch, width, device=device, dtype=dtype)
+        y = torch.randn(batch, width, device=device, dtype=dtype)
+        forms = build_forms(base, args.quick)
+        result = measure({n: step_fn(m, x, y) for n, m in forms.items()}, device, repeats, inner)
+        row = {n: result[n] / result["full"] for n in forms if n != "full"}
+        for n, r in row.items():
+            ratios.setdefault(n, []).append(r)
+        print(f"{width:>6} {batch:>6} {1e3 * result['full']:>9.2f}  " + "  ".join(f"{r:>10.2f}x" for r in row.values()))
+    geomean = {n: math.exp(statistics.mean(map(math.log, r))) for n, r in ratios.items()}
+    print(f"{'geomean':>13} {'1.00x':>9}  " + "  ".join(f"{g:>10.2f}x" for g in geomean.values()))
+
+
+if __name__ == "__main__":
+    main()
