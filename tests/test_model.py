@@ -1,0 +1,199 @@
+"""Model-level behaviour: selecting layers, errors that leave the model alone, freezing, report."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import svdtune
+from svdtune import SvdtuneError
+from svdtune.layers import SpectralLayer
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc1 = nn.Linear(4, 8)
+        self.head = nn.Sequential()
+        self.head.fc2 = nn.Linear(8, 8)
+        self.head.norm = nn.LayerNorm(8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.conv(x).amax(dim=(2, 3))
+        return self.out(self.head.norm(self.head.fc2(torch.relu(self.fc1(h)))))
+
+
+def snapshot(model: nn.Module):
+    return (
+        [(n, type(m)) for n, m in model.named_modules()],
+        {k: v.clone() for k, v in model.state_dict().items()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+    )
+
+
+def assert_unchanged(model, before):
+    modules, state, flags = snapshot(model)
+    assert modules == before[0]
+    assert state.keys() == before[1].keys()
+    for key in state:  # bit for bit, NaN included
+        torch.testing.assert_close(state[key], before[1][key], rtol=0, atol=0, equal_nan=True)
+    assert flags == before[2]
+
+
+def adapted_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, SpectralLayer)]
+
+
+@pytest.mark.parametrize(
+    "targets, expected",
+    [
+        (["fc*"], ["fc1", "head.fc2"]),
+        ("fc*", ["fc1", "head.fc2"]),
+        (["head.fc2"], ["head.fc2"]),
+        (["fc2"], ["head.fc2"]),
+        (["head.*"], ["head.fc2"]),
+        (["*"], ["conv", "fc1", "head.fc2", "out"]),
+        (["conv", "out"], ["conv", "out"]),
+    ],
+)
+def test_target_patterns(targets, expected):
+    model = svdtune.apply(Net(), targets=targets)
+    assert adapted_names(model) == expected
+
+
+def test_exclude_uses_the_same_rule():
+    model = svdtune.apply(Net(), targets=["*"], exclude=["fc2", "conv"])
+    assert adapted_names(model) == ["fc1", "out"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        (dict(targets=["fcc1"]), "'fcc1' selects no module. Similar layer names: fc1"),
+        (dict(targets=["fc*"], exclude=["fc3"]), "'fc3'"),
+        (dict(targets=["head"]), "head.*"),
+        (dict(targets=["norm"]), "none of which is a supported layer"),
+        (dict(targets=["fc1"], mode="rotate"), "mode='rotate'"),
+        (dict(targets=["fc1"], rank=0), "rank=0"),
+        (dict(targets=["fc1"], trainable=["fc1"]), "both a target and inside trainable"),
+        (dict(targets=[""]), "non-empty"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_leaves_the_model_alone(kwargs, needle):
+    model = Net()
+    before = snapshot(model)
+    with pytest.raises(SvdtuneError, match=None) as info:
+        svdtune.apply(model, **kwargs)
+    assert needle in str(info.value)
+    assert_unchanged(model, before)
+
+
+def test_applying_twice_to_a_layer_is_refused_and_changes_nothing():
+    model = svdtune.apply(Net(), targets=["fc1"])
+    before = snapshot(model)
+    with pytest.raises(SvdtuneError, match="'fc1' is already adapted"):
+        svdtune.apply(model, targets=["fc*"])
+    assert_unchanged(model, before)
+
+
+def test_second_apply_on_other_layers_keeps_first_deltas_trainable():
+    model = svdtune.apply(Net(), targets=["fc1"], trainable=["norm"])
+    svdtune.apply(model, targets=["out"], mode="scale", rank=1)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {"fc1.svd_delta", "out.svd_delta", "head.norm.weight", "head.norm.bias"}
+    assert model.out.spectral_config.mode == "scale" and model.out.svd_delta.numel() == 1
+
+
+def test_non_finite_weight_is_refused_before_any_change():
+    model = Net()
+    with torch.no_grad():
+        model.out.weight[0, 0] = float("nan")
+    before = snapshot(model)
+    with pytest.raises(SvdtuneError, match="'out'.*NaN"):
+        svdtune.apply(model, targets=["fc1", "out"])
+    assert_unchanged(model, before)
+
+
+def test_lazy_and_parametrized_layers_are_refused():
+    lazy = nn.Sequential(nn.LazyLinear(3))
+    with pytest.raises(SvdtuneError, match="lazy"):
+        svdtune.apply(lazy, targets=["0"])
+    param = nn.Sequential(nn.Linear(3, 3))
+    torch.nn.utils.parametrizations.orthogonal(param[0])
+    with pytest.raises(SvdtuneError, match="parametriz"):
+        svdtune.apply(param, targets=["0"])
+
+
+def test_single_layer_model_gets_a_hint():
+    with pytest.raises(SvdtuneError, match="single layer"):
+        svdtune.apply(nn.Linear(3, 3), targets=["*"])
+
+
+def test_everything_but_deltas_and_trainable_is_frozen_and_restore_gives_flags_back():
+    model = Net()
+    model.conv.requires_grad_(False)  # the user had frozen this before
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    svdtune.apply(model, targets=["fc*"], trainable=["out"])
+    params = svdtune.trainable_parameters(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [names[id(p)] for p in params] == ["fc1.svd_delta", "head.fc2.svd_delta", "out.weight", "out.bias"]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {names[id(p)] for p in params}
+    svdtune.restore(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+def test_state_dict_keeps_base_keys_and_adds_one_delta_per_layer():
+    model = Net()
+    keys = set(model.state_dict())
+    svdtune.apply(model, targets=["fc*"], rank=3)
+    assert set(model.state_dict()) == keys | {"fc1.svd_delta", "head.fc2.svd_delta"}
+    assert model.fc1.svd_delta.shape == (3,) and not list(model.fc1.buffers())
+    fresh = Net()
+    svdtune.apply(fresh, targets=["fc*"], rank=3)
+    fresh.load_state_dict(model.state_dict())  # an adapted checkpoint round-trips
+
+
+def test_report_lists_layers_and_totals():
+    model = svdtune.apply(Net(), targets=["fc*", "conv"], rank=5, trainable=["out"])
+    report = svdtune.report(model)
+    table = str(report)
+    assert [r.name for r in report.rows] == ["conv", "fc1", "head.fc2", "out.weight", "out.bias"]
+    conv = report.rows[0]
+    assert (conv.type, conv.weight_shape, conv.rank, conv.trainable) == ("Conv2d", (4, 3, 3, 3), "4/4", 4)
+    assert report.rows[1].rank == "4/4" and report.rows[2].rank == "5/8"
+    total = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("svd_delta"))
+    assert report.total == total and report.trainable == 4 + 4 + 5 + 16 + 2
+    assert "layer" in table and "head.fc2" in table and f"{100 * report.trainable / total:.4f}%" in table
+
+
+def test_functions_need_an_adapted_model():
+    for fn in (svdtune.merge, svdtune.restore, svdtune.trainable_parameters, svdtune.singular_values):
+        with pytest.raises(SvdtuneError, match="svdtune.apply"):
+            fn(Net())
+    with pytest.raises(SvdtuneError, match="scale"):
+        svdtune.set_scale(svdtune.apply(Net(), targets="fc1"), float("inf"))
+
+
+def test_merge_checks_every_layer_before_changing_any():
+    model = svdtune.apply(Net(), targets=["fc1", "out"])
+    with torch.no_grad():
+        model.out.svd_delta.fill_(float("inf"))
+    before = snapshot(model)
+    with pytest.raises(SvdtuneError, match="'out'.*non-finite"):
+        svdtune.merge(model)
+    assert_unchanged(model, before)
+
+
+def test_deepcopy_of_adapted_model_is_independent():
+    model = svdtune.apply(Net(), targets=["fc1"])
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.fc1.svd_delta.fill_(0.5)
+    assert torch.count_nonzero(model.fc1.svd_delta) == 0
+    x = torch.randn(2, 3, 6, 6)
+    assert not torch.allclose(model(x), twin(x))
