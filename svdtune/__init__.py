@@ -4,7 +4,10 @@ Each selected Linear/Conv weight is decomposed once, W = U diag(sigma) V^T, and
 only one number per singular value is trained (a spectral shift, SVDiff).
 """
 
+from svdtune.delta import DeltaFile, Fingerprint, LayerDelta, read_delta
 from svdtune.errors import SvdtuneError
+from svdtune.io import load_delta, save_delta
+from svdtune.offline import combine, merge_files
 from svdtune.report import Report
 from svdtune.model import (
     apply,
@@ -19,12 +22,20 @@ from svdtune.model import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DeltaFile",
+    "Fingerprint",
+    "LayerDelta",
     "Report",
     "SvdtuneError",
     "apply",
+    "combine",
+    "load_delta",
     "merge",
+    "merge_files",
+    "read_delta",
     "report",
     "restore",
+    "save_delta",
     "set_scale",
     "singular_values",
     "trainable_parameters",

@@ -1,0 +1,281 @@
+"""Delta files in memory and on disk: `DeltaFile`, `read_delta`, base-weight fingerprints.
+
+A delta file is a checksummed safetensors file (see `svdtune.container` and
+docs/format.md): one tensor per adapted layer, keyed by the layer's qualified
+module name, holding its k deltas; optionally one tensor per fully trained
+parameter, keyed by the parameter's qualified name; and a header that says
+which base weights the deltas belong to.
+
+Fingerprint rule: a base weight is identified by the SHA-256 of its values
+converted to float32 (little-endian, C order) and by its top singular values.
+Moving a model to another device, or to a wider dtype (bf16/fp16 -> fp32 -> fp64),
+keeps the hash. If the hash differs *and* the weight's dtype differs from the one
+recorded (e.g. fp32 -> fp16), the weights match when each recorded top singular
+value is within 4 * eps(coarser dtype) * sigma_max of the current one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from svdtune import container
+from svdtune.config import MODES
+from svdtune.errors import SvdtuneError
+
+FORMAT = "svdtune.delta"
+FORMAT_VERSION = 1
+TOP_SIGMA = 4  # singular values kept in a fingerprint
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What identifies the base weight a delta was trained on.
+
+    Attributes:
+        sha256: hex SHA-256 of the weight converted to float32, little-endian, C order.
+        top_sigma: its largest singular values (up to 4), descending.
+        dtype: the weight's dtype when it was fingerprinted, e.g. "float32".
+    """
+
+    sha256: str
+    top_sigma: tuple[float, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class LayerDelta:
+    """The deltas of one layer and what they were trained on.
+
+    Attributes:
+        layer_class: the layer's original class name, e.g. "Linear", "Conv2d".
+        weight_shape: the base weight's shape.
+        mode: "shift" or "scale" (see `SpectralConfig`).
+        scale: the strength the deltas are applied with (1.0 = as trained).
+        fingerprint: the base weight's `Fingerprint`.
+        delta: (k,) the deltas of the top k singular values, a float tensor.
+    """
+
+    layer_class: str
+    weight_shape: tuple[int, ...]
+    mode: str
+    scale: float
+    fingerprint: Fingerprint
+    delta: Tensor = field(repr=False)
+
+    @property
+    def rank(self) -> int:
+        """k, the number of tuned singular values."""
+        return self.delta.numel()
+
+    @property
+    def max_rank(self) -> int:
+        """min(m, n) of the weight viewed as a matrix (shape[0], rest)."""
+        return min(self.weight_shape[0], math.prod(self.weight_shape[1:]))
+
+
+@dataclass(frozen=True)
+class DeltaFile:
+    """The content of a delta file (what `read_delta` returns and `combine` builds).
+
+    Attributes:
+        layers: {qualified layer name: LayerDelta}, in file order.
+        params: {qualified parameter name: tensor} of fully trained parameters.
+        metadata: the user's metadata (str -> str).
+        svdtune_version: the svdtune version that wrote it.
+    """
+
+    layers: dict[str, LayerDelta]
+    params: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    metadata: dict[str, str] = field(default_factory=dict)
+    svdtune_version: str = ""
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write this delta to ``path`` (atomically: the old file or the new one, never half).
+
+        Raises:
+            SvdtuneError: a layer and a parameter share a name, or metadata is not str -> str.
+            OSError: the file cannot be written.
+
+        Example:
+            >>> svdtune.combine(["a.safetensors", "b.safetensors"], [0.5, 0.5]).save("ab.safetensors")
+        """
+        container.atomic_write(path, container.encode(*to_tensors(self)))
+
+
+def weight_sha256(weight: Tensor) -> str:
+    """Hex SHA-256 of ``weight`` as float32 bytes (device- and upcast-independent)."""
+    return hashlib.sha256(container.tensor_bytes(weight.detach().to(torch.float32))).hexdigest()
+
+
+def fingerprint(weight: Tensor, sigma: Tensor) -> Fingerprint:
+    """The Fingerprint of a base weight, given its (top) singular values."""
+    top = tuple(float(s) for s in sigma[:TOP_SIGMA].to(torch.float32).tolist())
+    return Fingerprint(weight_sha256(weight), top, str(weight.dtype).removeprefix("torch."))
+
+
+def fingerprint_mismatch(expected: Fingerprint, weight: Tensor, top_sigma) -> str | None:
+    """Why ``weight`` is not the base weight of ``expected``, or None if it is.
+
+    Args:
+        expected: the recorded fingerprint.
+        weight: the candidate base weight.
+        top_sigma: a callable returning its descending singular values (called only
+            when the dtype differs and the hash cannot decide).
+    """
+    digest = weight_sha256(weight)
+    if digest == expected.sha256:
+        return None
+    now = str(weight.dtype).removeprefix("torch.")
+    reason = f"its base weight differs from the one the delta was trained on (sha256 {digest[:12]} != {expected.sha256[:12]})"
+    if now == expected.dtype or not expected.top_sigma:
+        return reason
+    sigma = top_sigma()[: len(expected.top_sigma)].to(torch.float64).cpu()
+    recorded = torch.tensor(expected.top_sigma, dtype=torch.float64)
+    eps = max(_eps(now), _eps(expected.dtype))
+    if sigma.shape == recorded.shape and bool(((sigma - recorded).abs() <= 4 * eps * recorded[0]).all()):
+        return None
+    return f"{reason}, and its top singular values differ beyond {expected.dtype}->{now} rounding"
+
+
+def _eps(dtype_name: str) -> float:
+    dtype = getattr(torch, dtype_name, torch.float32)
+    return torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
+
+
+def read_delta(path: str | os.PathLike) -> DeltaFile:
+    """Read and verify a delta file without any model.
+
+    Args:
+        path: a file written by `save_delta` or `DeltaFile.save`.
+
+    Returns:
+        The `DeltaFile`.
+
+    Raises:
+        SvdtuneError: the file is missing, truncated, corrupted, not safetensors,
+            not an svdtune delta, from a newer format version, or inconsistent.
+
+    Example:
+        >>> delta = svdtune.read_delta("task.safetensors")
+        >>> {name: layer.rank for name, layer in delta.layers.items()}
+    """
+    what = repr(os.fspath(path))
+    tensors, metadata = container.read(path, what)
+    return from_tensors(tensors, metadata, what)
+
+
+def to_tensors(delta: DeltaFile) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The (tensors, metadata) that represent ``delta`` in a file."""
+    clash = sorted(set(delta.layers) & set(delta.params))
+    if clash:
+        raise SvdtuneError(f"{clash[0]!r} is both a layer and a parameter name; a delta file needs distinct keys.")
+    records = {name: _record(layer) for name, layer in delta.layers.items()}
+    from svdtune import __version__
+
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "svdtune_version": delta.svdtune_version or __version__,
+        "layers": json.dumps(records, separators=(",", ":")),
+        "params": json.dumps(sorted(delta.params)),
+        "metadata": json.dumps(dict(delta.metadata), sort_keys=True),
+    }
+    tensors = {name: layer.delta.detach() for name, layer in delta.layers.items()}
+    tensors.update({name: value.detach() for name, value in delta.params.items()})
+    return tensors, metadata
+
+
+def _record(layer: LayerDelta) -> dict:
+    fp = layer.fingerprint
+    return {
+        "class": layer.layer_class,
+        "weight_shape": list(layer.weight_shape),
+        "rank": layer.rank,
+        "mode": layer.mode,
+        "scale": float(layer.scale),
+        "fingerprint": {"sha256": fp.sha256, "top_sigma": list(fp.top_sigma), "dtype": fp.dtype},
+    }
+
+
+def from_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], what: str) -> DeltaFile:
+    """Check the content of a decoded file and build its `DeltaFile`.
+
+    Raises:
+        SvdtuneError: naming the layer or entry that is wrong.
+    """
+    if metadata.get("format") != FORMAT:
+        raise SvdtuneError(f"{what} is a safetensors file but not an svdtune delta (format={metadata.get('format')!r}); "
+                           "pass a file written by svdtune.save_delta.")
+    version = metadata.get("format_version", "")
+    if not version.isdigit() or int(version) != FORMAT_VERSION:
+        raise SvdtuneError(f"{what} uses delta format version {version!r} (svdtune {metadata.get('svdtune_version', '?')}); "
+                           f"this svdtune reads version {FORMAT_VERSION}: install the svdtune version that wrote it.")
+    records, params, user = (_json(metadata, key, what) for key in ("layers", "params", "metadata"))
+    if not isinstance(records, dict) or not isinstance(params, list) or not isinstance(user, dict):
+        raise SvdtuneError(f"{what} has malformed layers/params/metadata entries; write the file again.")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
+        raise SvdtuneError(f"{what} has user metadata that is not str -> str; write the file again.")
+    expected = set(records) | set(params)
+    extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
+    if extra or missing or len(expected) != len(records) + len(params):
+        name = (extra or missing or sorted(set(records) & set(params)))[0]
+        raise SvdtuneError(f"{what}: tensor {name!r} does not match the layer/parameter list of the header; write the file again.")
+    layers = {name: _layer(name, record, tensors[name], what) for name, record in records.items()}
+    for name in params:
+        if tensors[name].dtype not in FLOATS:
+            raise SvdtuneError(f"{what}: parameter {name!r} has dtype {tensors[name].dtype}, not a float; write the file again.")
+    return DeltaFile(layers, {n: tensors[n] for n in params}, user, metadata.get("svdtune_version", ""))
+
+
+def _json(metadata: dict[str, str], key: str, what: str):
+    try:
+        return json.loads(metadata.get(key, ""))
+    except (ValueError, RecursionError):
+        raise SvdtuneError(f"{what}: header entry {key!r} is missing or not JSON; write the file again.") from None
+
+
+def _layer(name: str, record: object, delta: Tensor, what: str) -> LayerDelta:
+    def bad(why: str) -> SvdtuneError:
+        return SvdtuneError(f"{what}: layer {name!r} {why}; the file is damaged or hand-edited: write it again.")
+
+    keys = {"class", "weight_shape", "rank", "mode", "scale", "fingerprint"}
+    if not isinstance(record, dict) or set(record) != keys:
+        raise bad(f"has a malformed record (expected the keys {sorted(keys)})")
+    shape, rank, scale, fp = record["weight_shape"], record["rank"], record["scale"], record["fingerprint"]
+    if not (isinstance(shape, list) and len(shape) >= 2 and all(_positive(s) for s in shape)):
+        raise bad(f"has an invalid weight shape {shape!r}")
+    if not (_positive(rank) and rank <= min(shape[0], math.prod(shape[1:]))):
+        raise bad(f"has rank {rank!r}, impossible for a weight of shape {shape}")
+    if record["mode"] not in MODES or not isinstance(record["class"], str):
+        raise bad(f"has mode {record['mode']!r} or class {record['class']!r}, which svdtune does not know")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise bad(f"has scale {scale!r}, not a finite number")
+    if delta.dtype not in FLOATS or tuple(delta.shape) != (rank,):
+        raise bad(f"has a delta tensor of shape {tuple(delta.shape)} and dtype {delta.dtype}, expected ({rank},) float")
+    if not bool(torch.isfinite(delta).all()):
+        raise bad("has non-finite deltas (NaN or infinity)")
+    return LayerDelta(record["class"], tuple(shape), record["mode"], float(scale), _fingerprint(fp, bad), delta)
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _fingerprint(fp: object, bad) -> Fingerprint:
+    if not isinstance(fp, dict) or set(fp) != {"sha256", "top_sigma", "dtype"}:
+        raise bad("has a malformed fingerprint")
+    sha, top, dtype = fp["sha256"], fp["top_sigma"], fp["dtype"]
+    valid_sha = isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)
+    valid_top = isinstance(top, list) and len(top) <= TOP_SIGMA and all(
+        isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s >= 0 for s in top)
+    if not (valid_sha and valid_top and isinstance(dtype, str)):
+        raise bad("has a malformed fingerprint")
+    return Fingerprint(sha, tuple(float(s) for s in top), dtype)

@@ -1,0 +1,231 @@
+"""Saving a model's deltas to a file and loading them back: `save_delta`, `load_delta`.
+
+`load_delta` checks the whole file against the model first (layers, classes,
+shapes, ranks, modes, base-weight fingerprints, parameters) and computes every
+decomposition it needs; only then does it change the model, in steps that
+cannot fail. So when it raises, the model is exactly as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from svdtune.cache import decompose_cached
+from svdtune.config import SpectralConfig
+from svdtune.decompose import SUPPORTED_TYPES, Decomposition
+from svdtune.delta import DeltaFile, LayerDelta, fingerprint, fingerprint_mismatch, read_delta
+from svdtune.errors import SvdtuneError
+from svdtune.layers import DELTA, SpectralLayer, adapt, spectrum_shift
+from svdtune.offline import warn_if_basis_dependent
+from svdtune.model import _FLAGS, _check_adaptable, adapted_layers
+
+
+def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write the model's deltas (and fully trained parameters) to a small safetensors file.
+
+    The file holds, per adapted layer, its k deltas plus its class, weight shape,
+    mode, scale and a fingerprint of its base weight; also every other parameter
+    with ``requires_grad`` (e.g. of ``trainable`` modules). It is written atomically.
+
+    Args:
+        model: a model passed through `svdtune.apply`.
+        path: the file to write (conventionally ``*.safetensors``); replaced if it exists.
+        metadata: your own notes, str -> str (dataset, commit, ...), shown by ``svdtune inspect``.
+
+    Raises:
+        SvdtuneError: the model has no svdtune layers, a delta is not finite, a base
+            weight is being trained too, or metadata is not str -> str.
+        OSError: the file cannot be written (nothing is left under ``path``).
+
+    Example:
+        >>> svdtune.save_delta(model, "task.safetensors", metadata={"dataset": "koniq10k"})
+    """
+    adapted = list(adapted_layers(model))
+    if not adapted:
+        raise SvdtuneError("the model has no svdtune layers to save; call svdtune.apply(model, targets=...) and train first.")
+    metadata = dict(metadata or {})
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise SvdtuneError("metadata must map str to str; convert values with str() or json.dumps().")
+    with torch.no_grad():
+        layers = {name: _layer_delta(name, layer) for name, layer in adapted}
+    deltas = {id(layer._parameters[DELTA]) for _, layer in adapted}
+    params = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()
+              if p.requires_grad and id(p) not in deltas}
+    DeltaFile(layers, params, metadata).save(path)
+
+
+def _layer_delta(name: str, layer: SpectralLayer) -> LayerDelta:
+    if layer.base_weight.requires_grad:
+        raise SvdtuneError(f"layer {name!r} trains its base weight too, which a delta file cannot hold; "
+                           f"freeze {name}.weight, or merge and save the whole model instead.")
+    delta, config = layer._parameters[DELTA].detach().to("cpu", copy=True), layer._spectral.config
+    if not bool(torch.isfinite(delta).all()):
+        raise SvdtuneError(f"layer {name!r} has non-finite deltas; training diverged: lower the learning rate.")
+    class_name = layer._spectral.original_class.__name__
+    stamp = fingerprint(layer.base_weight, layer._factors().sigma)
+    return LayerDelta(class_name, tuple(layer.base_weight.shape), config.mode, config.scale, stamp, delta)
+
+
+@dataclass(eq=False)
+class _Step:
+    """What loading does to one layer, decided before anything changes."""
+
+    layer: nn.Module
+    config: SpectralConfig
+    delta: Tensor
+    factors: Decomposition | None  # None: the layer is adapted already
+
+
+def load_delta(
+    model: nn.Module,
+    source: str | os.PathLike | DeltaFile,
+    strict: bool = True,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+) -> nn.Module:
+    """Load a delta file into its base model, applying svdtune first if the model is plain.
+
+    On a plain model, exactly the layers named in the file are adapted, with the
+    file's rank, mode and scale (as `svdtune.apply` would, freezing the rest). On a
+    model that already holds the same adapters (same layers, ranks and modes), the
+    deltas and scales are copied in. Fully trained parameters in the file are
+    copied into the model's parameters of the same names and left trainable.
+
+    Args:
+        model: the base model the delta was trained on; changed in place.
+        source: a delta file path, or a `DeltaFile` (from `read_delta`/`combine`).
+        strict: if False, a base weight that does not match the file's fingerprint
+            is loaded anyway, with a warning, instead of raising.
+        cache_dir: an SVD cache folder, as for `svdtune.apply`.
+
+    Returns:
+        The same model.
+
+    Raises:
+        SvdtuneError: the file is damaged or from an unknown version; a layer is
+            missing or has another class or shape; a base weight differs (strict);
+            the model holds different adapters; a parameter is missing or has
+            another shape. The model is unchanged when it is raised.
+
+    Example:
+        >>> model = load_my_pretrained_model()
+        >>> svdtune.load_delta(model, "task.safetensors")
+    """
+    delta = source if isinstance(source, DeltaFile) else read_delta(source)
+    adapted = dict(adapted_layers(model))
+    cache_dir = None if cache_dir is None else os.fspath(cache_dir)
+    if adapted:
+        steps = {name: _adapted_step(name, record, adapted, set(delta.layers)) for name, record in delta.layers.items()}
+    else:
+        modules = dict(model.named_modules())
+        steps = {name: _plain_step(name, record, modules, cache_dir) for name, record in delta.layers.items()}
+    _check_fingerprints(delta, steps, strict)
+    params = _param_targets(model, delta)
+    # Nothing above changed the model; nothing below can fail.
+    _apply_steps(model, steps, cache_dir)
+    with torch.no_grad():
+        for name, value in delta.params.items():
+            params[name].copy_(value)
+            params[name].requires_grad_(True)
+    return model
+
+
+def _plain_step(name: str, record: LayerDelta, modules: dict[str, nn.Module], cache_dir: str | None) -> _Step:
+    layer = modules.get(name)
+    if layer is None or not name:
+        close = [n for n in modules if n and n.split(".")[-1] == name.split(".")[-1]][:3]
+        hint = f" (it has {', '.join(close)})" if close else ""
+        raise SvdtuneError(f"layer {name!r} of the delta file is missing from the model{hint}; "
+                           "load the delta into the base model it was trained on.")
+    if not isinstance(layer, SUPPORTED_TYPES) or type(layer).__name__ != record.layer_class:
+        raise SvdtuneError(f"layer {name!r} is a {type(layer).__name__} in the model but a {record.layer_class} "
+                           "in the delta file; load the delta into the base model it was trained on.")
+    _check_adaptable(name, layer)
+    _check_shape(name, tuple(layer._parameters["weight"].shape), record)
+    rank = None if record.rank == record.max_rank else record.rank
+    try:
+        factors = decompose_cached(layer._parameters["weight"], rank, cache_dir)
+    except SvdtuneError as error:
+        raise SvdtuneError(f"layer {name!r}: {error}") from None
+    config = SpectralConfig(mode=record.mode, rank=rank, scale=record.scale)
+    return _Step(layer, config, record.delta, factors)
+
+
+def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, SpectralLayer], wanted: set[str]) -> _Step:
+    extra = sorted(set(adapted) - wanted)
+    layer = adapted.get(name)
+    if layer is None or extra:
+        raise SvdtuneError(
+            f"the model already holds svdtune adapters on other layers than the delta file "
+            f"({name if layer is None else extra[0]!r} differs); call svdtune.restore(model) first, "
+            "or load the delta into a fresh base model."
+        )
+    config = layer._spectral.config
+    if layer._spectral.original_class.__name__ != record.layer_class:
+        raise SvdtuneError(f"layer {name!r} is a {layer._spectral.original_class.__name__} in the model but a "
+                           f"{record.layer_class} in the delta file; load the delta into the base model it was trained on.")
+    _check_shape(name, tuple(layer.base_weight.shape), record)
+    rank = layer._parameters[DELTA].numel()
+    if rank != record.rank or config.mode != record.mode:
+        raise SvdtuneError(
+            f"layer {name!r} already holds a different adapter (rank {rank}, mode {config.mode}; the file has "
+            f"rank {record.rank}, mode {record.mode}); call svdtune.restore(model) first, or load into a fresh base model."
+        )
+    return _Step(layer, dataclasses.replace(config, scale=record.scale), record.delta, None)
+
+
+def _check_shape(name: str, shape: tuple[int, ...], record: LayerDelta) -> None:
+    if shape != record.weight_shape:
+        raise SvdtuneError(f"layer {name!r} has weight shape {list(shape)} in the model but {list(record.weight_shape)} "
+                           "in the delta file; load the delta into the base model it was trained on.")
+
+
+def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool) -> None:
+    for name, step in steps.items():
+        record, layer = delta.layers[name], step.layer
+        weight = layer._parameters["weight"]
+        factors = step.factors if step.factors is not None else layer._factors()
+        reason = fingerprint_mismatch(record.fingerprint, weight, lambda: factors.sigma)
+        if reason is not None and strict:
+            raise SvdtuneError(f"layer {name!r}: {reason}; load the delta into the base model it was trained on, "
+                               "or pass strict=False to load it anyway.")
+        if reason is not None:
+            warnings.warn(f"layer {name!r}: {reason}; loading anyway (strict=False).", UserWarning, stacklevel=3)
+        with torch.no_grad():
+            shift = spectrum_shift(factors.sigma, record.delta.to(factors.sigma), record.scale, record.mode)
+        warn_if_basis_dependent(name, factors.sigma, shift, None)
+
+
+def _param_targets(model: nn.Module, delta: DeltaFile) -> dict[str, nn.Parameter]:
+    params = dict(model.named_parameters())
+    base_weights = {f"{name}.weight" for name in delta.layers}
+    for name, value in delta.params.items():
+        target = params.get(name)
+        if target is None or name in base_weights:
+            raise SvdtuneError(f"parameter {name!r} of the delta file is missing from the model (or is a base weight "
+                               "of a tuned layer); load the delta into the model it was trained with.")
+        if tuple(target.shape) != tuple(value.shape):
+            raise SvdtuneError(f"parameter {name!r} has shape {list(target.shape)} in the model but {list(value.shape)} "
+                               "in the delta file; load the delta into the model it was trained with.")
+    return {name: params[name] for name in delta.params}
+
+
+def _apply_steps(model: nn.Module, steps: dict[str, _Step], cache_dir: str | None) -> None:
+    """Adapt or update each layer (mirrors the last part of `svdtune.apply`)."""
+    if any(step.factors is not None for step in steps.values()) and _FLAGS not in model.__dict__:
+        model.__dict__[_FLAGS] = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.requires_grad_(False)
+    for step in steps.values():
+        if step.factors is not None:
+            step.layer.requires_grad_(False)
+            adapt(step.layer, step.factors, step.config, cache_dir)
+        step.layer._spectral.config = step.config
+        with torch.no_grad():
+            step.layer._parameters[DELTA].copy_(step.delta)
+        step.layer._clear_cache()

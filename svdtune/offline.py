@@ -1,0 +1,228 @@
+"""Working on delta files without model code: `merge_files` and `combine`.
+
+`merge_files` bakes a delta into a base state dict read from disk. It decomposes
+each base weight again, so its result equals `svdtune.merge` on the model up to
+float rounding: the SVD is deterministic for a given weight, device and library,
+and the sign of each singular pair cancels in U diag(shift) Vh. Where the base
+has (nearly) repeated singular values that get different shifts, the singular
+basis inside that subspace is arbitrary and the merged weight depends on it:
+that is detected and warned about.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from svdtune import container
+from svdtune.decompose import decompose, weight_matrix
+from svdtune.delta import DeltaFile, LayerDelta, fingerprint_mismatch, read_delta
+from svdtune.errors import SvdtuneError
+from svdtune.layers import delta_weight, spectrum_shift
+
+DEGENERATE_ULPS = 32  # singular values closer than 32 * eps * sigma_max count as repeated (SVD noise level)
+BASE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
+
+def warn_if_basis_dependent(name: str, sigma: Tensor, shift: Tensor, next_sigma: float | None) -> None:
+    """Warn if (nearly) equal singular values of a layer get different shifts.
+
+    Args:
+        name: the layer, for the message.
+        sigma: (k,) descending singular values that get a shift.
+        shift: (k,) sigma' - sigma.
+        next_sigma: the largest singular value that gets no shift (k < min(m, n)), or None.
+    """
+    values, shifts = sigma.detach().double().cpu(), shift.detach().double().cpu()
+    if next_sigma is not None:
+        values = torch.cat([values, values.new_tensor([float(next_sigma)])])
+        shifts = torch.cat([shifts, shifts.new_tensor([0.0])])
+    if values.numel() < 2:
+        return
+    top = float(values[0]) if float(values[0]) > 0 else 1.0
+    close = (values[:-1] - values[1:]) <= DEGENERATE_ULPS * torch.finfo(sigma.dtype).eps * top
+    differ = (shifts[:-1] - shifts[1:]).abs() > 1e-6 * top
+    hits = torch.nonzero(close & differ).flatten().tolist()
+    if hits:
+        i = hits[0]
+        warnings.warn(
+            f"layer {name!r}: singular values {i} and {i + 1} ({float(values[i]):.6g}, {float(values[i + 1]):.6g}) are "
+            "repeated but get different deltas, so the result depends on which singular basis the SVD picks "
+            "(here it may differ from training); merge on the model instead (svdtune.merge) for an exact result.",
+            RuntimeWarning, stacklevel=3,
+        )
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """A base state dict from ``.safetensors``, or ``.pt``/``.pth``/``.bin`` (``weights_only`` torch.load).
+
+    A checkpoint of the form ``{"params": state_dict}`` (IQA-PyTorch) is unwrapped.
+
+    Raises:
+        SvdtuneError: unknown suffix, unreadable file, or an entry that is not a tensor.
+    """
+    path, what = os.fspath(path), f"base checkpoint {os.fspath(path)!r}"
+    if not path.endswith(BASE_SUFFIXES):
+        raise SvdtuneError(f"{what} must end with one of {', '.join(BASE_SUFFIXES)}; save the base state dict in one of those.")
+    if path.endswith(".safetensors"):
+        return container.read(path, what, require_checksum=False)[0]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch.load raises many types; all mean "not a readable checkpoint"
+        raise SvdtuneError(f"cannot read {what}: {str(error).splitlines()[0] if str(error) else type(error).__name__}; "
+                           "it must be a state dict saved with torch.save.") from None
+    if isinstance(state, dict) and isinstance(state.get("params"), dict):
+        state = state["params"]
+    if not isinstance(state, dict):
+        raise SvdtuneError(f"{what} holds a {type(state).__name__}, not a state dict; save model.state_dict().")
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise SvdtuneError(f"{what}: entry {key!r} is not a tensor; save a plain model.state_dict().")
+    return state
+
+
+def merge_files(
+    base: str | os.PathLike,
+    delta: str | os.PathLike | DeltaFile,
+    out: str | os.PathLike,
+    scale: float = 1.0,
+    strict: bool = True,
+) -> None:
+    """Bake a delta file into a base checkpoint and write the merged state dict, no model code needed.
+
+    Args:
+        base: the base state dict: ``.safetensors``, or ``.pt``/``.pth``/``.bin``
+            (read with ``torch.load(weights_only=True)``; ``{"params": sd}`` is unwrapped).
+        delta: a delta file path or a `DeltaFile`.
+        out: the output ``.safetensors`` file: the base state dict with merged weights
+            (and the delta's fully trained parameters); written atomically.
+        scale: multiplies each layer's stored scale (0.0 gives back the base weights).
+        strict: if False, a base weight that does not match its fingerprint is merged
+            anyway, with a warning.
+
+    Raises:
+        SvdtuneError: unreadable files, a layer missing from the base or of another
+            shape, a fingerprint mismatch (strict), a non-finite result, bad ``out``.
+
+    Example:
+        >>> svdtune.merge_files("base.pth", "task.safetensors", "merged.safetensors", scale=0.8)
+    """
+    if not os.fspath(out).endswith(".safetensors"):
+        raise SvdtuneError(f"out={os.fspath(out)!r} must end with .safetensors: merged weights are written as safetensors.")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise SvdtuneError(f"scale={scale!r} must be a finite number (1.0 applies the deltas as saved).")
+    record = delta if isinstance(delta, DeltaFile) else read_delta(delta)
+    state = read_state_dict(base)
+    merged = dict(state)
+    for name, layer in record.layers.items():
+        key = f"{name}.weight"
+        merged[key] = _merged_weight(name, _base_weight(state, key, name, layer), layer, scale, strict)
+    for name, value in record.params.items():
+        if name not in state or tuple(state[name].shape) != tuple(value.shape):
+            raise SvdtuneError(f"parameter {name!r} of the delta file is missing from the base checkpoint or has "
+                               "another shape; use the base checkpoint the delta was trained on.")
+        merged[name] = value.to(state[name].dtype)
+    container.atomic_write(out, container.encode(merged, {"format": "pt"}))
+
+
+def _base_weight(state: dict[str, Tensor], key: str, name: str, layer: LayerDelta) -> Tensor:
+    weight = state.get(key)
+    if weight is None:
+        raise SvdtuneError(f"layer {name!r} of the delta file has no weight {key!r} in the base checkpoint; "
+                           "use the base checkpoint the delta was trained on.")
+    if tuple(weight.shape) != layer.weight_shape or not weight.is_floating_point():
+        raise SvdtuneError(f"layer {name!r}: base weight {key!r} is {list(weight.shape)} {weight.dtype}, the delta "
+                           f"expects {list(layer.weight_shape)} float; use the base checkpoint the delta was trained on.")
+    return weight
+
+
+def _merged_weight(name: str, weight: Tensor, layer: LayerDelta, scale: float, strict: bool) -> Tensor:
+    """W' = W + U diag(shift) Vh in the weight's dtype, computed as `svdtune.merge` does."""
+    try:
+        factors = decompose(weight, None)  # all singular values: the one after the top k is checked too
+    except SvdtuneError as error:
+        raise SvdtuneError(f"layer {name!r}: {error}") from None
+    reason = fingerprint_mismatch(layer.fingerprint, weight, lambda: factors.sigma)
+    if reason is not None and strict:
+        raise SvdtuneError(f"layer {name!r}: {reason}; use the base checkpoint the delta was trained on, "
+                           "or pass strict=False (--force) to merge anyway.")
+    if reason is not None:
+        warnings.warn(f"layer {name!r}: {reason}; merging anyway.", UserWarning, stacklevel=3)
+    k, sigma = layer.rank, factors.sigma
+    work = sigma.dtype
+    shift = spectrum_shift(sigma[:k], layer.delta.to(work), layer.scale * scale, layer.mode)
+    warn_if_basis_dependent(name, sigma[:k], shift, float(sigma[k]) if k < sigma.numel() else None)
+    change = delta_weight(factors.U[:, :k].to(work), factors.Vh[:k].to(work), shift)
+    result = weight_matrix(weight).to(work) + change  # (m, n)
+    if not bool(torch.isfinite(result).all()):
+        raise SvdtuneError(f"merging layer {name!r} gives non-finite weights; check its deltas and scale.")
+    return result.reshape(weight.shape).to(weight.dtype)
+
+
+def combine(deltas: Sequence[str | os.PathLike | DeltaFile], weights: Sequence[float]) -> DeltaFile:
+    """A weighted sum of delta files trained on the same base, in their shared singular basis.
+
+    All inputs must hold the same layers, with the same class, shape, rank, mode and
+    base fingerprint. Per layer, the result's delta is sum_i w_i * delta_i when all
+    inputs share one scale (kept); otherwise sum_i w_i * scale_i * delta_i, with scale 1.
+
+    Args:
+        deltas: delta file paths or `DeltaFile`s.
+        weights: one finite number per delta (they need not sum to 1).
+
+    Returns:
+        A `DeltaFile`; write it with ``.save(path)`` or pass it to `load_delta`/`merge_files`.
+
+    Raises:
+        SvdtuneError: no inputs, a weight count or value mismatch, or inputs that do
+            not share layers, ranks, modes and base weights, or hold fully trained parameters.
+
+    Example:
+        >>> svdtune.combine(["sharp.safetensors", "warm.safetensors"], [0.7, 0.3]).save("mix.safetensors")
+    """
+    files = [d if isinstance(d, DeltaFile) else read_delta(d) for d in deltas]
+    labels = [f"delta {i} ({os.fspath(d) if not isinstance(d, DeltaFile) else 'in memory'})" for i, d in enumerate(deltas)]
+    weights = list(weights)
+    if not files or len(weights) != len(files):
+        raise SvdtuneError(f"combine needs one weight per delta, got {len(files)} deltas and {len(weights)} weights.")
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise SvdtuneError(f"weights={weights!r} must be finite numbers.")
+    for label, file in zip(labels, files):
+        _check_compatible(files[0], file, labels[0], label)
+    layers = {name: _combined_layer([f.layers[name] for f in files], weights) for name in files[0].layers}
+    sources = [[label, w] for label, w in zip(labels, weights)]
+    return DeltaFile(layers, {}, {"combined_from": json.dumps(sources)})
+
+
+def _check_compatible(first: DeltaFile, other: DeltaFile, first_label: str, label: str) -> None:
+    if other.params:
+        raise SvdtuneError(f"{label} also holds fully trained parameters ({next(iter(other.params))!r}), which cannot "
+                           "be combined as spectral deltas; combine deltas saved without trainable modules.")
+    if set(other.layers) != set(first.layers):
+        name = sorted(set(other.layers) ^ set(first.layers))[0]
+        raise SvdtuneError(f"layer {name!r} is in only one of {first_label} and {label}; combine deltas of the same layers.")
+    for name, layer in other.layers.items():
+        ref = first.layers[name]
+        same = (layer.layer_class, layer.weight_shape, layer.rank, layer.mode) == (ref.layer_class, ref.weight_shape, ref.rank, ref.mode)
+        if not same or layer.fingerprint.sha256 != ref.fingerprint.sha256:
+            raise SvdtuneError(f"layer {name!r} differs between {first_label} and {label} (class, shape, rank, mode or "
+                               "base weights); combine only deltas trained with the same settings on the same base model.")
+
+
+def _combined_layer(layers: list[LayerDelta], weights: list[float]) -> LayerDelta:
+    scales = {layer.scale for layer in layers}
+    keep = len(scales) == 1
+    total = torch.zeros(layers[0].rank, dtype=torch.float64)
+    for layer, w in zip(layers, weights):
+        total += layer.delta.double() * (w if keep else w * layer.scale)
+    first = layers[0]
+    if not bool(torch.isfinite(total.to(first.delta.dtype)).all()):
+        raise SvdtuneError(f"the combined deltas overflow {first.delta.dtype}; use smaller weights.")
+    return LayerDelta(first.layer_class, first.weight_shape, first.mode, first.scale if keep else 1.0,
+                      first.fingerprint, total.to(first.delta.dtype))
