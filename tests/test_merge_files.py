@@ -1,0 +1,181 @@
+"""merge_files (no model code) against svdtune.merge, scaling, combine, basis warnings."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+
+import svdtune
+from svdtune.layers import DELTA
+from svdtune.model import adapted_layers
+
+TARGETS = ["0", "3", "5"]
+
+
+def small(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Unflatten(1, (5, 2)), nn.Conv1d(5, 4, 2), nn.Flatten(), nn.Linear(4, 3))
+
+
+def randomize(model: nn.Module, seed: int) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapted_layers(model):
+            delta = layer._parameters[DELTA]
+            delta.copy_(0.3 * torch.randn(delta.shape, generator=generator))
+    return model
+
+
+@pytest.fixture
+def files(tmp_path):
+    """(base model, adapted model, base .safetensors, delta file)."""
+    base = small()
+    safetensors.torch.save_file(base.state_dict(), tmp_path / "base.safetensors")
+    model = randomize(svdtune.apply(copy.deepcopy(base), TARGETS), seed=1)
+    svdtune.save_delta(model, tmp_path / "task.safetensors")
+    return base, model, tmp_path / "base.safetensors", tmp_path / "task.safetensors"
+
+
+def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return svdtune.merge(copy.deepcopy(model)).state_dict()
+
+
+def assert_state_close(actual: dict, expected: dict) -> None:
+    assert set(actual) == set(expected)
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_merge_files_equals_merge_on_the_model(files, tmp_path):
+    _, model, base_path, delta_path = files
+    svdtune.merge_files(base_path, delta_path, tmp_path / "merged.safetensors")
+    assert_state_close(safetensors.torch.load_file(tmp_path / "merged.safetensors"), merged_state(model))
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_torch_checkpoints_and_the_params_wrapping(files, tmp_path, wrap):
+    base, model, _, delta_path = files
+    state = base.state_dict()
+    torch.save({"params": state} if wrap else state, tmp_path / "base.pth")
+    svdtune.merge_files(tmp_path / "base.pth", delta_path, tmp_path / "merged.safetensors")
+    assert_state_close(safetensors.torch.load_file(tmp_path / "merged.safetensors"), merged_state(model))
+
+
+def test_scale_at_merge_time(files, tmp_path):
+    base, model, base_path, delta_path = files
+    svdtune.merge_files(base_path, delta_path, tmp_path / "zero.safetensors", scale=0.0)
+    assert_state_close(safetensors.torch.load_file(tmp_path / "zero.safetensors"), base.state_dict())
+    svdtune.merge_files(base_path, delta_path, tmp_path / "half.safetensors", scale=0.5)
+    expected = merged_state(svdtune.set_scale(copy.deepcopy(model), 0.5))
+    assert_state_close(safetensors.torch.load_file(tmp_path / "half.safetensors"), expected)
+
+
+def test_merged_model_loads_into_the_plain_architecture(files, tmp_path):
+    _, model, _, _ = files
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        expected = model(x)
+    merged = svdtune.merge(copy.deepcopy(model))
+    torch.save(merged.state_dict(), tmp_path / "merged.pt")
+    safetensors.torch.save_file(merged.state_dict(), tmp_path / "merged.safetensors")
+    for state in (torch.load(tmp_path / "merged.pt", weights_only=True), safetensors.torch.load_file(tmp_path / "merged.safetensors")):
+        plain = small(seed=3)
+        plain.load_state_dict(state)  # strict: exactly the original keys
+        assert not any(type(m).__module__.startswith("svdtune") for m in plain.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_files_refusals(files, tmp_path):
+    base, _, base_path, delta_path = files
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(svdtune.SvdtuneError, match="must end with .safetensors"):
+        svdtune.merge_files(base_path, delta_path, tmp_path / "merged.pt")
+    with pytest.raises(svdtune.SvdtuneError, match="must end with one of"):
+        svdtune.merge_files(tmp_path / "base.npz", delta_path, out)
+    state = base.state_dict()
+    del state["3.weight"]
+    safetensors.torch.save_file(state, tmp_path / "partial.safetensors")
+    with pytest.raises(svdtune.SvdtuneError, match="layer '3' of the delta file has no weight '3.weight'"):
+        svdtune.merge_files(tmp_path / "partial.safetensors", delta_path, out)
+    torch.save({"params": {**base.state_dict(), "epoch": 3}}, tmp_path / "odd.pth")
+    with pytest.raises(svdtune.SvdtuneError, match="entry 'epoch' is not a tensor"):
+        svdtune.merge_files(tmp_path / "odd.pth", delta_path, out)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(svdtune.SvdtuneError, match="cannot read base checkpoint"):
+        svdtune.merge_files(tmp_path / "junk.pt", delta_path, out)
+    assert not out.exists()
+
+
+def test_merge_files_checks_the_fingerprint(files, tmp_path):
+    base, model, _, delta_path = files
+    state = base.state_dict()
+    state["0.weight"] = state["0.weight"] + 1e-3
+    safetensors.torch.save_file(state, tmp_path / "other.safetensors")
+    out = tmp_path / "merged.safetensors"
+    with pytest.raises(svdtune.SvdtuneError, match="layer '0': its base weight differs"):
+        svdtune.merge_files(tmp_path / "other.safetensors", delta_path, out)
+    with pytest.warns(UserWarning, match="merging anyway"):
+        svdtune.merge_files(tmp_path / "other.safetensors", delta_path, out, strict=False)
+    assert out.exists()
+
+
+def test_repeated_singular_values_under_different_deltas_warn(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4))
+    with torch.no_grad():
+        model[0].weight.copy_(2 * torch.eye(4))  # sigma = (2, 2, 2, 2): any basis is a valid SVD
+    safetensors.torch.save_file(model.state_dict(), tmp_path / "base.safetensors")
+    svdtune.apply(model, ["0"])
+    for deltas, warns in (([0.5, 0.5, 0.5, 0.5], False), ([0.5, -0.2, 0.1, 0.0], True)):
+        with torch.no_grad():
+            model[0].svd_delta.copy_(torch.tensor(deltas))
+        svdtune.save_delta(model, tmp_path / "d.safetensors")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            svdtune.merge_files(tmp_path / "base.safetensors", tmp_path / "d.safetensors", tmp_path / "m.safetensors")
+        assert any("repeated" in str(w.message) for w in caught) == warns
+
+
+def test_combine_with_weights_one_zero_is_the_first_delta(files, tmp_path):
+    base, model, _, delta_path = files
+    other = randomize(svdtune.apply(copy.deepcopy(base), TARGETS), seed=2)
+    svdtune.save_delta(other, tmp_path / "other.safetensors")
+    first = svdtune.read_delta(delta_path)
+    combined = svdtune.combine([delta_path, tmp_path / "other.safetensors"], weights=[1, 0])
+    for name, layer in first.layers.items():
+        assert torch.equal(combined.layers[name].delta, layer.delta)
+        assert combined.layers[name].fingerprint == layer.fingerprint
+    half = svdtune.combine([delta_path, tmp_path / "other.safetensors"], weights=[0.5, 0.5])
+    expected = 0.5 * (first.layers["3"].delta + svdtune.read_delta(tmp_path / "other.safetensors").layers["3"].delta)
+    torch.testing.assert_close(half.layers["3"].delta, expected)
+    half.save(tmp_path / "half.safetensors")
+    svdtune.load_delta(copy.deepcopy(base), tmp_path / "half.safetensors")
+
+
+def test_combine_folds_different_scales(files, tmp_path):
+    base, model, _, delta_path = files
+    svdtune.save_delta(svdtune.set_scale(copy.deepcopy(model), 0.5), tmp_path / "half.safetensors")
+    combined = svdtune.combine([delta_path, tmp_path / "half.safetensors"], weights=[1, 1])
+    layer = combined.layers["0"]
+    assert layer.scale == 1.0
+    torch.testing.assert_close(layer.delta, 1.5 * svdtune.read_delta(delta_path).layers["0"].delta)
+
+
+def test_combine_refuses_unrelated_deltas(files, tmp_path):
+    base, _, _, delta_path = files
+    ranked = randomize(svdtune.apply(copy.deepcopy(base), TARGETS, rank=2), seed=2)
+    svdtune.save_delta(ranked, tmp_path / "ranked.safetensors")
+    fewer = randomize(svdtune.apply(copy.deepcopy(base), ["0"]), seed=2)
+    svdtune.save_delta(fewer, tmp_path / "fewer.safetensors")
+    other_base = randomize(svdtune.apply(small(seed=9), TARGETS), seed=2)
+    svdtune.save_delta(other_base, tmp_path / "other.safetensors")
+    for path, message in (("ranked", "differs between"), ("fewer", "is in only one of"), ("other", "base weights")):
+        with pytest.raises(svdtune.SvdtuneError, match=message):
+            svdtune.combine([delta_path, tmp_path / f"{path}.safetensors"], weights=[0.5, 0.5])
+    with pytest.raises(svdtune.SvdtuneError, match="one weight per delta"):
+        svdtune.combine([delta_path], weights=[0.5, 0.5])
