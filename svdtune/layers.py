@@ -157,6 +157,12 @@ class SpectralLayer(nn.Module):
             self._spectral.weight_version = base._version
             self._clear_cache()
 
+    def __reduce_ex__(self, protocol):
+        # The Spectral<Class> type is built at run time and cannot be pickled by name:
+        # pickle the original class and rebuild the adapted one on load.
+        _, _, *rest = super().__reduce_ex__(protocol)
+        return (_new_spectral, (self._spectral.original_class,), *rest)
+
     def extra_repr(self) -> str:
         config, factors = self._spectral.config, self._spectral.factors
         rank = f"{factors.sigma.numel()}/{min(weight_matrix(self.base_weight).shape)}"
@@ -208,6 +214,11 @@ def spectral_class(cls: type[nn.Module]) -> type[nn.Module]:
             body["forward"] = SpectralLayer._linear_forward  # a custom forward reads .weight instead
         _CLASSES[cls] = type(f"Spectral{cls.__name__}", (SpectralLayer, cls), body)
     return _CLASSES[cls]
+
+
+def _new_spectral(original_class: type[nn.Module]) -> nn.Module:
+    cls = spectral_class(original_class)
+    return cls.__new__(cls)
 
 
 def adapt(module: nn.Module, factors: Decomposition, config: SpectralConfig, cache_dir: str | None = None) -> None:

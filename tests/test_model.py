@@ -197,3 +197,17 @@ def test_deepcopy_of_adapted_model_is_independent():
     assert torch.count_nonzero(model.fc1.svd_delta) == 0
     x = torch.randn(2, 3, 6, 6)
     assert not torch.allclose(model(x), twin(x))
+
+
+def test_whole_adapted_model_pickles_with_torch_save(tmp_path):
+    model = svdtune.apply(Net(), targets=["fc*", "conv"], rank=2)
+    with torch.no_grad():
+        model.fc1.svd_delta.fill_(0.25)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert adapted_names(loaded) == ["conv", "fc1", "head.fc2"]
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    svdtune.restore(loaded)
+    assert type(loaded.fc1) is nn.Linear
