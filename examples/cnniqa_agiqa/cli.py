@@ -1,0 +1,142 @@
+"""Command line of the example: options, then the whole run.
+
+    python -m examples.cnniqa_agiqa [--quick] [--data-root DIR --pretrained PTH] ...
+    torchrun --nproc_per_node=2 -m examples.cnniqa_agiqa ...
+
+Every option is described in README.md and in --help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from examples.cnniqa_agiqa import splits as splitting
+from examples.cnniqa_agiqa.config import RunConfig, resolve
+from examples.cnniqa_agiqa.distributed import DistInfo, setup, teardown
+from examples.cnniqa_agiqa.experiment import run_all
+from examples.cnniqa_agiqa.progress import say
+from examples.cnniqa_agiqa.results import format_table, summarize, write_files
+from examples.cnniqa_agiqa.task import Task, load_task
+from examples.cnniqa_agiqa.variants import VARIANTS, parse_variants
+
+__all__ = ["main", "parser"]
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser (defaults of None depend on the data source, see config.DEFAULTS)."""
+    p = argparse.ArgumentParser(prog="python -m examples.cnniqa_agiqa", description=(
+        "Adapt CNNIQA to a new domain by training singular-value deltas (svdtune) and compare with ordinary "
+        "fine-tuning. Without --data-root it runs on a built-in SYNTHETIC stand-in."))
+    a = p.add_argument
+    a("--data-root", help="extracted AGIQA-3K folder (data.csv + images); omit for the synthetic stand-in")
+    a("--target", choices=("quality", "align"), default="quality", help="MOS column to predict (default quality)")
+    a("--pretrained", help="CNNIQA weights: IQA-PyTorch .pth ({'params': sd}), bare state dict, or .safetensors")
+    a("--out", default="runs/cnniqa_agiqa", help="output folder (default runs/cnniqa_agiqa)")
+    a("--variants", default="all", help=f"'all' or a comma list of: {', '.join(VARIANTS)}")
+    a("--splits", type=int, help="random prompt-grouped splits (default 10 on AGIQA-3K, 3 synthetic, 2 --quick)")
+    a("--split-ratios", default="0.6,0.2,0.2", help="fractions of prompts for train,val,test (default 0.6,0.2,0.2)")
+    a("--split-file", help="reuse the splits.json of an earlier run instead of drawing new ones")
+    a("--seed", type=int, default=0, help="seed of splits, init, crops, dropout and synthetic data (default 0)")
+    a("--epochs", type=int, help="epochs per variant and split (default 30 AGIQA-3K, 12 synthetic, 5 --quick)")
+    a("--batch-size", type=int, help="batch size per process (default 16 AGIQA-3K, 32 synthetic)")
+    a("--crop", type=int, help="random training crop side in px (default 224 AGIQA-3K, 48 synthetic)")
+    a("--eval-crop", type=int, help="centre crop for val/test in px; 0 = whole image (default 0)")
+    a("--resize", type=int, default=0, help="AGIQA-3K: resize the shorter side to this on load; 0 = keep (default)")
+    a("--lr-full", type=float, default=1e-4, help="learning rate of scratch and full (default 1e-4)")
+    a("--lr-head", type=float, default=1e-3, help="learning rate of head (default 1e-3)")
+    a("--lr-svd", type=float, default=3e-3, help="learning rate of svd deltas (default 3e-3)")
+    a("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default 1e-2)")
+    a("--schedule", choices=("cosine", "constant"), default="cosine", help="learning-rate schedule (default cosine)")
+    a("--pretrain-epochs", type=int, help="synthetic: source-domain pretraining epochs (default 15, 6 --quick)")
+    a("--source-scenes", type=int, help="synthetic: source scenes (default 200, 60 --quick)")
+    a("--target-scenes", type=int, help="synthetic: target scenes = prompts (default 60, 24 --quick)")
+    a("--versions", type=int, help="synthetic: distorted versions per scene (default 8, 6 --quick)")
+    a("--image-size", type=int, help="synthetic: image side in px (default 64)")
+    a("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    a("--workers", type=int, default=0, help="DataLoader workers for AGIQA-3K images (default 0)")
+    a("--quick", action="store_true", help="small synthetic run, under a minute on 2 CPU cores")
+    a("--quiet", action="store_true", help="no progress output; print only the table")
+    a("--no-plots", action="store_true", help="skip the PNG plots")
+    a("--rank-deltas", action="store_true", help="under torchrun: every rank saves its trained tensors to OUT/ranks")
+    return p
+
+
+def _config(argv: list[str] | None) -> RunConfig:
+    """Parse the command line into a RunConfig (ValueError on a bad value)."""
+    args = parser().parse_args(argv)
+    options = {k: v for k, v in vars(args).items() if k != "no_plots"}
+    options["plots"] = not args.no_plots
+    options["variants"] = parse_variants(args.variants)
+    options["split_ratios"] = splitting.parse_ratios(args.split_ratios)
+    return resolve(options)
+
+
+def _splits(task: Task, config: RunConfig, info: DistInfo) -> list[dict[str, list[int]]]:
+    """Load or draw the splits, and write them to OUT/splits.json."""
+    if config.split_file:
+        chosen = splitting.load_splits(config.split_file, len(task.names))
+    else:
+        chosen = splitting.make_splits(task.groups, config.splits, config.split_ratios, config.seed)
+    if info.main:
+        splitting.save_splits(Path(config.out) / "splits.json", chosen, task.names, config.seed)
+    return chosen
+
+
+def _report(task: Task, config: RunConfig, outcome) -> None:
+    """Print the table and merge check; write results.json/csv and the plots."""
+    rows = summarize(outcome, config.variants)
+    print(format_table(rows, task.name, task.synthetic))
+    if outcome.merge:
+        m = outcome.merge
+        print(f"merge check ({m['variant']}, split 1, {m['images']} test images): merged plain CNNIQA "
+              f"{m['file']} vs adapted model, max abs diff {m['max_abs_diff']:.3g}")
+    written = write_files(config.out, rows, outcome, config, task.name, task.synthetic)
+    if config.plots:
+        from examples.cnniqa_agiqa.plots import write_plots
+
+        pngs = write_plots(config.out, rows, outcome, task.name)
+        written += pngs or []
+        if not pngs:
+            print("matplotlib is not installed: plots skipped (pip install matplotlib)")
+    print(f"wrote {', '.join(p.name for p in written)} to {config.out} ({outcome.seconds:.0f} s of training)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the example.
+
+    Args:
+        argv: command-line arguments (sys.argv[1:] when None).
+
+    Returns:
+        0 on success, 2 on a usage or data error (message on stderr).
+    """
+    start = time.perf_counter()
+    try:
+        config = _config(argv)
+        info = setup(config.device)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        task = load_task(config, info)
+        needs = [v for v in config.variants if VARIANTS[v].pretrained]
+        if task.pretrained is None and needs:
+            raise ValueError(f"variants {needs} start from pretrained weights: pass --pretrained "
+                             "CNNIQA_koniq10k-e6f14c91.pth (README.md) or use --variants scratch")
+        chosen = _splits(task, config, info)
+        say(f"{task.name}: {len(task.names)} images, {len(set(task.groups))} prompts, {len(chosen)} split(s), "
+            f"variants {', '.join(config.variants)}, {info.world} process(es) on {info.device}",
+            info.main and not config.quiet)
+        outcome = run_all(task, chosen, config, info)
+        if info.main:
+            _report(task, config, outcome)
+            say(f"total {time.perf_counter() - start:.0f} s", not config.quiet)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        teardown(info)
+    return 0

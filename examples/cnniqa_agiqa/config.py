@@ -1,0 +1,91 @@
+"""Run configuration: one frozen dataclass, and the defaults per data source.
+
+Options left as None on the command line take the default of the data source
+in use (the embedded synthetic stand-in, its --quick form, or AGIQA-3K).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["RunConfig", "DEFAULTS", "resolve"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs; see README.md for each option."""
+
+    data_root: str | None  # extracted AGIQA-3K; None: the synthetic stand-in
+    target: str  # "quality" or "align" (which MOS column)
+    pretrained: str | None  # CNNIQA weights (.pth or .safetensors); None: pretrain on the synthetic source
+    out: str  # output folder
+    variants: tuple[str, ...]  # which variants to run, in table order
+    splits: int  # number of random group-wise splits
+    split_ratios: tuple[float, float, float]  # fractions of prompts for train, val, test
+    split_file: str | None  # reuse splits from a JSON written by an earlier run
+    seed: int  # seeds splits, initialization, crops, dropout and the synthetic data
+    epochs: int  # training epochs per variant and split
+    batch_size: int  # images per optimizer step (per process under torchrun)
+    crop: int  # side of the random training crop, pixels
+    eval_crop: int  # side of the centre crop for val/test; 0: the whole image
+    resize: int  # AGIQA only: shorter image side after resizing on load; 0: keep
+    lr_full: float  # AdamW learning rate of scratch and full fine-tuning
+    lr_head: float  # learning rate of the head variant (fc3 only)
+    lr_svd: float  # learning rate of the singular-value deltas
+    weight_decay: float  # AdamW weight decay, all variants
+    schedule: str  # "cosine" (to 0 over all steps) or "constant"
+    pretrain_epochs: int  # synthetic only: epochs of source-domain pretraining
+    source_scenes: int  # synthetic only: scenes of the source domain
+    target_scenes: int  # synthetic only: scenes of the target domain
+    versions: int  # synthetic only: distorted versions per scene
+    image_size: int  # synthetic only: image side, pixels
+    device: str  # "cpu", "cuda", "cuda:N" or "auto"
+    workers: int  # DataLoader worker processes for AGIQA images
+    quick: bool  # smaller synthetic data and fewer epochs (under a minute)
+    quiet: bool  # no progress bars, only errors and the final table
+    plots: bool  # write PNG plots (needs matplotlib)
+    rank_deltas: bool  # under torchrun: every rank writes its final deltas (for checking)
+
+
+# Defaults per data source, for the options whose best value depends on it.
+DEFAULTS: dict[str, dict[str, object]] = {
+    "synthetic": dict(splits=3, epochs=12, batch_size=32, crop=48, eval_crop=0, pretrain_epochs=15,
+                      source_scenes=200, target_scenes=60, versions=8, image_size=64),
+    "quick": dict(splits=2, epochs=5, batch_size=32, crop=48, eval_crop=0, pretrain_epochs=6,
+                  source_scenes=60, target_scenes=24, versions=6, image_size=64),
+    "agiqa": dict(splits=10, epochs=30, batch_size=16, crop=224, eval_crop=0, pretrain_epochs=0,
+                  source_scenes=0, target_scenes=0, versions=0, image_size=0),
+}
+
+
+def resolve(options: dict[str, object]) -> RunConfig:
+    """Fill options that are None with the defaults of the chosen data source.
+
+    Args:
+        options: every RunConfig field; None where the user gave nothing.
+
+    Returns:
+        The complete, frozen configuration.
+
+    Raises:
+        ValueError: an option combination that cannot work.
+    """
+    source = "agiqa" if options.get("data_root") else "quick" if options.get("quick") else "synthetic"
+    filled = dict(options)
+    for key, value in DEFAULTS[source].items():
+        if filled.get(key) is None:
+            filled[key] = value
+    config = RunConfig(**filled)
+    if config.crop < 7 or (config.eval_crop and config.eval_crop < 7):
+        raise ValueError("--crop and --eval-crop must be at least 7 (CNNIQA's kernel size)")
+    if config.image_size and config.crop > config.image_size:
+        raise ValueError(f"--crop {config.crop} is larger than the synthetic --image-size {config.image_size}")
+    if config.epochs < 0 or config.batch_size < 1:
+        raise ValueError("--epochs must be >= 0 and --batch-size >= 1")
+    return config
+
+
+def as_dict(config: RunConfig) -> dict[str, object]:
+    """The configuration as a JSON-friendly dict."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}

@@ -1,0 +1,142 @@
+"""The adaptation task of a run: its records, datasets and pretrained weights.
+
+With --data-root it is AGIQA-3K read from disk and --pretrained weights;
+without, the synthetic target domain, with CNNIQA pretrained on the synthetic
+source domain (cached in the output folder as source_cnniqa.safetensors and
+reused when the data and pretraining options match).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from examples.cnniqa_agiqa import agiqa, synthetic
+from examples.cnniqa_agiqa.config import RunConfig
+from examples.cnniqa_agiqa.datasets import TensorImages, FileImages, make_loader
+from examples.cnniqa_agiqa.distributed import DistInfo, barrier
+from examples.cnniqa_agiqa.model import CNNIQA, load_pretrained, save_plain
+from examples.cnniqa_agiqa.progress import say
+from examples.cnniqa_agiqa.train import fit
+
+__all__ = ["Task", "load_task", "SOURCE_CACHE"]
+
+SOURCE_CACHE = "source_cnniqa.safetensors"
+PRETRAIN_LR = 1e-3  # AdamW learning rate of source-domain pretraining (all weights, from scratch)
+
+
+@dataclass
+class Task:
+    """Records of the target dataset and how to turn indices into datasets."""
+
+    name: str  # shown in the output, e.g. "AGIQA-3K mos_quality" or "SYNTHETIC target domain"
+    synthetic: bool  # numbers are from the built-in stand-in
+    names: list[str]  # one per record (file names, or synthetic ids)
+    groups: list[str]  # prompt / scene of each record
+    targets: torch.Tensor  # (N,) MOS / 5, in [0, 1]
+    pretrained: dict[str, torch.Tensor] | None  # plain CNNIQA weights
+    images: torch.Tensor | None = None  # synthetic only: (N, 3, S, S) uint8
+    root: str | None = None  # AGIQA only: image folder
+    resize: int = 0  # AGIQA only: shorter side on load
+
+    def dataset(self, indices: list[int], crop: int, train: bool) -> Dataset:
+        """The images `indices` with their targets, cropped for training or evaluation."""
+        if self.images is not None:
+            return TensorImages(self.images, self.targets, indices, crop, train)
+        return FileImages(self.root, self.names, self.targets, indices, crop, train, self.resize)
+
+
+def _fingerprint(config: RunConfig) -> dict[str, object]:
+    """The options that determine the pretrained source model."""
+    keys = ("seed", "source_scenes", "versions", "image_size", "pretrain_epochs", "crop", "batch_size")
+    return {k: getattr(config, k) for k in keys}
+
+
+def _pretrain_source(config: RunConfig, info: DistInfo, show: bool) -> dict[str, torch.Tensor]:
+    """Train CNNIQA on the synthetic source domain (rank 0 only) and return its state."""
+    source = synthetic.make_domain("source", config.source_scenes, config.versions, config.image_size, config.seed)
+    n = len(source.groups)
+    cut = int(0.85 * config.source_scenes) * config.versions  # the last scenes validate
+    targets = source.mos / agiqa.MOS_SCALE
+    train_set = TensorImages(source.images, targets, list(range(cut)), config.crop, True)
+    val_set = TensorImages(source.images, targets, list(range(cut, n)), config.eval_crop, False)
+    torch.manual_seed(config.seed)
+    model = CNNIQA().to(info.device)
+    single = DistInfo(rank=0, world=1, device=info.device)
+    result = fit(model, list(model.parameters()), PRETRAIN_LR, config.pretrain_epochs,
+                 make_loader(train_set, config.batch_size, True, config.seed),
+                 make_loader(val_set, 256, False, config.seed), single,
+                 weight_decay=config.weight_decay, desc="pretrain on synthetic source", show=show)
+    say(f"source-domain CNNIQA: val SRCC {result.val_srcc[result.best_epoch]:.3f} "
+        f"(epoch {result.best_epoch}/{config.pretrain_epochs}, {result.seconds:.0f} s)", not config.quiet)
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _source_model(config: RunConfig, info: DistInfo) -> dict[str, torch.Tensor]:
+    """Load the cached source model if it matches the options, else pretrain and cache it."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(config.out) / SOURCE_CACHE
+    wanted = json.dumps(_fingerprint(config), sort_keys=True)
+    cached = False
+    if path.is_file():
+        with safe_open(str(path), "pt") as handle:
+            cached = (handle.metadata() or {}).get("fingerprint") == wanted
+    if not cached and info.main:
+        state = _pretrain_source(config, info, show=not config.quiet)
+        model = CNNIQA()
+        model.load_state_dict(state)
+        save_plain(model, path, metadata={"fingerprint": wanted, "data": "synthetic source domain"})
+    elif cached:
+        say(f"reusing the pretrained source model {path}", info.main and not config.quiet)
+    barrier(info)
+    return load_file(str(path))
+
+
+def _synthetic_task(config: RunConfig, info: DistInfo) -> Task:
+    """The synthetic target domain, and the pretrained weights to start from."""
+    target = synthetic.make_domain("target", config.target_scenes, config.versions, config.image_size, config.seed)
+    if config.pretrained:
+        pretrained = load_pretrained(CNNIQA(), config.pretrained).state_dict()
+    else:
+        pretrained = _source_model(config, info)
+    return Task(name="SYNTHETIC target domain (built-in stand-in, not AGIQA-3K)", synthetic=True,
+                names=[f"target-{i:05d}" for i in range(len(target.groups))], groups=target.groups,
+                targets=target.mos / agiqa.MOS_SCALE, pretrained=pretrained, images=target.images)
+
+
+def _agiqa_task(config: RunConfig) -> Task:
+    """AGIQA-3K from --data-root, validated before anything trains."""
+    records = agiqa.load_agiqa(config.data_root, config.target)
+    pretrained = None
+    if config.pretrained:
+        pretrained = load_pretrained(CNNIQA(), config.pretrained).state_dict()
+    return Task(name=f"AGIQA-3K mos_{config.target}", synthetic=False, names=[r.name for r in records],
+                groups=[r.group for r in records],
+                targets=torch.tensor([r.mos for r in records]) / agiqa.MOS_SCALE,
+                pretrained=pretrained, root=config.data_root, resize=config.resize)
+
+
+def load_task(config: RunConfig, info: DistInfo) -> Task:
+    """Build the task of this run: validate data and weights, pretrain if needed.
+
+    Args:
+        config: the run configuration.
+        info: process-group info (only rank 0 pretrains; the others wait).
+
+    Returns:
+        The Task.
+
+    Raises:
+        FileNotFoundError, ValueError: bad data folder, CSV, images or weights.
+    """
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    if config.data_root:
+        return _agiqa_task(config)
+    return _synthetic_task(config, info)
+
