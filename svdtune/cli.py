@@ -1,0 +1,129 @@
+"""The ``svdtune`` command: inspect, merge and combine delta files from the shell.
+
+    svdtune inspect FILE
+    svdtune merge BASE DELTA -o OUT [--scale S] [--force]
+    svdtune combine DELTA DELTA ... --weights W W ... -o OUT
+
+Exit status 0 on success; 1 with a one-line ``svdtune: error: ...`` on bad input
+or an unreadable/unwritable file; 2 for a malformed command line (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from svdtune.delta import DeltaFile, read_delta
+from svdtune.errors import SvdtuneError
+from svdtune.offline import combine, merge_files
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``svdtune`` command.
+
+    Args:
+        argv: the arguments without the program name; None reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success, 1 on error (after printing a one-line reason).
+
+    Raises:
+        SystemExit: from argparse, for ``--help`` (0) or a malformed command line (2).
+
+    Example:
+        >>> main(["inspect", "task.safetensors"])
+    """
+    args = _parser().parse_args(argv)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            args.run(args)
+            status = 0
+        except (SvdtuneError, OSError) as error:
+            print(f"svdtune: error: {_one_line(error)}", file=sys.stderr)
+            status = 1
+    for warning in caught:
+        print(f"svdtune: warning: {_one_line(warning.message)}", file=sys.stderr)
+    return status
+
+
+def _one_line(error: object) -> str:
+    text = str(error) if not isinstance(error, OSError) or not error.filename else f"{error.filename}: {error.strerror}"
+    return " ".join(text.split())
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="svdtune", description="Inspect, merge and combine svdtune delta files.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    inspect = commands.add_parser("inspect", help="show what a delta file holds",
+                                  description="Print the layers, shapes, ranks, modes, scales, sizes, metadata "
+                                              "and base-weight fingerprints of a delta file.")
+    inspect.add_argument("file", help="a delta file written by svdtune.save_delta")
+    inspect.set_defaults(run=_inspect)
+    merge = commands.add_parser("merge", help="bake a delta into a base checkpoint",
+                                description="Write BASE with DELTA merged into its weights, as safetensors. BASE is a "
+                                            "state dict in .safetensors, or .pt/.pth/.bin (torch.load with weights_only; "
+                                            "a {'params': state_dict} checkpoint is unwrapped).")
+    merge.add_argument("base", help="the base state dict the delta was trained on")
+    merge.add_argument("delta", help="the delta file")
+    merge.add_argument("-o", "--out", required=True, help="the merged .safetensors file to write")
+    merge.add_argument("--scale", type=float, default=1.0, help="strength of the deltas (default 1.0: as saved)")
+    merge.add_argument("--force", action="store_true", help="merge even if a base weight's fingerprint differs (warns)")
+    merge.set_defaults(run=_merge)
+    mix = commands.add_parser("combine", help="weighted sum of deltas trained on one base",
+                              description="Write the weighted sum of several delta files trained on the same base "
+                                          "model with the same layers, ranks and modes.")
+    mix.add_argument("deltas", nargs="+", help="the delta files")
+    mix.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per delta file")
+    mix.add_argument("-o", "--out", required=True, help="the combined delta file to write")
+    mix.set_defaults(run=_combine)
+    return parser
+
+
+def _merge(args: argparse.Namespace) -> None:
+    merge_files(args.base, args.delta, args.out, scale=args.scale, strict=not args.force)
+    print(f"wrote {args.out} ({os.path.getsize(args.out):,} bytes)")
+
+
+def _combine(args: argparse.Namespace) -> None:
+    combine(args.deltas, args.weights).save(args.out)
+    print(f"wrote {args.out} ({os.path.getsize(args.out):,} bytes)")
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    delta = read_delta(args.file)
+    print("\n".join(describe(delta, args.file)))
+
+
+def describe(delta: DeltaFile, path: str) -> list[str]:
+    """The lines ``svdtune inspect`` prints for a delta file."""
+    lines = [
+        f"file      {path} ({os.path.getsize(path):,} bytes)",
+        f"format    svdtune delta v1, written by svdtune {delta.svdtune_version or '?'}",
+        "metadata  " + (", ".join(f"{k}={v}" for k, v in sorted(delta.metadata.items())) or "-"),
+        "",
+    ]
+    header = ("layer", "class", "weight shape", "rank", "mode", "scale", "bytes", "base sha256", "top singular values")
+    rows = [
+        (name, layer.layer_class, "x".join(map(str, layer.weight_shape)), f"{layer.rank}/{layer.max_rank}", layer.mode,
+         f"{layer.scale:g}", f"{layer.delta.numel() * layer.delta.element_size():,}", layer.fingerprint.sha256[:12],
+         ", ".join(f"{s:.4g}" for s in layer.fingerprint.top_sigma) + f" ({layer.fingerprint.dtype})")
+        for name, layer in delta.layers.items()
+    ]
+    lines += _table(header, rows)
+    if delta.params:
+        lines += ["", "fully trained parameters:"]
+        lines += _table(("parameter", "shape", "dtype", "bytes"), [
+            (name, "x".join(map(str, value.shape)) or "scalar", str(value.dtype).removeprefix("torch."),
+             f"{value.numel() * value.element_size():,}") for name, value in delta.params.items()
+        ])
+    return lines
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    cells = [header, tuple("-" * w for w in widths), *rows]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells]
