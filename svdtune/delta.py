@@ -177,6 +177,8 @@ def to_tensors(delta: DeltaFile) -> tuple[dict[str, Tensor], dict[str, str]]:
     clash = sorted(set(delta.layers) & set(delta.params))
     if clash:
         raise SvdtuneError(f"{clash[0]!r} is both a layer and a parameter name; a delta file needs distinct keys.")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in delta.metadata.items()):
+        raise SvdtuneError("metadata must map str to str; convert values with str() or json.dumps().")
     records = {name: _record(layer) for name, layer in delta.layers.items()}
     from svdtune import __version__
 

@@ -50,7 +50,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
     if not adapted:
         raise SvdtuneError("the model has no svdtune layers to save; call svdtune.apply(model, targets=...) and train first.")
     metadata = dict(metadata or {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):  # before any work
         raise SvdtuneError("metadata must map str to str; convert values with str() or json.dumps().")
     with torch.no_grad():
         layers = {name: _layer_delta(name, layer) for name, layer in adapted}

@@ -118,6 +118,29 @@ def test_file_is_plain_safetensors(saved):
     assert set(tensors) == {"0", "3", "5"} and torch.equal(tensors["3"], model[3].svd_delta.detach())
 
 
+def test_file_matches_docs_format_md(saved):
+    """Read the file with nothing but struct, json and hashlib, as docs/format.md describes it."""
+    import hashlib
+    import struct
+
+    raw = saved[1].read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    assert (8 + size) % 8 == 0
+    header = json.loads(raw[8:8 + size])
+    checksum = header["__metadata__"].pop("checksum")
+    canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    assert hashlib.sha256(canonical + raw[8 + size:]).hexdigest() == checksum
+    meta = header["__metadata__"]
+    assert (meta["format"], meta["format_version"], json.loads(meta["params"])) == ("svdtune.delta", "1", [])
+    record = json.loads(meta["layers"])["3"]
+    assert record["class"] == "Conv1d" and record["weight_shape"] == [4, 5, 2] and record["rank"] == 4
+    begin, end = header["3"]["data_offsets"]
+    assert torch.equal(torch.frombuffer(bytearray(raw[8 + size + begin:8 + size + end]), dtype=torch.float32),
+                       saved[0][3].svd_delta.detach())
+    weight = saved[2][3].weight.detach().float().contiguous()
+    assert hashlib.sha256(weight.numpy().tobytes()).hexdigest() == record["fingerprint"]["sha256"]
+
+
 def test_trainable_module_parameters_travel_with_the_deltas(tmp_path):
     base = small()
     model = copy.deepcopy(base)
