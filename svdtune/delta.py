@@ -146,8 +146,8 @@ def fingerprint_mismatch(expected: Fingerprint, weight: Tensor, top_sigma) -> st
 
 
 def _eps(dtype_name: str) -> float:
-    dtype = getattr(torch, dtype_name, torch.float32)
-    return torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
+    dtype = {str(d).removeprefix("torch."): d for d in FLOATS}.get(dtype_name, torch.float32)
+    return torch.finfo(dtype).eps
 
 
 def read_delta(path: str | os.PathLike) -> DeltaFile:
@@ -278,6 +278,6 @@ def _fingerprint(fp: object, bad) -> Fingerprint:
     valid_sha = isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)
     valid_top = isinstance(top, list) and len(top) <= TOP_SIGMA and all(
         isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s >= 0 for s in top)
-    if not (valid_sha and valid_top and isinstance(dtype, str)):
+    if not (valid_sha and valid_top and dtype in {str(d).removeprefix("torch.") for d in FLOATS}):
         raise bad("has a malformed fingerprint")
     return Fingerprint(sha, tuple(float(s) for s in top), dtype)

@@ -44,6 +44,14 @@ def test_inspect_prints_the_table(files, capsys):
     assert row.split()[:7] == ["0", "Linear", "16x8", "4/8", "shift", "1", "16"] and fingerprint in row
 
 
+def test_inspect_lists_fully_trained_parameters(tmp_path, capsys):
+    model = svdtune.apply(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 1)), ["0"], trainable=["1"])
+    svdtune.save_delta(model, tmp_path / "d.safetensors")
+    assert main(["inspect", str(tmp_path / "d.safetensors")]) == 0
+    out = capsys.readouterr().out.split("fully trained parameters:")[1]
+    assert [line.split()[:3] for line in out.strip().splitlines()[2:]] == [["1.bias", "1", "float32"], ["1.weight", "1x4", "float32"]]
+
+
 def test_merge_writes_what_merge_files_writes(files, tmp_path, capsys):
     base, delta = files
     assert main(["merge", str(base), str(delta), "-o", str(tmp_path / "cli.safetensors"), "--scale", "0.5"]) == 0

@@ -225,6 +225,8 @@ CASES = {
     "extra tensor": (None, lambda t, md: t.update({"9": torch.zeros(3)}), "tensor '9' does not match"),
     "bad rank": (None, edit_layer("0", rank=99), "layer '0' has rank 99"),
     "bad mode": (None, edit_layer("0", mode="spin"), "layer '0' has mode 'spin'"),
+    "bad fingerprint dtype": (None, edit_layer("0", fingerprint={"sha256": "0" * 64, "top_sigma": [], "dtype": "nn"}),
+                              "layer '0' has a malformed fingerprint"),
     "non-finite": (None, lambda t, md: t["0"].fill_(float("nan")), "layer '0' has non-finite deltas"),
 }
 
