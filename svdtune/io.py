@@ -207,7 +207,7 @@ def _param_targets(model: nn.Module, delta: DeltaFile) -> dict[str, nn.Parameter
     base_weights = {f"{name}.weight" for name in delta.layers}
     for name, value in delta.params.items():
         target = params.get(name)
-        if target is None or name in base_weights:
+        if target is None or name in base_weights or name.rsplit(".", 1)[-1] == DELTA:
             raise SvdtuneError(f"parameter {name!r} of the delta file is missing from the model (or is a base weight "
                                "of a tuned layer); load the delta into the model it was trained with.")
         if tuple(target.shape) != tuple(value.shape):
