@@ -22,7 +22,7 @@ from examples.cnniqa_agiqa.results import format_table, summarize, write_files
 from examples.cnniqa_agiqa.task import Task, load_task
 from examples.cnniqa_agiqa.variants import VARIANTS, parse_variants
 
-__all__ = ["main", "parser"]
+__all__ = ["main", "parser", "parse_config"]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,9 +45,10 @@ def parser() -> argparse.ArgumentParser:
     a("--crop", type=int, help="random training crop side in px (default 224 AGIQA-3K, 48 synthetic)")
     a("--eval-crop", type=int, help="centre crop for val/test in px; 0 = whole image (default 0)")
     a("--resize", type=int, default=0, help="AGIQA-3K: resize the shorter side to this on load; 0 = keep (default)")
-    a("--lr-full", type=float, default=1e-4, help="learning rate of scratch and full (default 1e-4)")
-    a("--lr-head", type=float, default=1e-3, help="learning rate of head (default 1e-3)")
-    a("--lr-svd", type=float, default=3e-3, help="learning rate of svd deltas (default 3e-3)")
+    a("--lr-scratch", type=float, help="learning rate of scratch (default 1e-3)")
+    a("--lr-full", type=float, help="learning rate of full (default 1e-4)")
+    a("--lr-head", type=float, help="learning rate of head (default 1e-3 AGIQA-3K, 1e-2 synthetic)")
+    a("--lr-svd", type=float, help="learning rate of the svd deltas (default 3e-3 AGIQA-3K, 3e-2 synthetic)")
     a("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default 1e-2)")
     a("--schedule", choices=("cosine", "constant"), default="cosine", help="learning-rate schedule (default cosine)")
     a("--pretrain-epochs", type=int, help="synthetic: source-domain pretraining epochs (default 15, 6 --quick)")
@@ -64,8 +65,19 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config(argv: list[str] | None) -> RunConfig:
-    """Parse the command line into a RunConfig (ValueError on a bad value)."""
+def parse_config(argv: list[str] | None) -> RunConfig:
+    """Parse a command line into a complete RunConfig.
+
+    Args:
+        argv: the arguments (sys.argv[1:] when None).
+
+    Returns:
+        The configuration, defaults filled for the chosen data source.
+
+    Raises:
+        ValueError: a bad --variants, --split-ratios or option combination.
+        SystemExit: argparse's own errors and --help.
+    """
     args = parser().parse_args(argv)
     options = {k: v for k, v in vars(args).items() if k != "no_plots"}
     options["plots"] = not args.no_plots
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     start = time.perf_counter()
     try:
-        config = _config(argv)
+        config = parse_config(argv)
         info = setup(config.device)
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -30,7 +30,8 @@ class RunConfig:
     crop: int  # side of the random training crop, pixels
     eval_crop: int  # side of the centre crop for val/test; 0: the whole image
     resize: int  # AGIQA only: shorter image side after resizing on load; 0: keep
-    lr_full: float  # AdamW learning rate of scratch and full fine-tuning
+    lr_scratch: float  # AdamW learning rate of the scratch variant
+    lr_full: float  # AdamW learning rate of full fine-tuning
     lr_head: float  # learning rate of the head variant (fc3 only)
     lr_svd: float  # learning rate of the singular-value deltas
     weight_decay: float  # AdamW weight decay, all variants
@@ -50,12 +51,15 @@ class RunConfig:
 
 # Defaults per data source, for the options whose best value depends on it.
 DEFAULTS: dict[str, dict[str, object]] = {
-    "synthetic": dict(splits=3, epochs=12, batch_size=32, crop=48, eval_crop=0, pretrain_epochs=15,
-                      source_scenes=200, target_scenes=60, versions=8, image_size=64),
-    "quick": dict(splits=2, epochs=5, batch_size=32, crop=48, eval_crop=0, pretrain_epochs=6,
-                  source_scenes=60, target_scenes=24, versions=6, image_size=64),
-    "agiqa": dict(splits=10, epochs=30, batch_size=16, crop=224, eval_crop=0, pretrain_epochs=0,
-                  source_scenes=0, target_scenes=0, versions=0, image_size=0),
+    "synthetic": dict(splits=3, epochs=15, batch_size=32, crop=32, eval_crop=0,
+                      lr_scratch=1e-3, lr_full=1e-4, lr_head=1e-2, lr_svd=3e-2,
+                      pretrain_epochs=12, source_scenes=150, target_scenes=50, versions=8, image_size=48),
+    "quick": dict(splits=2, epochs=8, batch_size=32, crop=32, eval_crop=0,
+                  lr_scratch=1e-3, lr_full=1e-4, lr_head=1e-2, lr_svd=3e-2,
+                  pretrain_epochs=6, source_scenes=60, target_scenes=24, versions=6, image_size=48),
+    "agiqa": dict(splits=10, epochs=30, batch_size=16, crop=224, eval_crop=0,
+                  lr_scratch=1e-3, lr_full=1e-4, lr_head=1e-3, lr_svd=3e-3,
+                  pretrain_epochs=0, source_scenes=0, target_scenes=0, versions=0, image_size=0),
 }
 
 

@@ -37,16 +37,19 @@ def _metrics_plot(plt, rows: list[dict[str, object]], path: Path, title: str) ->
 def _curves_plot(plt, outcome: Outcome, path: Path, title: str) -> None:
     """Validation SRCC after each epoch (0 = before training), mean over splits."""
     fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = 0
     for name in dict.fromkeys(r["variant"] for r in outcome.runs):
         curves = [r["val_srcc"] for r in outcome.runs if r["variant"] == name]
         length = min(len(c) for c in curves)
         if length < 2:
             continue
         ax.plot(range(length), np.mean([c[:length] for c in curves], axis=0), marker=".", label=name)
+        drawn += 1
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation SRCC (mean over splits)")
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    if drawn:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

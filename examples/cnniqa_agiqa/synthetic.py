@@ -36,7 +36,7 @@ __all__ = ["SyntheticSet", "make_domain", "WEIGHTS", "RATING_NOISE"]
 
 WEIGHTS = {
     "source": {"blur": 1.0, "noise": 1.0, "blocking": 1.0},
-    "target": {"color": 1.2, "contrast": 0.8, "ringing": 1.0, "posterize": 1.0},
+    "target": {"blur": 1.0, "noise": 0.3, "contrast": 1.0, "posterize": 0.8, "color": 0.6},
 }
 RATING_NOISE = 0.15  # std of the simulated rating noise, MOS units
 P_PRESENT = 0.6  # probability that each distortion is applied to an image
@@ -91,7 +91,7 @@ def _blobs(images: torch.Tensor, g: torch.Generator, count: int, hardness: float
 
 def _content_source(n: int, size: int, g: torch.Generator) -> torch.Tensor:
     """Natural-looking content: fractal texture plus soft blobs."""
-    return _blobs(_fractal(n, size, g), g, count=3, hardness=4.0).clamp(0, 1)
+    return _blobs(_fractal(n, size, g), g, count=4, hardness=15.0).clamp(0, 1)
 
 
 def _content_target(n: int, size: int, g: torch.Generator) -> torch.Tensor:
@@ -113,31 +113,59 @@ def _lowpass(images: torch.Tensor, transfer: torch.Tensor) -> torch.Tensor:
     return torch.fft.ifft2(torch.fft.fft2(images) * transfer).real
 
 
-def _distort_source(images: torch.Tensor, sev: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
-    """Blur, then blocking, then noise, each at its per-image severity."""
-    n, _, size, _ = images.shape
-    sigma = 2.0 * sev["blur"].view(n, 1, 1, 1)  # pixels
-    radius = _freq_radius(size)
-    images = _lowpass(images, torch.exp(-2 * (math.pi * sigma * radius) ** 2))
+def _blur(images: torch.Tensor, s: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Gaussian blur, sigma = 2 s pixels (circular boundary, in the FFT domain)."""
+    sigma = 2.0 * s
+    return _lowpass(images, torch.exp(-2 * (math.pi * sigma * _freq_radius(images.shape[-1])) ** 2))
+
+
+def _blocking(images: torch.Tensor, s: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Blend toward 4x4 block means by s (JPEG-like blocking)."""
     blocks = F.interpolate(F.avg_pool2d(images, 4), scale_factor=4, mode="nearest")
-    images = images + sev["blocking"].view(n, 1, 1, 1) * (blocks - images)
-    noise = 0.12 * sev["noise"].view(n, 1, 1, 1) * torch.randn(images.shape, generator=g)
-    return (images + noise).clamp(0, 1)
+    return images + s * (blocks - images)
 
 
-def _distort_target(images: torch.Tensor, sev: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
-    """Ringing, then contrast loss, colour cast and posterization."""
-    n, _, size, _ = images.shape
-    cutoff = 0.5 - 0.4 * sev["ringing"].view(n, 1, 1, 1)  # cycles/px; 0.5 keeps everything
-    ringing = _lowpass(images, (_freq_radius(size) <= cutoff).float())
-    images = torch.where(sev["ringing"].view(n, 1, 1, 1) > 0, ringing, images)
+def _noise(images: torch.Tensor, s: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Additive white Gaussian noise of std 0.12 s."""
+    return images + 0.12 * s * torch.randn(images.shape, generator=g)
+
+
+def _ringing(images: torch.Tensor, s: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Ideal low-pass at 0.5 - 0.4 s cycles/px: Gibbs overshoot at every edge."""
+    ringing = _lowpass(images, (_freq_radius(images.shape[-1]) <= 0.5 - 0.4 * s).float())
+    return torch.where(s > 0, ringing, images)
+
+
+def _contrast(images: torch.Tensor, s: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Scale deviations from the image mean by 1 - 0.7 s."""
     mean = images.mean(dim=(1, 2, 3), keepdim=True)
-    images = mean + (1.0 - 0.7 * sev["contrast"].view(n, 1, 1, 1)) * (images - mean)
-    tint = torch.rand(n, 3, 1, 1, generator=g)
-    images = images + 0.6 * sev["color"].view(n, 1, 1, 1) * (tint - images)
-    levels = torch.round(24 - 21 * sev["posterize"]).view(n, 1, 1, 1) - 1
-    posterized = torch.round(images * levels) / levels
-    return torch.where(sev["posterize"].view(n, 1, 1, 1) > 0, posterized, images).clamp(0, 1)
+    return mean + (1.0 - 0.7 * s) * (images - mean)
+
+
+def _color(images: torch.Tensor, s: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Colour cast: blend 0.6 s toward a random tint."""
+    tint = torch.rand(images.shape[0], 3, 1, 1, generator=g)
+    return images + 0.6 * s * (tint - images)
+
+
+def _posterize(images: torch.Tensor, s: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Quantize each channel to round(24 - 21 s) levels."""
+    levels = torch.round(24 - 21 * s) - 1
+    return torch.where(s > 0, torch.round(images.clamp(0, 1) * levels) / levels, images)
+
+
+# Distortion name -> function(images (n,3,s,s), severity (n,1,1,1), generator), applied in this order.
+DISTORTIONS = {"blur": _blur, "ringing": _ringing, "blocking": _blocking, "contrast": _contrast,
+               "color": _color, "posterize": _posterize, "noise": _noise}
+
+
+def _distort(images: torch.Tensor, sev: dict[str, torch.Tensor], g: torch.Generator) -> torch.Tensor:
+    """Apply every distortion in `sev` at its per-image severity, in DISTORTIONS order."""
+    n = images.shape[0]
+    for name, function in DISTORTIONS.items():
+        if name in sev:
+            images = function(images, sev[name].view(n, 1, 1, 1), g)
+    return images.clamp(0, 1)
 
 
 def _severities(names: list[str], n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -167,15 +195,15 @@ def make_domain(domain: str, scenes: int, versions: int, size: int = 64, seed: i
     """
     if domain not in WEIGHTS:
         raise ValueError(f"domain must be 'source' or 'target', got {domain!r}")
-    if size < 16 or scenes < 1 or versions < 1:
-        raise ValueError(f"need size >= 16 and at least one scene and version, got {size}, {scenes}, {versions}")
+    if size < 16 or size % 4 or scenes < 1 or versions < 1:
+        raise ValueError(f"need a size >= 16 divisible by 4 (blocking uses 4x4 blocks) and at least one scene "
+                         f"and version, got size {size}, {scenes} scenes, {versions} versions")
     g = torch.Generator().manual_seed(seed * 2 + (domain == "target"))
     content = (_content_source if domain == "source" else _content_target)(scenes, size, g)
     n = scenes * versions
     content = content.repeat_interleave(versions, dim=0)  # (n, 3, s, s)
     sev = _severities(list(WEIGHTS[domain]), n, g)
-    distort = _distort_source if domain == "source" else _distort_target
-    images = distort(content, sev, g)
+    images = _distort(content, sev, g)
     badness = sum(WEIGHTS[domain][k] * sev[k] for k in WEIGHTS[domain])
     mos = (5.0 * torch.exp(-badness) + RATING_NOISE * torch.randn(n, generator=g)).clamp(0, 5)
     groups = [f"{domain}-{i // versions:04d}" for i in range(n)]

@@ -1,7 +1,7 @@
 """The compared variants: what each starts from and what it trains.
 
 zero-shot  pretrained weights, no training
-scratch    random initialization, every weight trained (lr_full)
+scratch    random initialization, every weight trained (lr_scratch)
 full       pretrained, every weight trained (lr_full)
 head       pretrained, only fc3 (weight and bias) trained (lr_head)
 svd-fc     pretrained, singular-value deltas of fc1, fc2, fc3 (lr_svd)
@@ -97,7 +97,7 @@ def build(variant: Variant, pretrained: dict[str, torch.Tensor] | None, config: 
         model.requires_grad_(False)
         return model, [], 0.0
     if variant.trains == "all":
-        return model, list(model.parameters()), config.lr_full
+        return model, list(model.parameters()), config.lr_full if variant.pretrained else config.lr_scratch
     if variant.trains == "head":
         model.requires_grad_(False)
         model.fc3.requires_grad_(True)

@@ -1,0 +1,152 @@
+"""CNNIQA of the example: architecture, checkpoint loading, and the variants' starting points."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import svdtune
+from examples.cnniqa_agiqa.cli import parse_config
+from examples.cnniqa_agiqa.config import DEFAULTS
+from examples.cnniqa_agiqa.model import CNNIQA, EXPECTED_SHAPES, load_pretrained, save_plain
+from examples.cnniqa_agiqa.variants import VARIANTS, build, parse_variants
+
+KEYS = ["conv1.weight", "conv1.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias"]
+
+
+def _random_state(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(shape, generator=generator) * 0.1 for k, shape in EXPECTED_SHAPES.items()}
+
+
+def _reference(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """CNNIQA written out with functional ops: conv, global max and min pool, three linears."""
+    h = F.conv2d(x, state["conv1.weight"], state["conv1.bias"])
+    pooled_max = F.max_pool2d(h, kernel_size=h.shape[-2:]).flatten(1)
+    pooled_min = -F.max_pool2d(-h, kernel_size=h.shape[-2:]).flatten(1)
+    h = F.relu(F.linear(torch.cat([pooled_max, pooled_min], 1), state["fc1.weight"], state["fc1.bias"]))
+    h = F.relu(F.linear(h, state["fc2.weight"], state["fc2.bias"]))
+    return F.linear(h, state["fc3.weight"], state["fc3.bias"]).squeeze(1)
+
+
+def test_state_dict_keys_and_shapes_are_iqa_pytorch_s():
+    model = CNNIQA()
+    assert list(model.state_dict()) == KEYS
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == EXPECTED_SHAPES
+    assert model.conv1.padding == (0, 0) and model.dropout.p == 0.5
+
+
+def test_forward_equals_functional_reference():
+    state = _random_state(0)
+    model = CNNIQA()
+    model.load_state_dict(state)
+    model.eval()
+    x = torch.rand(3, 3, 37, 29)
+    torch.testing.assert_close(model(x), _reference(state, x))
+    assert model(torch.rand(2, 3, 7, 7)).shape == (2,)
+
+
+def test_dropout_only_in_training():
+    model = CNNIQA()
+    x = torch.rand(4, 3, 16, 16)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.equal(model(x), model(x))
+
+
+@pytest.mark.parametrize("layout", ["iqa-pytorch", "bare", "safetensors"])
+def test_pretrained_layouts_load(tmp_path, layout):
+    state = _random_state(1)
+    source = CNNIQA()
+    source.load_state_dict(state)
+    if layout == "iqa-pytorch":
+        path = tmp_path / "CNNIQA_koniq10k-e6f14c91.pth"
+        torch.save({"params": state}, path)
+    elif layout == "bare":
+        path = tmp_path / "bare.pt"
+        torch.save(state, path)
+    else:
+        path = tmp_path / "w.safetensors"
+        save_plain(source, path)
+    loaded = load_pretrained(CNNIQA(), path)
+    for key in KEYS:
+        assert torch.equal(loaded.state_dict()[key], state[key]), key
+
+
+def test_wrong_keys_and_shapes_are_named(tmp_path):
+    state = _random_state(2)
+    state["head.weight"] = state.pop("fc3.weight")
+    state["fc2.bias"] = torch.zeros(799)
+    path = tmp_path / "bad.pth"
+    torch.save({"params": state}, path)
+    with pytest.raises(ValueError) as info:
+        load_pretrained(CNNIQA(), path)
+    message = str(info.value)
+    assert "missing keys ['fc3.weight']" in message
+    assert "unexpected keys ['head.weight']" in message
+    assert "fc2.bias: file (799,) vs model (800,)" in message
+
+
+def test_unreadable_and_absent_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="CNNIQA_koniq10k"):
+        load_pretrained(CNNIQA(), tmp_path / "absent.pth")
+    (tmp_path / "junk.pth").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="could not read"):
+        load_pretrained(CNNIQA(), tmp_path / "junk.pth")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="not a state dict"):
+        load_pretrained(CNNIQA(), tmp_path / "list.pth")
+
+
+def test_save_plain_refuses_adapted_model(tmp_path):
+    model = svdtune.apply(CNNIQA(), targets=["fc3"])
+    with pytest.raises(ValueError, match="svdtune.merge"):
+        save_plain(model, tmp_path / "x.safetensors")
+
+
+def _config():
+    return parse_config(["--quiet"])
+
+
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n != "scratch"])
+def test_every_pretrained_variant_starts_at_the_pretrained_model(name):
+    state = _random_state(3)
+    reference = CNNIQA()
+    reference.load_state_dict(state)
+    reference.eval()
+    model, params, lr = build(VARIANTS[name], state, _config(), seed=99)
+    model.eval()
+    x = torch.rand(2, 3, 20, 20)
+    torch.testing.assert_close(model(x), reference(x), rtol=1e-5, atol=1e-5)
+    for key in KEYS:  # every layer, fc3 and the biases included, holds the pretrained values
+        assert torch.equal(model.state_dict()[key], state[key]), key
+    expected = {"zero-shot": 0, "full": 729_801, "head": 801, "svd-fc": 100 + 800 + 1,
+                "svd-conv": 50, "svd-all": 951}[name]
+    assert sum(p.numel() for p in params) == expected
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == expected
+    assert (lr > 0) == (expected > 0)
+
+
+def test_scratch_ignores_pretrained_and_needs_none():
+    model, params, lr = build(VARIANTS["scratch"], None, _config(), seed=5)
+    assert len(params) == 8 and lr == DEFAULTS["synthetic"]["lr_scratch"]
+    with pytest.raises(ValueError, match="needs --pretrained"):
+        build(VARIANTS["svd-fc"], None, _config(), seed=5)
+
+
+def test_parse_variants():
+    assert parse_variants("all") == tuple(VARIANTS)
+    assert parse_variants("svd-fc, zero-shot") == ("zero-shot", "svd-fc")
+    with pytest.raises(ValueError, match="unknown variants \\['svd'\\]; choose from"):
+        parse_variants("svd")
+
+
+def test_svd_layers_keep_their_class():
+    model, _, _ = build(VARIANTS["svd-all"], _random_state(4), _config(), seed=0)
+    assert isinstance(model.conv1, nn.Conv2d) and isinstance(model.fc3, nn.Linear)
+    assert sorted(k for k in model.state_dict() if k.endswith("svd_delta")) == [
+        "conv1.svd_delta", "fc1.svd_delta", "fc2.svd_delta", "fc3.svd_delta"]
