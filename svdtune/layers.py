@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from svdtune.config import SpectralConfig
 from svdtune.cache import decompose_cached
-from svdtune.decompose import Decomposition, weight_matrix
+from svdtune.decompose import Decomposition, svd_dtype, weight_matrix
+from svdtune.errors import SvdtuneError
 
 DELTA = "svd_delta"  # parameter name of the trainable deltas: state-dict key "<layer>.svd_delta"
 
@@ -55,7 +56,7 @@ class SpectralState:
     config: SpectralConfig
     factors: Decomposition
     original_class: type[nn.Module]
-    weight_version: int  # base weight's _version when it was decomposed
+    weight_stamp: tuple[int, int]  # (id, _version) of the base weight when it was decomposed
     cache_dir: str | None = None  # where decompositions are cached on disk (see svdtune.cache)
     cache_key: tuple | None = None
     cached_weight: Tensor | None = field(default=None, repr=False)
@@ -106,15 +107,20 @@ class SpectralLayer(nn.Module):
         """The decomposition, recomputed first if the base weight was edited in place
         (e.g. DistributedDataParallel broadcasting rank 0's weights)."""
         state = self._spectral
-        if not torch.compiler.is_compiling() and self.base_weight._version != state.weight_version:
+        if not torch.compiler.is_compiling() and self._weight_stamp() != state.weight_stamp:
             self.redecompose()
         return state.factors
+
+    def _weight_stamp(self) -> tuple[int, int]:
+        """Changes when the base weight is replaced or edited in place (not through ``.data``)."""
+        base = self.base_weight
+        return id(base), base._version
 
     def redecompose(self) -> None:
         """Decompose the current base weight again (the deltas are kept)."""
         state, base = self._spectral, self.base_weight
         state.factors = decompose_cached(base, state.config.rank, state.cache_dir)
-        state.weight_version = base._version
+        state.weight_stamp = self._weight_stamp()
         self._clear_cache()
 
     def _cached_weight(self) -> Tensor:
@@ -137,25 +143,32 @@ class SpectralLayer(nn.Module):
         self._spectral.cached_weight = None
 
     def _apply(self, fn, recurse=True):
+        stale = self._weight_stamp() != self._spectral.weight_stamp
         super()._apply(fn, recurse)
         factors = self._spectral.factors
         factors.U, factors.Vh = fn(factors.U), fn(factors.Vh)
-        factors.sigma = factors.sigma.to(factors.U.device)
-        self._spectral.weight_version = self.base_weight._version
+        factors.sigma = factors.sigma.to(factors.U.device, svd_dtype(factors.U.dtype))
+        self._spectral.weight_stamp = self._weight_stamp()
         self._clear_cache()
+        if stale:  # edited before the move: the factors are of the old weight
+            self.redecompose()
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        incoming, base = state_dict.get(prefix + "weight"), self.base_weight
-        changed = incoming is not None and not (
-            incoming.shape == base.shape and torch.equal(incoming.to(base.device, base.dtype), base)
-        )
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if changed:
-            self.redecompose()
-        else:
-            self._spectral.weight_version = base._version
-            self._clear_cache()
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
+        incoming, base, state = state_dict.get(prefix + "weight"), self.base_weight, self._spectral
+        factors = None
+        if incoming is not None and incoming.shape == base.shape and not torch.equal(incoming.to(base), base):
+            try:  # decompose before loading, so a weight without an SVD is not half-loaded
+                factors = decompose_cached(incoming.to(base), state.config.rank, state.cache_dir)
+            except SvdtuneError as error:
+                error_msgs.append(f"svdtune layer {prefix[:-1]!r}: new base weight refused: {error}")
+                return
+        errors_before = len(error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
+        if factors is not None and len(error_msgs) == errors_before:
+            state.factors = factors
+        state.weight_stamp = self._weight_stamp()
+        self._clear_cache()
 
     def __reduce_ex__(self, protocol):
         # The Spectral<Class> type is built at run time and cannot be pickled by name:
@@ -224,7 +237,7 @@ def _new_spectral(original_class: type[nn.Module]) -> nn.Module:
 def adapt(module: nn.Module, factors: Decomposition, config: SpectralConfig, cache_dir: str | None = None) -> None:
     """Turn a supported layer into a spectral layer in place, with zero deltas."""
     base = module._parameters["weight"]
-    state = SpectralState(config, factors, type(module), base._version, cache_dir)
+    state = SpectralState(config, factors, type(module), (id(base), base._version), cache_dir)
     delta = torch.zeros(factors.sigma.numel(), dtype=base.dtype, device=base.device)
     module.__class__ = spectral_class(type(module))
     module.__dict__["_spectral"] = state

@@ -66,7 +66,13 @@ def apply(
         >>> optimizer = torch.optim.AdamW(svdtune.trainable_parameters(model), lr=1e-3)
     """
     config = SpectralConfig(mode=mode, rank=rank)
-    layers = select(model, as_patterns(targets, "targets"), as_patterns(exclude, "exclude"), SUPPORTED_TYPES, "targets")
+    targets, exclude = as_patterns(targets, "targets"), as_patterns(exclude, "exclude")
+    layers = select(model, targets, exclude, SUPPORTED_TYPES, "targets")
+    if not layers:
+        raise SvdtuneError(
+            f"targets={list(targets)} with exclude={list(exclude)} leaves no layer to adapt; "
+            "name at least one layer, e.g. targets=['fc*']."
+        )
     free = _select_trainable(model, as_patterns(trainable, "trainable"), layers)
     for name, layer in layers.items():
         _check_adaptable(name, layer)

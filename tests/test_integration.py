@@ -205,3 +205,42 @@ def test_torch_compile_inductor_matches_eager():
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
     compiled(x).sum().backward()
     assert all(p.grad is not None for p in svdtune.trainable_parameters(model))
+
+
+def test_edit_before_a_move_and_swapped_parameters_are_picked_up():
+    torch.manual_seed(0)
+    model = svdtune.apply(nn.Sequential(nn.Linear(6, 5)), targets=["0"], mode="scale")
+    randomize_deltas(model)
+    with torch.no_grad():
+        model[0].base_weight.copy_(torch.randn(5, 6))
+    model.float()  # a move after an in-place edit must not hide the edit
+    x = torch.randn(3, 6)
+
+    def fresh_twin():
+        twin = nn.Sequential(nn.Linear(6, 5))
+        twin.load_state_dict({k: v for k, v in model.state_dict().items() if k != "0.svd_delta"})
+        svdtune.apply(twin, targets=["0"], mode="scale")
+        with torch.no_grad():
+            twin[0].svd_delta.copy_(model[0].svd_delta)
+        return twin
+
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), fresh_twin()(x))
+        model[0].weight = nn.Parameter(torch.randn(5, 6), requires_grad=False)  # same _version, new tensor
+        torch.testing.assert_close(model(x), fresh_twin()(x))
+
+
+def test_double_model_keeps_float64_spectrum():
+    model = svdtune.apply(nn.Sequential(nn.Linear(6, 5)), targets=["0"]).double()
+    assert model[0]._spectral.factors.sigma.dtype == torch.float64
+    assert model.float()[0]._spectral.factors.sigma.dtype == torch.float32
+
+
+def test_loading_a_non_finite_weight_is_refused_without_half_loading():
+    model = svdtune.apply(nn.Sequential(nn.Linear(6, 5)), targets=["0"])
+    before = model[0].base_weight.clone()
+    bad = {k: v.clone() for k, v in model.state_dict().items()}
+    bad["0.weight"][0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="'0'.*NaN"):
+        model.load_state_dict(bad)
+    assert torch.equal(model[0].base_weight, before)

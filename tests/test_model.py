@@ -211,3 +211,12 @@ def test_whole_adapted_model_pickles_with_torch_save(tmp_path):
         assert torch.equal(loaded(x), model(x))
     svdtune.restore(loaded)
     assert type(loaded.fc1) is nn.Linear
+
+
+@pytest.mark.parametrize("kwargs", [dict(targets=[]), dict(targets="*", exclude="*")])
+def test_a_selection_that_leaves_nothing_is_refused(kwargs):
+    model = Net()
+    before = snapshot(model)
+    with pytest.raises(SvdtuneError, match="leaves no layer"):
+        svdtune.apply(model, **kwargs)
+    assert_unchanged(model, before)
