@@ -51,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
     a("--lr-svd", type=float, help="learning rate of the svd deltas (default 3e-3 AGIQA-3K, 3e-2 synthetic)")
     a("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default 1e-2)")
     a("--schedule", choices=("cosine", "constant"), default="cosine", help="learning-rate schedule (default cosine)")
+    a("--select", choices=("val", "last"), default="val",
+      help="checkpoint to test: best validation SRCC (default) or the last epoch")
     a("--pretrain-epochs", type=int, help="synthetic: source-domain pretraining epochs (default 15, 6 --quick)")
     a("--source-scenes", type=int, help="synthetic: source scenes (default 200, 60 --quick)")
     a("--target-scenes", type=int, help="synthetic: target scenes = prompts (default 60, 24 --quick)")

@@ -36,6 +36,7 @@ class RunConfig:
     lr_svd: float  # learning rate of the singular-value deltas
     weight_decay: float  # AdamW weight decay, all variants
     schedule: str  # "cosine" (to 0 over all steps) or "constant"
+    select: str  # checkpoint kept: "val" (best validation SRCC, epoch 0 included) or "last"
     pretrain_epochs: int  # synthetic only: epochs of source-domain pretraining
     source_scenes: int  # synthetic only: scenes of the source domain
     target_scenes: int  # synthetic only: scenes of the target domain

@@ -89,7 +89,8 @@ def _run_one(name: str, split_no: int, split: dict[str, list[int]], task: Task, 
     train_loader, val_loader, test_loader = _loaders(task, split, config, info, seed)
     epochs = config.epochs if params else 0
     result = fit(model, params, lr, epochs, train_loader, val_loader, info, config.weight_decay,
-                 config.schedule, desc=f"split {split_no} {name}", show=info.main and not config.quiet)
+                 config.schedule, desc=f"split {split_no} {name}", show=info.main and not config.quiet,
+                 select=config.select)
     pred, target = predict(model, test_loader, info.device)
     run = {"variant": name, "split": split_no, "epochs": epochs, "best_epoch": result.best_epoch,
            "trainable": sum(p.numel() for p in params), "lr": lr, "seconds": round(result.seconds, 2),
@@ -137,7 +138,7 @@ def run_all(task: Task, splits: list[dict[str, list[int]]], config: RunConfig, i
                 f"(best epoch {run['best_epoch']}, {run['seconds']:.1f} s)", info.main and not config.quiet)
     if kept and info.main:
         def mean_val(n: str) -> float:
-            vals = [max(r["val_srcc"]) for r in outcome.runs if r["variant"] == n]
+            vals = [r["val_srcc"][r["best_epoch"]] for r in outcome.runs if r["variant"] == n]
             return sum(vals) / len(vals)
 
         best = max(kept, key=mean_val)

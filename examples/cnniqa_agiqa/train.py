@@ -100,7 +100,7 @@ def _wrap(model: nn.Module, info: DistInfo) -> nn.Module:
 
 def fit(model: nn.Module, params: list[nn.Parameter], lr: float, epochs: int, train_loader: DataLoader,
         val_loader: DataLoader, info: DistInfo, weight_decay: float = 1e-2, schedule: str = "cosine",
-        desc: str = "train", show: bool = True) -> TrainResult:
+        desc: str = "train", show: bool = True, select: str = "val") -> TrainResult:
     """Train `params` of `model` and leave the weights of the best validation epoch in it.
 
     Args:
@@ -115,9 +115,11 @@ def fit(model: nn.Module, params: list[nn.Parameter], lr: float, epochs: int, tr
         schedule: "cosine" or "constant".
         desc: progress-bar label.
         show: show progress bars.
+        select: "val" keeps the epoch with the best validation SRCC (0 = untrained
+            included); "last" keeps the final weights.
 
     Returns:
-        The validation curve, best epoch and time.
+        The validation curve, kept epoch and time.
     """
     start = time.perf_counter()
     result = TrainResult(val_srcc=[srcc(*predict(model, val_loader, info.device))])
@@ -134,7 +136,7 @@ def fit(model: nn.Module, params: list[nn.Parameter], lr: float, epochs: int, tr
             train_loader.sampler.set_epoch(epoch)
         _train_epoch(runner, train_loader, optimizer, scheduler, info.device)
         result.val_srcc.append(srcc(*predict(model, val_loader, info.device)))
-        if result.val_srcc[-1] > result.val_srcc[result.best_epoch]:
+        if select == "last" or result.val_srcc[-1] > result.val_srcc[result.best_epoch]:
             result.best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
     result.seconds = time.perf_counter() - start

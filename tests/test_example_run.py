@@ -1,0 +1,167 @@
+"""End to end: the example's entry point on tiny synthetic and AGIQA-format data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import svdtune
+from examples.cnniqa_agiqa.cli import main
+from examples.cnniqa_agiqa.model import CNNIQA, load_pretrained
+from examples.cnniqa_agiqa.variants import VARIANTS, build
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--source-scenes", "8", "--target-scenes", "6", "--versions", "3", "--pretrain-epochs", "1",
+        "--epochs", "2", "--splits", "2", "--image-size", "32", "--crop", "24"]
+COLUMNS = ("name", "prompt", "adj1", "adj2", "style", "mos_quality", "std_quality", "mos_align", "std_align")
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    """One tiny default-style run through `python -m examples.cnniqa_agiqa`."""
+    out = tmp_path_factory.mktemp("run")
+    command = [sys.executable, "-m", "examples.cnniqa_agiqa", "--quick", "--out", str(out), *TINY]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, done
+
+
+def test_table_is_printed_and_says_synthetic(synthetic_run):
+    _, done = synthetic_run
+    lines = done.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("Model"))
+    assert header.split()[:5] == ["Model", "Epochs", "SRCC", "PLCC", "KRCC"]
+    assert "SYNTHETIC DATA" in done.stdout
+    for name in ("zero-shot", "scratch", "full fine-tuning", "head (fc3)", "fc1-fc3", "conv1", "all layers"):
+        assert any(name in line for line in lines), name
+    merge_line = next(line for line in lines if line.startswith("merge check"))
+    assert float(merge_line.rsplit(" ", 1)[1]) < 1e-4
+
+
+def test_result_files(synthetic_run):
+    out, _ = synthetic_run
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["synthetic"] is True and len(payload["runs"]) == 2 * len(VARIANTS)
+    summary = {row["variant"]: row for row in payload["summary"]}
+    assert list(summary) == list(VARIANTS)
+    assert summary["zero-shot"]["trainable"] == 0 and summary["svd-fc"]["trainable"] == 901
+    assert summary["svd-conv"]["trainable"] == 50 and summary["full"]["trainable"] == 729_801
+    assert all(summary[v]["delta_bytes"] < 16_000 for v in ("svd-fc", "svd-conv", "svd-all"))
+    assert summary["head"]["delta_bytes"] is None
+    for run in payload["runs"]:
+        assert len(run["val_srcc"]) == run["epochs"] + 1 and 0 <= run["best_epoch"] <= run["epochs"]
+        assert all(-1 <= run[m] <= 1 for m in ("srcc", "plcc", "krcc", "plcc_logistic"))
+    with (out / "results.csv").open() as handle:
+        assert [row["variant"] for row in csv.DictReader(handle)] == list(VARIANTS)
+    for name in ("metrics.png", "val_srcc.png", "spectra_svd-fc.png", "splits.json", "source_cnniqa.safetensors"):
+        assert (out / name).stat().st_size > 0, name
+    assert payload["merge_check"]["max_abs_diff"] < 1e-4
+
+
+def test_splits_file_groups_by_scene(synthetic_run):
+    out, _ = synthetic_run
+    stored = json.loads((out / "splits.json").read_text())["splits"]
+    assert len(stored) == 2
+    for split in stored:
+        scenes = [{int(n.split("-")[1]) // 3 for n in split[p]["names"]} for p in ("train", "val", "test")]
+        assert not (scenes[0] & scenes[1] or scenes[0] & scenes[2] or scenes[1] & scenes[2])
+
+
+def test_delta_file_loads_into_a_fresh_svd_model(synthetic_run):
+    out, _ = synthetic_run
+    from safetensors.torch import load_file
+
+    source = load_file(str(out / "source_cnniqa.safetensors"))
+    config_like = type("C", (), {"lr_svd": 1e-2})()
+    model, _, _ = build(VARIANTS["svd-fc"], source, config_like, seed=0)
+    svdtune.load_delta(model, out / "deltas" / "svd-fc_split1.safetensors")
+    stored = load_file(str(out / "deltas" / "svd-fc_split1.safetensors"))
+    deltas = {k: v for k, v in model.state_dict().items() if k.endswith("svd_delta")}
+    assert set(deltas) == {"fc1.svd_delta", "fc2.svd_delta", "fc3.svd_delta"}
+    run = next(r for r in json.loads((out / "results.json").read_text())["runs"]
+               if r["variant"] == "svd-fc" and r["split"] == 1)
+    moved = any(float(v.abs().max()) > 0 for v in deltas.values())
+    assert moved == (run["best_epoch"] > 0)  # the file holds the checkpoint chosen on val
+    assert all(torch.equal(deltas[k], stored[k]) for k in stored if k in deltas)
+
+
+def test_merged_file_is_a_plain_cnniqa(synthetic_run):
+    out, _ = synthetic_run
+    merged = next(out.glob("merged_svd-*.safetensors"))
+    model = load_pretrained(CNNIQA(), merged)
+    assert list(model.state_dict()) == list(CNNIQA().state_dict())
+
+
+def test_second_run_reuses_the_source_model(synthetic_run, capsys):
+    out, done = synthetic_run
+    first = json.loads((out / "results.json").read_text())
+    assert main(["--quick", "--out", str(out), "--variants", "zero-shot", *TINY]) == 0
+    assert "reusing the pretrained source model" in capsys.readouterr().err
+    again = json.loads((out / "results.json").read_text())
+    zero = [r for r in first["runs"] if r["variant"] == "zero-shot"]
+    assert [r["srcc"] for r in again["runs"]] == [r["srcc"] for r in zero]
+
+
+def _write_agiqa(root: Path, prompts: int = 6, per_prompt: int = 3, size: int = 40) -> list[str]:
+    """A tiny AGIQA-3K-format folder (CRLF CSV, quoted prompts with commas, JPEGs)."""
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for p in range(prompts):
+        for k in range(per_prompt):
+            name = f"model{k}_normal_{p:03d}.jpg"
+            Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)).save(root / name)
+            rows.append([name, f"prompt {p}, oil painting", "", "", "", f"{rng.uniform(0, 5):.5f}", "0.3",
+                         f"{rng.uniform(0, 5):.5f}", "0.3"])
+    with (root / "data.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\r\n")
+        writer.writerow(COLUMNS)
+        writer.writerows(rows)
+    return [r[0] for r in rows]
+
+
+def test_agiqa_format_run_with_iqa_pytorch_weights(tmp_path, capsys):
+    _write_agiqa(tmp_path / "agiqa")
+    torch.manual_seed(0)
+    torch.save({"params": CNNIQA().state_dict()}, tmp_path / "CNNIQA_koniq10k.pth")
+    argv = ["--data-root", str(tmp_path / "agiqa"), "--pretrained", str(tmp_path / "CNNIQA_koniq10k.pth"),
+            "--out", str(tmp_path / "out"), "--variants", "zero-shot,head,svd-fc", "--splits", "2",
+            "--epochs", "1", "--crop", "24", "--batch-size", "4", "--target", "align", "--quiet", "--no-plots"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "AGIQA-3K mos_align" in printed and "SYNTHETIC" not in printed
+    payload = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [row["variant"] for row in payload["summary"]] == ["zero-shot", "head", "svd-fc"]
+    assert (tmp_path / "out" / "deltas" / "svd-fc_split2.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "setup, extra, message",
+    [
+        ("none", [], "is not a folder"),
+        ("missing-image", ["--pretrained", "PTH"], "1 of 18 images listed in data.csv are missing"),
+        ("ok", [], "pass --pretrained"),
+        ("ok", ["--pretrained", "PTH", "--variants", "svd"], "unknown variants"),
+    ],
+)
+def test_errors_before_training(tmp_path, capsys, setup, extra, message):
+    root = tmp_path / "agiqa"
+    if setup != "none":
+        names = _write_agiqa(root)
+        if setup == "missing-image":
+            (root / names[4]).unlink()
+    torch.save({"params": CNNIQA().state_dict()}, tmp_path / "w.pth")
+    extra = [str(tmp_path / "w.pth") if e == "PTH" else e for e in extra]
+    assert main(["--data-root", str(root), "--out", str(tmp_path / "out"), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert not (tmp_path / "out" / "results.json").exists()
