@@ -7,7 +7,10 @@ repeat uses a fresh, empty cache folder:
   warm      apply(cache_dir=same folder) on a fresh copy of the model: every SVD read back
 and prints the median of each and the cold/warm ratio.
 
-Run: python benchmarks/svd_cache.py [--layers 4] [--size 2048] [--repeats 3] [--rank R] [--device cuda]
+Run: python benchmarks/svd_cache.py [--layers 4] [--size 2048] [--repeats 3] [--rank R] [--device cuda] [--threads T]
+
+On a busy shared machine, --threads 1 gives steadier numbers (multi-threaded LAPACK
+slows down badly when the cores are oversubscribed).
 """
 
 from __future__ import annotations
@@ -43,7 +46,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = nn.Sequential(*(nn.Linear(args.size, args.size) for _ in range(args.layers))).to(args.device)
     times: dict[str, list[float]] = {"uncached": [], "cold": [], "warm": []}
