@@ -140,3 +140,11 @@ def test_two_processes_fill_one_cache(tmp_path):
         for i in range(12):
             weight = torch.randn(48, 40, generator=torch.Generator().manual_seed(i))
             assert torch.equal(cache.decompose_cached(weight, None, tmp_path).sigma, decompose(weight, None).sigma)
+
+
+def test_load_delta_uses_the_cache(tmp_path, svd_calls):
+    trained = svdtune.apply(_model(), ["0", "2"], cache_dir=tmp_path / "cache")
+    svdtune.save_delta(trained, tmp_path / "d.safetensors")
+    assert len(svd_calls) == 2
+    svdtune.load_delta(_model(), tmp_path / "d.safetensors", cache_dir=tmp_path / "cache")
+    assert len(svd_calls) == 2

@@ -179,3 +179,19 @@ def test_combine_refuses_unrelated_deltas(files, tmp_path):
             svdtune.combine([delta_path, tmp_path / f"{path}.safetensors"], weights=[0.5, 0.5])
     with pytest.raises(svdtune.SvdtuneError, match="one weight per delta"):
         svdtune.combine([delta_path], weights=[0.5, 0.5])
+
+
+def test_bfloat16_base_round_trip(tmp_path):
+    base = small().to(torch.bfloat16)
+    safetensors.torch.save_file(base.state_dict(), tmp_path / "base.safetensors")
+    model = randomize(svdtune.apply(copy.deepcopy(base), TARGETS), seed=4)
+    svdtune.save_delta(model, tmp_path / "d.safetensors")
+    assert svdtune.read_delta(tmp_path / "d.safetensors").layers["0"].delta.dtype == torch.bfloat16
+    loaded = svdtune.load_delta(copy.deepcopy(base), tmp_path / "d.safetensors")
+    x = torch.randn(2, 6, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    svdtune.merge_files(tmp_path / "base.safetensors", tmp_path / "d.safetensors", tmp_path / "m.safetensors")
+    merged = safetensors.torch.load_file(tmp_path / "m.safetensors")
+    assert all(merged[k].dtype == torch.bfloat16 for k in merged)
+    assert_state_close(merged, merged_state(model))
