@@ -221,14 +221,15 @@ def from_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], what: str
         raise SvdtuneError(f"{what} uses delta format version {version!r} (svdtune {metadata.get('svdtune_version', '?')}); "
                            f"this svdtune reads version {FORMAT_VERSION}: install the svdtune version that wrote it.")
     records, params, user = (_json(metadata, key, what) for key in ("layers", "params", "metadata"))
-    if not isinstance(records, dict) or not isinstance(params, list) or not isinstance(user, dict):
+    if not isinstance(records, dict) or not isinstance(params, list) or not all(isinstance(p, str) for p in params) \
+            or not isinstance(user, dict):
         raise SvdtuneError(f"{what} has malformed layers/params/metadata entries; write the file again.")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
         raise SvdtuneError(f"{what} has user metadata that is not str -> str; write the file again.")
     expected = set(records) | set(params)
     extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
     if extra or missing or len(expected) != len(records) + len(params):
-        name = (extra or missing or sorted(set(records) & set(params)))[0]
+        name = (extra or missing or sorted(n for n in params if params.count(n) > 1 or n in records))[0]
         raise SvdtuneError(f"{what}: tensor {name!r} does not match the layer/parameter list of the header; write the file again.")
     layers = {name: _layer(name, record, tensors[name], what) for name, record in records.items()}
     for name in params:

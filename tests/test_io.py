@@ -223,6 +223,8 @@ CASES = {
     "wrong tensor shape": (None, lambda t, md: t.update({"3": torch.zeros(5)}), "layer '3' has a delta tensor of shape \\(5,\\)"),
     "wrong tensor dtype": (None, lambda t, md: t.update({"3": t["3"].to(torch.int32)}), "layer '3' has a delta tensor .*int32"),
     "extra tensor": (None, lambda t, md: t.update({"9": torch.zeros(3)}), "tensor '9' does not match"),
+    "params not names": (None, lambda t, md: md.update(params="[[1]]"), "malformed layers/params"),
+    "params repeat a layer": (None, lambda t, md: md.update(params='["0"]'), "tensor '0' does not match"),
     "bad rank": (None, edit_layer("0", rank=99), "layer '0' has rank 99"),
     "bad mode": (None, edit_layer("0", mode="spin"), "layer '0' has mode 'spin'"),
     "bad fingerprint dtype": (None, edit_layer("0", fingerprint={"sha256": "0" * 64, "top_sigma": [], "dtype": "nn"}),
@@ -309,3 +311,33 @@ def test_random_corruption_never_half_loads(saved, tmp_path, data):
     for (_, loaded), (_, original) in zip(adapted_layers(fresh), adapted_layers(model), strict=True):
         assert torch.equal(loaded.svd_delta, original.svd_delta)
         assert loaded.spectral_config == original.spectral_config
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 10**6) | st.floats(allow_nan=True) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+FIELDS = ["class", "weight_shape", "rank", "mode", "scale", "fingerprint"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_checksummed_but_malformed_headers_are_refused_cleanly(saved, tmp_path, data):
+    """Past the checksum (a file re-signed after editing), every header field is still checked."""
+    model, path, base = saved
+    tensors, metadata = container.read(path)
+    layers = json.loads(metadata["layers"])
+    if data.draw(st.booleans()):
+        layers[data.draw(st.sampled_from(sorted(layers)))][data.draw(st.sampled_from(FIELDS))] = data.draw(JSON)
+        metadata["layers"] = json.dumps(layers)
+    else:
+        metadata[data.draw(st.sampled_from(["layers", "params", "metadata", "format_version"]))] = json.dumps(data.draw(JSON))
+    edited = tmp_path / "edited.safetensors"
+    container.atomic_write(edited, container.encode(tensors, metadata))
+    fresh = copy.deepcopy(base)
+    before = snapshot(fresh)
+    try:
+        svdtune.load_delta(fresh, edited)
+    except svdtune.SvdtuneError:
+        assert_unchanged(fresh, before)
