@@ -21,9 +21,9 @@ from svdtune.config import SpectralConfig
 from svdtune.decompose import SUPPORTED_TYPES, Decomposition
 from svdtune.delta import DeltaFile, LayerDelta, fingerprint, fingerprint_mismatch, read_delta
 from svdtune.errors import SvdtuneError
-from svdtune.layers import DELTA, SpectralLayer, adapt, spectrum_shift
+from svdtune.layers import DELTA, SpectralLayer, spectrum_shift
 from svdtune.offline import warn_if_basis_dependent
-from svdtune.model import _FLAGS, _check_adaptable, adapted_layers
+from svdtune.model import _check_adaptable, adapt_layers, adapted_layers
 
 
 def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
@@ -217,14 +217,11 @@ def _param_targets(model: nn.Module, delta: DeltaFile) -> dict[str, nn.Parameter
 
 
 def _apply_steps(model: nn.Module, steps: dict[str, _Step], cache_dir: str | None) -> None:
-    """Adapt or update each layer (mirrors the last part of `svdtune.apply`)."""
-    if any(step.factors is not None for step in steps.values()) and _FLAGS not in model.__dict__:
-        model.__dict__[_FLAGS] = {name: p.requires_grad for name, p in model.named_parameters()}
-        model.requires_grad_(False)
+    """Adapt the plain layers as `svdtune.apply` would, then set every layer's deltas and config."""
+    plan = [(step.layer, step.factors, step.config) for step in steps.values() if step.factors is not None]
+    if plan:
+        adapt_layers(model, plan, cache_dir)
     for step in steps.values():
-        if step.factors is not None:
-            step.layer.requires_grad_(False)
-            adapt(step.layer, step.factors, step.config, cache_dir)
         step.layer._spectral.config = step.config
         with torch.no_grad():
             step.layer._parameters[DELTA].copy_(step.delta)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from svdtune.config import SpectralConfig
 from svdtune.cache import decompose_cached
-from svdtune.decompose import SUPPORTED_TYPES, weight_matrix
+from svdtune.decompose import SUPPORTED_TYPES, Decomposition, weight_matrix
 from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, adapt, delta_weight, spectrum_shift, unadapt
 from svdtune.report import Report, build_report
@@ -79,15 +79,27 @@ def apply(
     cache_dir = None if cache_dir is None else os.fspath(cache_dir)
     factors = {name: _decompose_named(name, layer, rank, cache_dir) for name, layer in layers.items()}
     # Nothing above changed the model; nothing below can fail.
-    if _FLAGS not in model.__dict__:  # first apply: remember what was trainable, then freeze it all
-        model.__dict__[_FLAGS] = {name: p.requires_grad for name, p in model.named_parameters()}
-        model.requires_grad_(False)
-    for name, layer in layers.items():
-        layer.requires_grad_(False)
-        adapt(layer, factors[name], config, cache_dir)
+    adapt_layers(model, [(layer, factors[name], config) for name, layer in layers.items()], cache_dir)
     for module in free:
         module.requires_grad_(True)
     return model
+
+
+def adapt_layers(
+    model: nn.Module, plan: list[tuple[nn.Module, Decomposition, SpectralConfig]], cache_dir: str | None
+) -> None:
+    """Adapt layers already checked and decomposed: the part of `apply` that cannot fail.
+
+    The first time a model is adapted, every parameter's requires_grad is recorded
+    (for `merge`/`restore`) and the whole model is frozen; later calls freeze only
+    the layers they adapt.
+    """
+    if _FLAGS not in model.__dict__:
+        model.__dict__[_FLAGS] = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.requires_grad_(False)
+    for layer, factors, config in plan:
+        layer.requires_grad_(False)
+        adapt(layer, factors, config, cache_dir)
 
 
 def _select_trainable(model: nn.Module, patterns: tuple[str, ...], layers: dict[str, nn.Module]) -> list[nn.Module]:

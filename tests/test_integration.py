@@ -10,7 +10,6 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import svdtune
-from svdtune.layers import SpectralLayer
 from tests.conftest import LAYERS, make_layer, randomize_deltas
 
 
