@@ -49,6 +49,13 @@ def delta_weight(U: Tensor, Vh: Tensor, shift: Tensor) -> Tensor:
     return (U * shift.to(U.dtype)) @ Vh
 
 
+def merged_weight(base: Tensor, U: Tensor, Vh: Tensor, shift: Tensor) -> Tensor:
+    """W' = W + U diag(shift) Vh in the base weight's shape and dtype, accumulated in shift's dtype."""
+    work = shift.dtype  # float32, or float64 for float64 weights: never half precision
+    change = delta_weight(U.to(work), Vh.to(work), shift)
+    return (weight_matrix(base).to(work) + change).reshape(base.shape).to(base.dtype)
+
+
 @dataclass(eq=False)
 class SpectralState:
     """Everything an adapted layer holds besides its parameters."""
@@ -93,6 +100,11 @@ class SpectralLayer(nn.Module):
         """W' = W + U diag(sigma' - sigma) Vh, recomputed now (differentiable in the deltas)."""
         factors, base = self._factors(), self.base_weight
         return base + delta_weight(factors.U, factors.Vh, self._shift(factors)).reshape(base.shape)
+
+    def merged_weight(self) -> Tensor:
+        """W' in the base weight's dtype, accumulated in float32 (float64 for float64 weights)."""
+        factors = self._factors()
+        return merged_weight(self.base_weight, factors.U, factors.Vh, self._shift(factors))
 
     def _shift(self, factors: Decomposition) -> Tensor:
         config = self._spectral.config

@@ -11,9 +11,9 @@ from torch import Tensor, nn
 
 from svdtune.config import SpectralConfig
 from svdtune.cache import decompose_cached
-from svdtune.decompose import SUPPORTED_TYPES, Decomposition, weight_matrix
+from svdtune.decompose import SUPPORTED_TYPES, Decomposition
 from svdtune.errors import SvdtuneError
-from svdtune.layers import DELTA, SpectralLayer, adapt, delta_weight, spectrum_shift, unadapt
+from svdtune.layers import DELTA, SpectralLayer, adapt, unadapt
 from svdtune.report import Report, build_report
 from svdtune.targets import as_patterns, select
 
@@ -251,7 +251,7 @@ def merge(model: nn.Module) -> nn.Module:
     """
     layers = _require_adapted(model, "merge")
     with torch.no_grad():
-        weights = {name: merged_weight(layer) for name, layer in layers}
+        weights = {name: layer.merged_weight() for name, layer in layers}
     for name, weight in weights.items():
         if not torch.isfinite(weight).all():
             raise SvdtuneError(f"merging layer {name!r} gives non-finite weights; check its deltas and scale.")
@@ -259,15 +259,6 @@ def merge(model: nn.Module) -> nn.Module:
         unadapt(layer, weights[name])
     _restore_flags(model)
     return model
-
-
-def merged_weight(layer: SpectralLayer) -> Tensor:
-    """W' in the base weight's dtype, accumulated in float32 (float64 for float64 weights)."""
-    factors, base, config = layer._factors(), layer.base_weight, layer._spectral.config
-    shift = spectrum_shift(factors.sigma, layer._parameters[DELTA], config.scale, config.mode)
-    work = factors.sigma.dtype
-    change = delta_weight(factors.U.to(work), factors.Vh.to(work), shift)
-    return (weight_matrix(base).to(work) + change).reshape(base.shape).to(base.dtype)
 
 
 def restore(model: nn.Module) -> nn.Module:

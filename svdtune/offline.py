@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from svdtune import container
-from svdtune.decompose import decompose, weight_matrix
+from svdtune.decompose import decompose
 from svdtune.delta import DeltaFile, LayerDelta, fingerprint_mismatch, read_delta
 from svdtune.errors import SvdtuneError
-from svdtune.layers import delta_weight, spectrum_shift
+from svdtune.layers import merged_weight, spectrum_shift
 
 DEGENERATE_ULPS = 32  # singular values closer than 32 * eps * sigma_max count as repeated (SVD noise level)
 BASE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -155,14 +155,12 @@ def _merged_weight(name: str, weight: Tensor, layer: LayerDelta, scale: float, s
     if reason is not None:
         warnings.warn(f"layer {name!r}: {reason}; merging anyway.", UserWarning, stacklevel=3)
     k, sigma = layer.rank, factors.sigma
-    work = sigma.dtype
-    shift = spectrum_shift(sigma[:k], layer.delta.to(work), layer.scale * scale, layer.mode)
+    shift = spectrum_shift(sigma[:k], layer.delta.to(sigma.dtype), layer.scale * scale, layer.mode)
     warn_if_basis_dependent(name, sigma[:k], shift, float(sigma[k]) if k < sigma.numel() else None)
-    change = delta_weight(factors.U[:, :k].to(work), factors.Vh[:k].to(work), shift)
-    result = weight_matrix(weight).to(work) + change  # (m, n)
+    result = merged_weight(weight, factors.U[:, :k], factors.Vh[:k], shift)
     if not bool(torch.isfinite(result).all()):
         raise SvdtuneError(f"merging layer {name!r} gives non-finite weights; check its deltas and scale.")
-    return result.reshape(weight.shape).to(weight.dtype)
+    return result
 
 
 def combine(deltas: Sequence[str | os.PathLike | DeltaFile], weights: Sequence[float]) -> DeltaFile:
