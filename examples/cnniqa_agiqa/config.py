@@ -44,6 +44,7 @@ class RunConfig:
     image_size: int  # synthetic only: image side, pixels
     device: str  # "cpu", "cuda", "cuda:N" or "auto"
     workers: int  # DataLoader worker processes for AGIQA images
+    threads: int  # torch intra-op CPU threads; 0: torch's default
     quick: bool  # smaller synthetic data and fewer epochs (under a minute)
     quiet: bool  # no progress bars, only errors and the final table
     plots: bool  # write PNG plots (needs matplotlib)
@@ -52,13 +53,13 @@ class RunConfig:
 
 # Defaults per data source, for the options whose best value depends on it.
 DEFAULTS: dict[str, dict[str, object]] = {
-    "synthetic": dict(splits=3, epochs=15, batch_size=32, crop=32, eval_crop=0,
+    "synthetic": dict(threads=1, splits=3, epochs=15, batch_size=32, crop=32, eval_crop=0,
                       lr_scratch=1e-3, lr_full=1e-4, lr_head=1e-2, lr_svd=3e-2,
-                      pretrain_epochs=12, source_scenes=150, target_scenes=50, versions=8, image_size=48),
-    "quick": dict(splits=2, epochs=8, batch_size=32, crop=32, eval_crop=0,
+                      pretrain_epochs=15, source_scenes=200, target_scenes=80, versions=8, image_size=48),
+    "quick": dict(threads=1, splits=2, epochs=10, batch_size=32, crop=32, eval_crop=0,
                   lr_scratch=1e-3, lr_full=1e-4, lr_head=1e-2, lr_svd=3e-2,
-                  pretrain_epochs=6, source_scenes=60, target_scenes=24, versions=6, image_size=48),
-    "agiqa": dict(splits=10, epochs=30, batch_size=16, crop=224, eval_crop=0,
+                  pretrain_epochs=10, source_scenes=100, target_scenes=40, versions=8, image_size=48),
+    "agiqa": dict(threads=0, splits=10, epochs=30, batch_size=16, crop=224, eval_crop=0,
                   lr_scratch=1e-3, lr_full=1e-4, lr_head=1e-3, lr_svd=3e-3,
                   pretrain_epochs=0, source_scenes=0, target_scenes=0, versions=0, image_size=0),
 }
