@@ -165,3 +165,9 @@ def test_errors_before_training(tmp_path, capsys, setup, extra, message):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
+def test_cuda_without_a_gpu_says_so(tmp_path, capsys):
+    assert main(["--quick", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "sees no CUDA device" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from examples.cnniqa_agiqa import splits as splitting
-from examples.cnniqa_agiqa.config import RunConfig, resolve
+from examples.cnniqa_agiqa.config import DEFAULTS, RunConfig, resolve
 from examples.cnniqa_agiqa.distributed import DistInfo, setup, teardown
 from examples.cnniqa_agiqa.experiment import run_all
 from examples.cnniqa_agiqa.progress import say
@@ -25,6 +25,16 @@ from examples.cnniqa_agiqa.task import Task, load_task
 from examples.cnniqa_agiqa.variants import VARIANTS, parse_variants
 
 __all__ = ["main", "parser", "parse_config"]
+
+
+def _defaults(key: str) -> str:
+    """'(default: A AGIQA-3K, B synthetic, C --quick)' from config.DEFAULTS, for --help."""
+    values = {source: DEFAULTS[source][key] for source in ("agiqa", "synthetic", "quick")}
+    if values["agiqa"] == values["synthetic"] == values["quick"]:
+        return f"(default {values['agiqa']})"
+    if key in ("pretrain_epochs", "source_scenes", "target_scenes", "versions", "image_size"):
+        return f"(default {values['synthetic']}, {values['quick']} with --quick)"
+    return f"(default {values['agiqa']} AGIQA-3K, {values['synthetic']} synthetic, {values['quick']} --quick)"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,33 +47,32 @@ def parser() -> argparse.ArgumentParser:
     a("--target", choices=("quality", "align"), default="quality", help="MOS column to predict (default quality)")
     a("--pretrained", help="CNNIQA weights: IQA-PyTorch .pth ({'params': sd}), bare state dict, or .safetensors")
     a("--out", default="runs/cnniqa_agiqa", help="output folder (default runs/cnniqa_agiqa)")
-    a("--variants", default="all", help=f"'all' or a comma list of: {', '.join(VARIANTS)}")
-    a("--splits", type=int, help="random prompt-grouped splits (default 10 on AGIQA-3K, 3 synthetic, 2 --quick)")
+    a("--variants", default="all", help=f"'all' or a comma list of: {', '.join(VARIANTS)} (default all)")
+    a("--splits", type=int, help="random prompt-grouped splits " + _defaults("splits"))
     a("--split-ratios", default="0.6,0.2,0.2", help="fractions of prompts for train,val,test (default 0.6,0.2,0.2)")
     a("--split-file", help="reuse the splits.json of an earlier run instead of drawing new ones")
     a("--seed", type=int, default=0, help="seed of splits, init, crops, dropout and synthetic data (default 0)")
-    a("--epochs", type=int, help="epochs per variant and split (default 30 AGIQA-3K, 12 synthetic, 5 --quick)")
-    a("--batch-size", type=int, help="batch size per process (default 16 AGIQA-3K, 32 synthetic)")
-    a("--crop", type=int, help="random training crop side in px (default 224 AGIQA-3K, 48 synthetic)")
-    a("--eval-crop", type=int, help="centre crop for val/test in px; 0 = whole image (default 0)")
-    a("--resize", type=int, default=0, help="AGIQA-3K: resize the shorter side to this on load; 0 = keep (default)")
-    a("--lr-scratch", type=float, help="learning rate of scratch (default 1e-3)")
-    a("--lr-full", type=float, help="learning rate of full (default 1e-4)")
-    a("--lr-head", type=float, help="learning rate of head (default 1e-3 AGIQA-3K, 1e-2 synthetic)")
-    a("--lr-svd", type=float, help="learning rate of the svd deltas (default 3e-3 AGIQA-3K, 3e-2 synthetic)")
-    a("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default 1e-2)")
+    a("--epochs", type=int, help="epochs per variant and split " + _defaults("epochs"))
+    a("--batch-size", type=int, help="batch size per process " + _defaults("batch_size"))
+    a("--crop", type=int, help="random training crop side in px " + _defaults("crop"))
+    a("--eval-crop", type=int, help="centre crop for val/test in px; 0 = whole image " + _defaults("eval_crop"))
+    a("--resize", type=int, default=0, help="AGIQA-3K: resize the shorter side to this on load; 0 = keep (default 0)")
+    a("--lr-scratch", type=float, help="learning rate of scratch " + _defaults("lr_scratch"))
+    a("--lr-full", type=float, help="learning rate of full " + _defaults("lr_full"))
+    a("--lr-head", type=float, help="learning rate of head " + _defaults("lr_head"))
+    a("--lr-svd", type=float, help="learning rate of the svd deltas " + _defaults("lr_svd"))
+    a("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default 0.01)")
     a("--schedule", choices=("cosine", "constant"), default="cosine", help="learning-rate schedule (default cosine)")
     a("--select", choices=("val", "last"), default="val",
       help="checkpoint to test: best validation SRCC (default) or the last epoch")
-    a("--pretrain-epochs", type=int, help="synthetic: source-domain pretraining epochs (default 15, 6 --quick)")
-    a("--source-scenes", type=int, help="synthetic: source scenes (default 200, 60 --quick)")
-    a("--target-scenes", type=int, help="synthetic: target scenes = prompts (default 60, 24 --quick)")
-    a("--versions", type=int, help="synthetic: distorted versions per scene (default 8, 6 --quick)")
-    a("--image-size", type=int, help="synthetic: image side in px (default 64)")
+    a("--pretrain-epochs", type=int, help="synthetic: source-domain pretraining epochs " + _defaults("pretrain_epochs"))
+    a("--source-scenes", type=int, help="synthetic: source-domain scenes " + _defaults("source_scenes"))
+    a("--target-scenes", type=int, help="synthetic: target scenes, the 'prompts' " + _defaults("target_scenes"))
+    a("--versions", type=int, help="synthetic: distorted versions per scene " + _defaults("versions"))
+    a("--image-size", type=int, help="synthetic: image side in px " + _defaults("image_size"))
     a("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     a("--workers", type=int, default=0, help="DataLoader workers for AGIQA-3K images (default 0)")
-    a("--threads", type=int, help="torch CPU threads; 0 = torch's default (default 1 synthetic: its small "
-      "tensors gain little from more and suffer badly on a busy machine; 0 AGIQA-3K)")
+    a("--threads", type=int, help="torch CPU threads, 0 = torch's default " + _defaults("threads"))
     a("--quick", action="store_true", help="small synthetic run, under a minute on 2 CPU cores")
     a("--quiet", action="store_true", help="no progress output; print only the table")
     a("--no-plots", action="store_true", help="skip the PNG plots")

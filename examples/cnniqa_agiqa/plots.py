@@ -56,13 +56,12 @@ def _curves_plot(plt, outcome: Outcome, path: Path, title: str) -> None:
 
 
 def _spectra_plot(plt, variant: str, spectra: dict[str, tuple[list[float], list[float]]], path: Path) -> None:
-    """One panel per tuned layer: sigma and sigma' against index (log scale)."""
+    """One panel per tuned layer: sigma (line) and sigma' (dots) against their index."""
     fig, axes = plt.subplots(1, len(spectra), figsize=(4 * len(spectra), 3.4), squeeze=False)
     for ax, (layer, (before, after)) in zip(axes[0], spectra.items()):
         index = np.arange(1, len(before) + 1)
-        ax.plot(index, before, marker="." if len(before) < 60 else None, label="pretrained σ")
-        ax.plot(index, after, marker="." if len(after) < 60 else None, label="adapted σ'", alpha=0.8)
-        ax.set_yscale("log" if min(min(before), min(after)) > 0 else "linear")
+        ax.plot(index, before, color="tab:blue", marker="o" if len(before) == 1 else None, label="pretrained σ")
+        ax.scatter(index, after, s=8, color="tab:orange", label="adapted σ'", zorder=3)
         ax.set_title(f"{variant}: {layer}", fontsize=9)
         ax.set_xlabel("index")
         ax.legend(fontsize=7)
