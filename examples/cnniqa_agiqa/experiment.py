@@ -112,6 +112,15 @@ def _merge_check(model: nn.Module, name: str, split: dict[str, list[int]], task:
     return {"variant": name, "file": path.name, "max_abs_diff": diff, "images": len(adapted)}
 
 
+def _best_by_validation(outcome: Outcome, names: list[str]) -> str:
+    """The variant whose kept checkpoints have the best mean validation SRCC over splits."""
+    def mean_val(name: str) -> float:
+        runs = [r for r in outcome.runs if r["variant"] == name]
+        return sum(r["val_srcc"][r["best_epoch"]] for r in runs) / len(runs)
+
+    return max(names, key=mean_val)
+
+
 def run_all(task: Task, splits: list[dict[str, list[int]]], config: RunConfig, info: DistInfo) -> Outcome:
     """Run every variant on every split.
 
@@ -137,11 +146,7 @@ def run_all(task: Task, splits: list[dict[str, list[int]]], config: RunConfig, i
             say(f"split {split_no}/{len(splits)} {name:9s} test SRCC {run['srcc']:.4f} PLCC {run['plcc']:.4f} "
                 f"(best epoch {run['best_epoch']}, {run['seconds']:.1f} s)", info.main and not config.quiet)
     if kept and info.main:
-        def mean_val(n: str) -> float:
-            vals = [r["val_srcc"][r["best_epoch"]] for r in outcome.runs if r["variant"] == n]
-            return sum(vals) / len(vals)
-
-        best = max(kept, key=mean_val)
+        best = _best_by_validation(outcome, list(kept))
         outcome.merge = _merge_check(kept[best], best, splits[0], task, config, info)
     outcome.seconds = time.perf_counter() - start
     return outcome

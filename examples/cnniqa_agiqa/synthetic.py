@@ -3,25 +3,25 @@
 Two procedural domains, deterministic by seed:
 
 source ("natural"): 1/f fractal textures in a random palette with a few
-    soft-edged blobs, distorted by Gaussian blur, Gaussian noise and 4x4
+    soft-edged blobs, distorted by Gaussian blur, white noise and 4x4
     blocking. CNNIQA is pretrained here (the stand-in for KonIQ-10k).
-target ("rendered"): smooth colour gradients with flat, hard-edged shapes and
+target ("rendered"): saturated colour ramps with hard-edged shapes and
     stripes (an illustration-like style, the stand-in for AI-generated images),
-    distorted by colour cast, contrast loss, ringing (ideal low-pass, Gibbs
-    overshoot) and posterization. The variants adapt to this domain.
+    distorted by blur and noise (weighted differently than in the source) and
+    by contrast loss, colour cast and posterization (new to the model).
+    The variants adapt to this domain.
 
 Every image gets each of its domain's distortions with probability 0.6, at a
-severity s uniform in [0, 1]. Its score is
+severity s uniform in (0, 1]. Its score is
 
     MOS = clip(5 * exp(-sum_k w_k * s_k) + N(0, 0.15^2), 0, 5)
 
-with weights w = blur 1.0, noise 1.0, blocking 1.0 (source) and colour cast
-1.2, contrast 0.8, ringing 1.0, posterize 1.0 (target); N is rating noise.
-Severity to parameter: blur sigma = 2 s px; noise std = 0.12 s; blocking
-blend = s; colour cast = blend 0.6 s toward a random tint; contrast factor
-= 1 - 0.7 s; ringing cutoff = 0.5 - 0.4 s cycles/px; posterize levels =
-round(24 - 21 s). Several versions of each scene (the "prompt") are made, and
-splits group by scene. Images are 64 x 64 by default, stored as uint8.
+with the weights w of WEIGHTS; N is rating noise. Severity to parameter: blur
+sigma = 2 s px; noise std = 0.12 s; blocking blend = s; contrast factor
+= 1 - 0.7 s; colour cast = blend 0.6 s toward a random tint; posterize levels
+= round(24 - 21 s); ringing (available, unused by default) = ideal low-pass at
+0.5 - 0.4 s cycles/px. Several versions of each scene (the "prompt") are made,
+and splits group by scene. Images are stored as uint8.
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SyntheticSet", "make_domain", "WEIGHTS", "RATING_NOISE"]
+__all__ = ["SyntheticSet", "make_domain", "WEIGHTS", "RATING_NOISE", "DISTORTIONS", "GENERATOR_VERSION"]
 
 WEIGHTS = {
     "source": {"blur": 1.0, "noise": 1.0, "blocking": 1.0},
     "target": {"blur": 1.0, "noise": 0.3, "contrast": 1.0, "posterize": 0.8, "color": 0.6},
 }
+GENERATOR_VERSION = 1  # bump when the images or scores change, so cached source models are retrained
 RATING_NOISE = 0.15  # std of the simulated rating noise, MOS units
 P_PRESENT = 0.6  # probability that each distortion is applied to an image
 

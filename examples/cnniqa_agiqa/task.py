@@ -52,8 +52,9 @@ class Task:
 
 def _fingerprint(config: RunConfig) -> dict[str, object]:
     """The options that determine the pretrained source model."""
-    keys = ("seed", "source_scenes", "versions", "image_size", "pretrain_epochs", "crop", "batch_size")
-    return {k: getattr(config, k) for k in keys}
+    keys = ("seed", "source_scenes", "versions", "image_size", "pretrain_epochs", "crop", "eval_crop",
+            "batch_size", "weight_decay")
+    return {"generator": synthetic.GENERATOR_VERSION, **{k: getattr(config, k) for k in keys}}
 
 
 def _pretrain_source(config: RunConfig, info: DistInfo, show: bool) -> dict[str, torch.Tensor]:
