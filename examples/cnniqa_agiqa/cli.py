@@ -131,6 +131,24 @@ def _report(task: Task, config: RunConfig, outcome) -> None:
     print(f"wrote {', '.join(p.name for p in written)} to {config.out} ({outcome.seconds:.0f} s of training)")
 
 
+def _run(config: RunConfig, info: DistInfo) -> None:
+    """Load and check the data, draw the splits, run every variant, report (rank 0)."""
+    start = time.perf_counter()
+    task = load_task(config, info)
+    needs = [v for v in config.variants if VARIANTS[v].pretrained]
+    if task.pretrained is None and needs:
+        raise ValueError(f"variants {needs} start from pretrained weights: pass --pretrained "
+                         "CNNIQA_koniq10k-e6f14c91.pth (README.md) or use --variants scratch")
+    chosen = _splits(task, config, info)
+    say(f"{task.name}: {len(task.names)} images, {len(set(task.groups))} prompts, {len(chosen)} split(s), "
+        f"variants {', '.join(config.variants)}, {info.world} process(es) on {info.device}",
+        info.main and not config.quiet)
+    outcome = run_all(task, chosen, config, info)
+    if info.main:
+        _report(task, config, outcome)
+        say(f"total {time.perf_counter() - start:.0f} s", not config.quiet)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the example.
 
@@ -140,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         0 on success, 2 on a usage or data error (message on stderr).
     """
-    start = time.perf_counter()
+    threads = torch.get_num_threads()  # restored at the end, for callers that run main() in-process
     try:
         config = parse_config(argv)
         if config.threads > 0:
@@ -150,22 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
-        task = load_task(config, info)
-        needs = [v for v in config.variants if VARIANTS[v].pretrained]
-        if task.pretrained is None and needs:
-            raise ValueError(f"variants {needs} start from pretrained weights: pass --pretrained "
-                             "CNNIQA_koniq10k-e6f14c91.pth (README.md) or use --variants scratch")
-        chosen = _splits(task, config, info)
-        say(f"{task.name}: {len(task.names)} images, {len(set(task.groups))} prompts, {len(chosen)} split(s), "
-            f"variants {', '.join(config.variants)}, {info.world} process(es) on {info.device}",
-            info.main and not config.quiet)
-        outcome = run_all(task, chosen, config, info)
-        if info.main:
-            _report(task, config, outcome)
-            say(f"total {time.perf_counter() - start:.0f} s", not config.quiet)
+        _run(config, info)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         teardown(info)
+        torch.set_num_threads(threads)
     return 0

@@ -77,25 +77,29 @@ def _pretrain_source(config: RunConfig, info: DistInfo, show: bool) -> dict[str,
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def _source_model(config: RunConfig, info: DistInfo) -> dict[str, torch.Tensor]:
-    """Load the cached source model if it matches the options, else pretrain and cache it."""
+def _cache_matches(path: Path, fingerprint: str) -> bool:
+    """True if `path` is a cached source model made with the same options."""
     from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    with safe_open(str(path), "pt") as handle:
+        return (handle.metadata() or {}).get("fingerprint") == fingerprint
+
+
+def _source_model(config: RunConfig, info: DistInfo) -> dict[str, torch.Tensor]:
+    """Load the cached source model if it matches the options, else pretrain and cache it (rank 0)."""
     from safetensors.torch import load_file
 
     path = Path(config.out) / SOURCE_CACHE
     wanted = json.dumps(_fingerprint(config), sort_keys=True)
-    cached = False
-    if path.is_file():
-        with safe_open(str(path), "pt") as handle:
-            cached = (handle.metadata() or {}).get("fingerprint") == wanted
-    if not cached and info.main:
-        state = _pretrain_source(config, info, show=not config.quiet)
+    if info.main and _cache_matches(path, wanted):
+        say(f"reusing the pretrained source model {path}", not config.quiet)
+    elif info.main:
         model = CNNIQA()
-        model.load_state_dict(state)
+        model.load_state_dict(_pretrain_source(config, info, show=not config.quiet))
         save_plain(model, path, metadata={"fingerprint": wanted, "data": "synthetic source domain"})
-    elif cached:
-        say(f"reusing the pretrained source model {path}", info.main and not config.quiet)
-    barrier(info)
+    barrier(info)  # the other ranks read the file rank 0 has written
     return load_file(str(path))
 
 
