@@ -161,13 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()  # restored at the end, for callers that run main() in-process
     try:
         config = parse_config(argv)
-        if config.threads > 0:
-            torch.set_num_threads(config.threads)
         info = setup(config.device)
     except (ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
+        if config.threads > 0:
+            torch.set_num_threads(config.threads)
         _run(config, info)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
