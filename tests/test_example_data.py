@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -123,9 +124,37 @@ def test_splits_group_by_prompt_and_are_seeded(tmp_path):
         assert [len(p) for p in parts] == [18, 6, 6]
     names = [f"img{i}.jpg" for i in range(300)]
     splits.save_splits(tmp_path / "s.json", drawn, names, seed=3)
-    assert splits.load_splits(tmp_path / "s.json", 300) == drawn
+    assert splits.load_splits(tmp_path / "s.json", groups) == drawn
     with pytest.raises(ValueError, match="outside 0..99"):
-        splits.load_splits(tmp_path / "s.json", 100)
+        splits.load_splits(tmp_path / "s.json", groups[:100])
+    with pytest.raises(ValueError, match="prompts in two parts"):
+        splits.load_splits(tmp_path / "s.json", [f"p{i % 7}" for i in range(300)])
+
+
+def test_published_train_val_layout_becomes_train_val_test(tmp_path):
+    groups = [f"prompt{i // 10}" for i in range(200)]
+    train = [i for i in range(200) if (i // 10) % 5]  # 16 prompts
+    val = [i for i in range(200) if (i // 10) % 5 == 0]  # 4 prompts
+    (tmp_path / "pub.json").write_text(json.dumps({"source": "x", "splits": {"2": {"train": train, "val": val},
+                                                                               "1": {"train": train, "val": val}}}))
+    loaded = splits.load_splits(tmp_path / "pub.json", groups, (0.6, 0.2, 0.2), seed=1)
+    assert len(loaded) == 2
+    for split in loaded:
+        assert split["test"] == val
+        assert sorted(split["train"] + split["val"]) == train
+        assert len({groups[i] for i in split["val"]}) == 4  # 0.2 / (0.6 + 0.2) of 16 prompts
+    with pytest.raises(ValueError, match="neither a splits.json"):
+        (tmp_path / "bad.json").write_text(json.dumps({"splits": {"1": {"train": [0]}}}))
+        splits.load_splits(tmp_path / "bad.json", groups)
+
+
+@pytest.mark.skipif(not (REAL_CSV.parent / "AGIQA-3K_splits_from_pkl.json").is_file() or not REAL_CSV.is_file(),
+                    reason="the published AGIQA-3K splits are not present")
+def test_real_published_splits_load_and_group_by_prompt():
+    groups = [r.group for r in agiqa.read_csv(REAL_CSV)]
+    loaded = splits.load_splits(REAL_CSV.parent / "AGIQA-3K_splits_from_pkl.json", groups)
+    assert len(loaded) == 10
+    assert all(len(s["train"]) + len(s["val"]) + len(s["test"]) == 2982 for s in loaded)
 
 
 def test_split_argument_errors():

@@ -171,3 +171,17 @@ def test_errors_before_training(tmp_path, capsys, setup, extra, message):
 def test_cuda_without_a_gpu_says_so(tmp_path, capsys):
     assert main(["--quick", "--device", "cuda", "--out", str(tmp_path)]) == 2
     assert "sees no CUDA device" in capsys.readouterr().err
+
+
+def test_published_split_file_is_used(tmp_path, capsys):
+    names = _write_agiqa(tmp_path / "agiqa")  # 6 prompts x 3 images, rows in prompt order
+    published = {"splits": {"1": {"train": list(range(12)), "val": list(range(12, 18))}}}
+    (tmp_path / "published.json").write_text(json.dumps(published))
+    torch.save({"params": CNNIQA().state_dict()}, tmp_path / "w.pth")
+    argv = ["--data-root", str(tmp_path / "agiqa"), "--pretrained", str(tmp_path / "w.pth"), "--out",
+            str(tmp_path / "out"), "--split-file", str(tmp_path / "published.json"), "--variants", "zero-shot",
+            "--quiet", "--no-plots"]
+    assert main(argv) == 0
+    stored = json.loads((tmp_path / "out" / "splits.json").read_text())["splits"]
+    assert len(stored) == 1 and stored[0]["test"]["names"] == names[12:]
+    assert sorted(stored[0]["train"]["indices"] + stored[0]["val"]["indices"]) == list(range(12))

@@ -50,7 +50,8 @@ def parser() -> argparse.ArgumentParser:
     a("--variants", default="all", help=f"'all' or a comma list of: {', '.join(VARIANTS)} (default all)")
     a("--splits", type=int, help="random prompt-grouped splits " + _defaults("splits"))
     a("--split-ratios", default="0.6,0.2,0.2", help="fractions of prompts for train,val,test (default 0.6,0.2,0.2)")
-    a("--split-file", help="reuse the splits.json of an earlier run instead of drawing new ones")
+    a("--split-file", help="use these splits: an earlier run's splits.json, or a published "
+      "{'splits': {'1': {'train', 'val'}}} file (its val part becomes test; val is drawn from its train part)")
     a("--seed", type=int, default=0, help="seed of splits, init, crops, dropout and synthetic data (default 0)")
     a("--epochs", type=int, help="epochs per variant and split " + _defaults("epochs"))
     a("--batch-size", type=int, help="batch size per process " + _defaults("batch_size"))
@@ -104,7 +105,7 @@ def parse_config(argv: list[str] | None) -> RunConfig:
 def _splits(task: Task, config: RunConfig, info: DistInfo) -> list[dict[str, list[int]]]:
     """Load or draw the splits, and write them to OUT/splits.json."""
     if config.split_file:
-        chosen = splitting.load_splits(config.split_file, len(task.names))
+        chosen = splitting.load_splits(config.split_file, task.groups, config.split_ratios, config.seed)
     else:
         chosen = splitting.make_splits(task.groups, config.splits, config.split_ratios, config.seed)
     if info.main:

@@ -97,26 +97,69 @@ def save_splits(path: str | Path, splits: list[dict[str, list[int]]], names: lis
     Path(path).write_text(json.dumps(payload, indent=1))
 
 
-def load_splits(path: str | Path, n_records: int) -> list[dict[str, list[int]]]:
-    """Read splits written by `save_splits`.
+def _carve_val(train: list[int], groups: list[str], fraction: float, rng: np.random.Generator) -> tuple[list[int], list[int]]:
+    """Move a random `fraction` of the prompts of `train` to a new val part."""
+    prompts = sorted({groups[i] for i in train})
+    count = min(max(1, int(round(fraction * len(prompts)))), len(prompts) - 1)
+    chosen = {prompts[k] for k in rng.permutation(len(prompts))[:count]}
+    return [i for i in train if groups[i] not in chosen], [i for i in train if groups[i] in chosen]
+
+
+def _published(payload: dict, groups: list[str], ratios: tuple[float, float, float], seed: int) -> list[dict[str, list[int]]]:
+    """Splits of the published {"splits": {"1": {"train": [...], "val": [...]}}} layout.
+
+    Its "val" part becomes our test part; our val part is carved, by prompt, out of its train part.
+    """
+    rng = np.random.default_rng(seed)
+    out = []
+    for key in sorted(payload["splits"], key=lambda k: int(k)):
+        part = payload["splits"][key]
+        train, val = _carve_val([int(i) for i in part["train"]], groups, ratios[1] / (ratios[0] + ratios[1]), rng)
+        out.append({"train": train, "val": val, "test": [int(i) for i in part["val"]]})
+    return out
+
+
+def load_splits(path: str | Path, groups: list[str], ratios: tuple[float, float, float] = (0.6, 0.2, 0.2),
+                seed: int = 0) -> list[dict[str, list[int]]]:
+    """Read splits written by `save_splits`, or a published train/val split file.
+
+    A published file ({"splits": {"1": {"train": [row, ...], "val": [row, ...]}, ...}}, e.g. the
+    10 AGIQA-3K splits used in the literature) has no test part: its val part is used as test,
+    and val is drawn by prompt from its train part (val/(train+val) of `ratios`, seeded).
 
     Args:
         path: a splits JSON file.
-        n_records: number of dataset records, to range-check the indices.
+        groups: the prompt of every record (also gives the number of records).
+        ratios: train/val/test fractions, for carving val out of a published train part.
+        seed: seeds that carving.
 
     Returns:
         The list of splits.
 
     Raises:
-        ValueError: malformed file or indices out of range.
+        ValueError: malformed file, indices out of range, or a prompt in two parts.
     """
     payload = json.loads(Path(path).read_text())
     try:
-        splits = [{p: [int(i) for i in s[p]["indices"]] for p in PARTS} for s in payload["splits"]]
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is not a splits file written by this example (missing {exc})") from None
+        if isinstance(payload.get("splits"), dict):
+            splits = _published(payload, groups, ratios, seed)
+        else:
+            splits = [{p: [int(i) for i in s[p]["indices"]] for p in PARTS} for s in payload["splits"]]
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise ValueError(f"{path} is neither a splits.json of this example nor a published "
+                         f"{{'splits': {{'1': {{'train', 'val'}}}}}} file ({type(exc).__name__}: {exc})") from None
     for s in splits:
-        bad = [i for p in PARTS for i in s[p] if not 0 <= i < n_records]
-        if bad:
-            raise ValueError(f"{path} has indices {bad[:5]} outside 0..{n_records - 1}; was it made for another dataset?")
+        _check_split(s, groups, path)
     return splits
+
+
+def _check_split(split: dict[str, list[int]], groups: list[str], path: str | Path) -> None:
+    """Raise if an index is out of range or a prompt appears in two parts."""
+    bad = [i for p in PARTS for i in split[p] if not 0 <= i < len(groups)]
+    if bad:
+        raise ValueError(f"{path} has indices {bad[:5]} outside 0..{len(groups) - 1}; was it made for another dataset?")
+    parts = [{groups[i] for i in split[p]} for p in PARTS]
+    shared = (parts[0] & parts[1]) | (parts[0] & parts[2]) | (parts[1] & parts[2])
+    if shared:
+        raise ValueError(f"{path} puts {len(shared)} prompts in two parts (e.g. {sorted(shared)[0]!r}); "
+                         "splits must group by prompt")
