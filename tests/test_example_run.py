@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,12 +100,19 @@ def test_merged_file_is_a_plain_cnniqa(synthetic_run):
     assert list(model.state_dict()) == list(CNNIQA().state_dict())
 
 
-def test_second_run_reuses_the_source_model(synthetic_run, capsys):
-    out, done = synthetic_run
+def _copy_cache(out: Path, tmp_path: Path) -> Path:
+    """A fresh output folder holding only the run's cached source model."""
+    shutil.copy(out / "source_cnniqa.safetensors", tmp_path / "source_cnniqa.safetensors")
+    return tmp_path
+
+
+def test_second_run_reuses_the_source_model(synthetic_run, tmp_path, capsys):
+    out, _ = synthetic_run
     first = json.loads((out / "results.json").read_text())
-    assert main(["--quick", "--out", str(out), "--variants", "zero-shot", *TINY]) == 0
+    again_out = _copy_cache(out, tmp_path)
+    assert main(["--quick", "--out", str(again_out), "--variants", "zero-shot", *TINY]) == 0
     assert "reusing the pretrained source model" in capsys.readouterr().err
-    again = json.loads((out / "results.json").read_text())
+    again = json.loads((again_out / "results.json").read_text())
     zero = [r for r in first["runs"] if r["variant"] == "zero-shot"]
     assert [r["srcc"] for r in again["runs"]] == [r["srcc"] for r in zero]
 
@@ -185,3 +193,22 @@ def test_published_split_file_is_used(tmp_path, capsys):
     stored = json.loads((tmp_path / "out" / "splits.json").read_text())["splits"]
     assert len(stored) == 1 and stored[0]["test"]["names"] == names[12:]
     assert sorted(stored[0]["train"]["indices"] + stored[0]["val"]["indices"]) == list(range(12))
+
+
+def test_without_tqdm_a_plain_progress_line_is_printed(monkeypatch, capsys):
+    from examples.cnniqa_agiqa.progress import progress
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails as if tqdm were absent
+    assert list(progress(range(20), "work")) == list(range(20))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1].startswith("work: 20/20") and 2 <= len(lines) <= 11
+    assert list(progress(range(3), "silent", enabled=False)) == [0, 1, 2]
+    assert capsys.readouterr().err == ""
+
+
+def test_without_matplotlib_plots_are_skipped_with_a_message(synthetic_run, monkeypatch, tmp_path, capsys):
+    out = _copy_cache(synthetic_run[0], tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    argv = ["--quick", "--out", str(out), "--variants", "zero-shot", "--quiet", *TINY]
+    assert main(argv) == 0
+    assert "matplotlib is not installed: plots skipped" in capsys.readouterr().out
