@@ -212,3 +212,10 @@ def test_without_matplotlib_plots_are_skipped_with_a_message(synthetic_run, monk
     argv = ["--quick", "--out", str(out), "--variants", "zero-shot", "--quiet", *TINY]
     assert main(argv) == 0
     assert "matplotlib is not installed: plots skipped" in capsys.readouterr().out
+
+
+def test_divergence_is_reported_with_the_fix(synthetic_run, tmp_path, capsys):
+    out = _copy_cache(synthetic_run[0], tmp_path)
+    argv = ["--quick", "--out", str(out), "--variants", "full", "--lr-full", "1e12", "--quiet", *TINY]
+    assert main(argv) == 2
+    assert "training diverged" in capsys.readouterr().err

@@ -90,6 +90,15 @@ def _train_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, dev
     return total / max(count, 1)
 
 
+def _val_srcc(model: nn.Module, loader: DataLoader, device: torch.device, desc: str, epoch: int) -> float:
+    """Validation SRCC, with a clear error when training has diverged."""
+    pred, target = predict(model, loader, device)
+    if not np.isfinite(pred).all():
+        raise ValueError(f"{desc}: non-finite predictions after epoch {epoch} (training diverged); "
+                         "lower this variant's learning rate")
+    return srcc(pred, target)
+
+
 def _wrap(model: nn.Module, info: DistInfo) -> nn.Module:
     """DDP around the model when running on several processes."""
     if not info.active:
@@ -122,7 +131,7 @@ def fit(model: nn.Module, params: list[nn.Parameter], lr: float, epochs: int, tr
         The validation curve, kept epoch and time.
     """
     start = time.perf_counter()
-    result = TrainResult(val_srcc=[srcc(*predict(model, val_loader, info.device))])
+    result = TrainResult(val_srcc=[_val_srcc(model, val_loader, info.device, desc, 0)])
     if not params or epochs == 0:
         result.seconds = time.perf_counter() - start
         return result
@@ -135,7 +144,7 @@ def fit(model: nn.Module, params: list[nn.Parameter], lr: float, epochs: int, tr
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         _train_epoch(runner, train_loader, optimizer, scheduler, info.device)
-        result.val_srcc.append(srcc(*predict(model, val_loader, info.device)))
+        result.val_srcc.append(_val_srcc(model, val_loader, info.device, desc, epoch))
         if select == "last" or result.val_srcc[-1] > result.val_srcc[result.best_epoch]:
             result.best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)
