@@ -127,7 +127,8 @@ def _write_agiqa(root: Path, prompts: int = 6, per_prompt: int = 3, size: int = 
     for p in range(prompts):
         for k in range(per_prompt):
             name = f"model{k}_normal_{p:03d}.jpg"
-            Image.fromarray(rng.integers(0, 256, (size, size + 8, 3), dtype=np.uint8)).save(root / name)
+            width = size + 8 * (p % 3)  # unequal sizes: whole-image evaluation must not batch them
+            Image.fromarray(rng.integers(0, 256, (size, width, 3), dtype=np.uint8)).save(root / name)
             rows.append([name, f"prompt {p}, oil painting", "", "", "", f"{rng.uniform(0, 5):.5f}", "0.3",
                          f"{rng.uniform(0, 5):.5f}", "0.3"])
     with (root / "data.csv").open("w", newline="") as handle:
