@@ -144,7 +144,8 @@ def test_agiqa_format_run_with_iqa_pytorch_weights(tmp_path, capsys):
     torch.save({"params": CNNIQA().state_dict()}, tmp_path / "CNNIQA_koniq10k.pth")
     argv = ["--data-root", str(tmp_path / "agiqa"), "--pretrained", str(tmp_path / "CNNIQA_koniq10k.pth"),
             "--out", str(tmp_path / "out"), "--variants", "zero-shot,head,svd-fc", "--splits", "2",
-            "--epochs", "1", "--crop", "24", "--batch-size", "4", "--target", "align", "--quiet", "--no-plots"]
+            "--epochs", "1", "--crop", "24", "--batch-size", "4", "--target", "align", "--resize", "36",
+            "--quiet", "--no-plots"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "AGIQA-3K mos_align" in printed and "SYNTHETIC" not in printed
