@@ -85,6 +85,8 @@ def _run_one(name: str, split_no: int, split: dict[str, list[int]], task: Task, 
     seed = config.seed * 1000 + split_no
     model, params, lr = build(VARIANTS[name], task.pretrained, config, seed)
     model.to(info.device)
+    if split_no == 1 and VARIANTS[name].trains == "svd":
+        say(f"{name}: what svdtune trains\n{svdtune.report(model)}", info.main and not config.quiet)
     torch.manual_seed(seed * 31 + info.rank)  # crops and dropout differ per rank, repeat per run
     train_loader, val_loader, test_loader = _loaders(task, split, config, info, seed)
     epochs = config.epochs if params else 0
