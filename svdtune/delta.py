@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -143,6 +144,25 @@ def fingerprint_mismatch(expected: Fingerprint, weight: Tensor, top_sigma) -> st
     if sigma.shape == recorded.shape and bool(((sigma - recorded).abs() <= 4 * eps * recorded[0]).all()):
         return None
     return f"{reason}, and its top singular values differ beyond {expected.dtype}->{now} rounding"
+
+
+def check_base(name: str, expected: Fingerprint, weight: Tensor, sigma: Tensor, strict: bool, use: str, action: str) -> None:
+    """Raise (strict) or warn if ``weight`` is not the base weight the layer's delta was trained on.
+
+    Args:
+        name: the layer, for the message.
+        expected: the fingerprint recorded in the delta file.
+        weight: the candidate base weight; ``sigma`` its descending singular values.
+        strict: raise SvdtuneError; else warn and go on.
+        use: what to do instead, e.g. "load the delta into the base model it was trained on".
+        action: what strict=False goes on with, e.g. "loading".
+    """
+    reason = fingerprint_mismatch(expected, weight, lambda: sigma)
+    if reason is None:
+        return
+    if strict:
+        raise SvdtuneError(f"layer {name!r}: {reason}; {use}, or pass strict=False to go on anyway.")
+    warnings.warn(f"layer {name!r}: {reason}; {action} anyway (strict=False).", UserWarning, stacklevel=4)
 
 
 def _eps(dtype_name: str) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 from svdtune.cache import decompose_cached
 from svdtune.config import SpectralConfig
 from svdtune.decompose import SUPPORTED_TYPES, Decomposition
-from svdtune.delta import DeltaFile, LayerDelta, fingerprint, fingerprint_mismatch, read_delta
+from svdtune.delta import DeltaFile, LayerDelta, check_base, fingerprint, read_delta
 from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, spectrum_shift
 from svdtune.offline import warn_if_basis_dependent
@@ -191,12 +190,8 @@ def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool)
         record, layer = delta.layers[name], step.layer
         weight = layer._parameters["weight"]
         factors = step.factors if step.factors is not None else layer._factors()
-        reason = fingerprint_mismatch(record.fingerprint, weight, lambda: factors.sigma)
-        if reason is not None and strict:
-            raise SvdtuneError(f"layer {name!r}: {reason}; load the delta into the base model it was trained on, "
-                               "or pass strict=False to load it anyway.")
-        if reason is not None:
-            warnings.warn(f"layer {name!r}: {reason}; loading anyway (strict=False).", UserWarning, stacklevel=3)
+        check_base(name, record.fingerprint, weight, factors.sigma, strict,
+                   "load the delta into the base model it was trained on", "loading")
         with torch.no_grad():
             shift = spectrum_shift(factors.sigma, record.delta.to(factors.sigma), record.scale, record.mode)
         warn_if_basis_dependent(name, factors.sigma, shift, None)

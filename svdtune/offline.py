@@ -22,7 +22,7 @@ from torch import Tensor
 
 from svdtune import container
 from svdtune.decompose import decompose
-from svdtune.delta import DeltaFile, LayerDelta, fingerprint_mismatch, read_delta
+from svdtune.delta import DeltaFile, LayerDelta, check_base, read_delta
 from svdtune.errors import SvdtuneError
 from svdtune.layers import merged_weight, spectrum_shift
 
@@ -148,12 +148,8 @@ def _merged_weight(name: str, weight: Tensor, layer: LayerDelta, scale: float, s
         factors = decompose(weight, None)  # all singular values: the one after the top k is checked too
     except SvdtuneError as error:
         raise SvdtuneError(f"layer {name!r}: {error}") from None
-    reason = fingerprint_mismatch(layer.fingerprint, weight, lambda: factors.sigma)
-    if reason is not None and strict:
-        raise SvdtuneError(f"layer {name!r}: {reason}; use the base checkpoint the delta was trained on, "
-                           "or pass strict=False (--force) to merge anyway.")
-    if reason is not None:
-        warnings.warn(f"layer {name!r}: {reason}; merging anyway.", UserWarning, stacklevel=3)
+    check_base(name, layer.fingerprint, weight, factors.sigma, strict,
+               "use the base checkpoint the delta was trained on (or --force on the command line)", "merging")
     k, sigma = layer.rank, factors.sigma
     shift = spectrum_shift(sigma[:k], layer.delta.to(sigma.dtype), layer.scale * scale, layer.mode)
     warn_if_basis_dependent(name, sigma[:k], shift, float(sigma[k]) if k < sigma.numel() else None)

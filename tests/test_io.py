@@ -15,8 +15,8 @@ from torch import nn
 
 import svdtune
 from svdtune import container
-from svdtune.layers import DELTA
 from svdtune.model import adapted_layers
+from tests.conftest import randomize_deltas
 
 
 class Head(nn.Module):
@@ -38,11 +38,7 @@ def small(seed: int = 0) -> nn.Module:
 def trained(model: nn.Module, targets=("0", "3", "5"), seed: int = 1, **kwargs) -> nn.Module:
     """The model adapted, with random (as if trained) deltas."""
     svdtune.apply(model, list(targets), **kwargs)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in adapted_layers(model):
-            delta = layer._parameters[DELTA]
-            delta.copy_(0.3 * torch.randn(delta.shape, generator=generator))
+    randomize_deltas(model, seed=seed)
     return model
 
 

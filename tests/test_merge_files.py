@@ -11,8 +11,7 @@ import torch
 from torch import nn
 
 import svdtune
-from svdtune.layers import DELTA
-from svdtune.model import adapted_layers
+from tests.conftest import randomize_deltas
 
 TARGETS = ["0", "3", "5"]
 
@@ -23,11 +22,7 @@ def small(seed: int = 0) -> nn.Module:
 
 
 def randomize(model: nn.Module, seed: int) -> nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in adapted_layers(model):
-            delta = layer._parameters[DELTA]
-            delta.copy_(0.3 * torch.randn(delta.shape, generator=generator))
+    randomize_deltas(model, seed=seed)
     return model
 
 
