@@ -104,7 +104,7 @@ def _wrap(model: nn.Module, info: DistInfo) -> nn.Module:
     if not info.active:
         return model
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    return DistributedDataParallel(model, device_ids=ids)  # CNNIQA and svdtune layers hold no buffers
 
 
 def fit(model: nn.Module, params: list[nn.Parameter], lr: float, epochs: int, train_loader: DataLoader,
