@@ -11,6 +11,7 @@ Forms:
   svdtune     svdtune.apply(rank=None): the path chosen per layer and batch
   svdtune-r16 svdtune.apply(rank=16)
   floor       frozen base, gradients w.r.t. activations only (no trainable weight)
+Then one conv case shaped like CNNIQA's conv1: full fine-tuning of the conv against svdtune on it.
 
 Run: python benchmarks/train_step.py [--quick] [--device cuda] [--dtype bfloat16]
 """
@@ -73,6 +74,27 @@ def replace_linears(model: nn.Sequential, cls) -> nn.Sequential:
         if isinstance(layer, nn.Linear):
             model[i] = cls(layer)
     return model
+
+
+class ConvNet(nn.Module):
+    """CNNIQA's shape: conv1 (50 x 147 as a matrix) on large activations, pooled, then a small head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 50, 7)
+        self.fc = nn.Linear(100, 1)
+
+    def forward(self, x):
+        h = self.conv1(x)
+        return self.fc(torch.cat([h.amax(dim=(2, 3)), h.amin(dim=(2, 3))], dim=1))
+
+
+def conv_forms(device, dtype) -> dict[str, nn.Module]:
+    """Full fine-tuning of conv1 against svdtune on conv1 (the head frozen in both)."""
+    base = ConvNet().to(device=device, dtype=dtype)
+    full = copy.deepcopy(base)
+    full.fc.requires_grad_(False)
+    return {"full": full, "svdtune": svdtune.apply(copy.deepcopy(base), targets=["conv1"])}
 
 
 def build_forms(base: nn.Sequential, quick: bool) -> dict[str, nn.Module]:
@@ -154,6 +176,11 @@ def main() -> None:
         print(f"{width:>6} {batch:>6} {1e3 * result['full']:>9.2f}  " + "  ".join(f"{r:>10.2f}x" for r in row.values()))
     geomean = {n: math.exp(statistics.mean(map(math.log, r))) for n, r in ratios.items()}
     print(f"{'geomean':>13} {'1.00x':>9}  " + "  ".join(f"{g:>10.2f}x" for g in geomean.values()))
+    x = torch.rand(16 if args.quick else 32, 3, 112, 112, device=device, dtype=dtype)
+    y = torch.rand(x.shape[0], 1, device=device, dtype=dtype)
+    result = measure({n: step_fn(m, x, y) for n, m in conv_forms(device, dtype).items()}, device, repeats, inner)
+    print(f"conv1 3->50 k7 on {tuple(x.shape)}: full {1e3 * result['full']:.2f} ms, "
+          f"svdtune (W' rebuilt each step) {result['svdtune'] / result['full']:.2f}x")
 
 
 if __name__ == "__main__":
