@@ -112,6 +112,17 @@ def test_unreadable_images_counted_and_listed(tmp_path):
     assert len(agiqa.load_agiqa(tmp_path, decode=False)) == 8
 
 
+def test_truncated_jpeg_is_caught_before_training(tmp_path):
+    """A JPEG cut short passes Image.verify() but cannot be decoded: the check must decode the pixels."""
+    names = write_agiqa(tmp_path, per_prompt=2)
+    for name in (names[1], names[5]):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"2 of 8 images .*cannot be decoded: " + names[1].replace(".", r"\.")
+                       + ", " + names[5].replace(".", r"\.") + r" \(first: image file is truncated"):
+        agiqa.load_agiqa(tmp_path)
+
+
 def test_splits_group_by_prompt_and_are_seeded(tmp_path):
     groups = [f"prompt{i // 10}" for i in range(300)]
     drawn = splits.make_splits(groups, 5, (0.6, 0.2, 0.2), seed=3)

@@ -159,6 +159,7 @@ def test_agiqa_format_run_with_iqa_pytorch_weights(tmp_path, capsys):
     [
         ("none", [], "is not a folder"),
         ("missing-image", ["--pretrained", "PTH"], "1 of 18 images listed in data.csv are missing"),
+        ("truncated-image", ["--pretrained", "PTH"], "1 of 18 images in"),
         ("ok", [], "pass --pretrained"),
         ("ok", ["--pretrained", "PTH", "--variants", "svd"], "unknown variants"),
     ],
@@ -169,6 +170,9 @@ def test_errors_before_training(tmp_path, capsys, setup, extra, message):
         names = _write_agiqa(root)
         if setup == "missing-image":
             (root / names[4]).unlink()
+        if setup == "truncated-image":  # passes Image.verify(), fails when decoded
+            data = (root / names[4]).read_bytes()
+            (root / names[4]).write_bytes(data[: len(data) // 2])
     torch.save({"params": CNNIQA().state_dict()}, tmp_path / "w.pth")
     extra = [str(tmp_path / "w.pth") if e == "PTH" else e for e in extra]
     assert main(["--data-root", str(root), "--out", str(tmp_path / "out"), "--quiet", *extra]) == 2

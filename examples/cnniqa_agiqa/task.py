@@ -117,7 +117,7 @@ def _synthetic_task(config: RunConfig, info: DistInfo) -> Task:
 
 def _agiqa_task(config: RunConfig) -> Task:
     """AGIQA-3K from --data-root, validated before anything trains."""
-    records = agiqa.load_agiqa(config.data_root, config.target)
+    records = agiqa.load_agiqa(config.data_root, config.target, show=not config.quiet)
     pretrained = None
     if config.pretrained:
         pretrained = load_pretrained(CNNIQA(), config.pretrained).state_dict()
