@@ -66,6 +66,7 @@ class SpectralState:
     weight_stamp: tuple[int, int]  # (id, _version) of the base weight when it was decomposed
     cache_dir: str | None = None  # where decompositions are cached on disk (see svdtune.cache)
     cache_key: tuple | None = None
+    cached_version: int = 0  # cached_weight._version when it was built
     cached_weight: Tensor | None = field(default=None, repr=False)
 
 
@@ -144,11 +145,12 @@ class SpectralLayer(nn.Module):
             delta._version, delta.data_ptr(), base._version, base.data_ptr(),
             base.dtype, base.device, state.config, torch.is_inference_mode_enabled(),
         )
-        if state.cache_key != key or state.cached_weight is None:
-            with torch.no_grad():
-                state.cached_weight = self.adapted_weight()
-            state.cache_key = key
-        return state.cached_weight
+        cached = state.cached_weight
+        if state.cache_key != key or cached is None or cached._version != state.cached_version:
+            with torch.no_grad():  # (re)build; also when someone wrote into the cached tensor
+                state.cached_weight = cached = self.adapted_weight()
+            state.cache_key, state.cached_version = key, cached._version
+        return cached
 
     def _clear_cache(self) -> None:
         self._spectral.cache_key = None
@@ -177,10 +179,18 @@ class SpectralLayer(nn.Module):
                 return
         errors_before = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
-        if factors is not None and len(error_msgs) == errors_before:
-            state.factors = factors
-        state.weight_stamp = self._weight_stamp()
         self._clear_cache()
+        if len(error_msgs) == errors_before:  # else leave the stamp: the next forward re-decomposes if needed
+            state.factors = factors or state.factors
+            state.weight_stamp = self._weight_stamp()
+
+    def __getstate__(self):
+        self._factors()  # a copy or pickle gets factors of the weight it holds
+        return super().__getstate__()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._spectral.weight_stamp = self._weight_stamp()  # the copied weight is a new tensor
 
     def __reduce_ex__(self, protocol):
         # The Spectral<Class> type is built at run time and cannot be pickled by name:

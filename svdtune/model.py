@@ -76,6 +76,7 @@ def apply(
     free = _select_trainable(model, as_patterns(trainable, "trainable"), layers)
     for name, layer in layers.items():
         _check_adaptable(name, layer)
+    check_not_shared(model, layers)
     cache_dir = None if cache_dir is None else os.fspath(cache_dir)
     factors = {name: _decompose_named(name, layer, rank, cache_dir) for name, layer in layers.items()}
     # Nothing above changed the model; nothing below can fail.
@@ -129,6 +130,35 @@ def _check_adaptable(name: str, layer: nn.Module) -> None:
         )
     if isinstance(weight, nn.parameter.UninitializedParameter):
         raise SvdtuneError(f"layer {name!r} is lazy and not initialized yet; run one forward pass before apply.")
+    if weight.is_meta:
+        raise SvdtuneError(
+            f"layer {name!r} is on the meta device and has no values to decompose; "
+            "materialize and load the weights first (model.to_empty(device=...) and load_state_dict)."
+        )
+
+
+def check_not_shared(model: nn.Module, layers: dict[str, nn.Module]) -> None:
+    """Refuse a layer reachable under two names, or whose weight is tied to another parameter:
+    adapting it under one name would leave the other copy (and its checkpoint key) unadapted."""
+    module_names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        module_names.setdefault(id(module), []).append(name)
+    param_names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        param_names.setdefault(id(param), []).append(name)
+    for name, layer in layers.items():
+        others = [n for n in module_names.get(id(layer), []) if n != name]
+        if others:
+            raise SvdtuneError(
+                f"layer {name!r} is shared: the same module is also {others[0]!r}; svdtune cannot adapt one name "
+                "without the other: use separate modules, or exclude both names."
+            )
+        tied = [n for n in param_names.get(id(layer._parameters["weight"]), []) if n != f"{name}.weight"]
+        if tied:
+            raise SvdtuneError(
+                f"layer {name!r} has its weight tied to {tied[0]!r}; untie it first "
+                f"(e.g. {name}.weight = nn.Parameter({name}.weight.detach().clone())) or exclude the layer."
+            )
 
 
 def _decompose_named(name: str, layer: nn.Module, rank: int | None, cache_dir: str | None):
@@ -284,6 +314,8 @@ def restore(model: nn.Module) -> nn.Module:
 
 
 def _restore_flags(model: nn.Module) -> None:
-    flags = model.__dict__.pop(_FLAGS, {})
-    for name, param in model.named_parameters():
-        param.requires_grad_(flags.get(name, param.requires_grad))
+    """Give back the requires_grad recorded by `apply`, wherever in the tree it was called."""
+    for root in list(model.modules()):
+        flags = root.__dict__.pop(_FLAGS, None)
+        for name, param in root.named_parameters() if flags is not None else ():
+            param.requires_grad_(flags.get(name, param.requires_grad))

@@ -47,7 +47,7 @@ def select(
         SvdtuneError: if a pattern or exclude pattern selects nothing of ``kinds``;
             the message lists similar module names.
     """
-    named = [(name, module) for name, module in model.named_modules() if name]
+    named = [(name, module) for name, module in model.named_modules(remove_duplicate=False) if name]
     for pattern in (*patterns, *exclude):
         if not any(name_matches(name, pattern) and isinstance(m, kinds) for name, m in named):
             raise SvdtuneError(_no_match_message(model, named, pattern, kinds, what))

@@ -243,3 +243,30 @@ def test_loading_a_non_finite_weight_is_refused_without_half_loading():
     with pytest.raises(RuntimeError, match="'0'.*NaN"):
         model.load_state_dict(bad)
     assert torch.equal(model[0].base_weight, before)
+
+
+def test_a_failed_load_leaves_no_stale_factors_behind():
+    torch.manual_seed(0)
+    model = svdtune.apply(nn.Sequential(nn.Linear(6, 5)), targets=["0"], mode="scale")
+    randomize_deltas(model)
+    new_weight = torch.randn(5, 6)
+    bad = {"0.weight": new_weight, "0.bias": torch.zeros(5), "0.svd_delta": torch.zeros(3)}  # wrong delta shape
+    with pytest.raises(RuntimeError, match="svd_delta"):
+        model.load_state_dict(bad)
+    assert torch.equal(model[0].base_weight, new_weight)  # PyTorch itself loaded the weight
+    twin = nn.Sequential(nn.Linear(6, 5))
+    twin.load_state_dict({"0.weight": new_weight, "0.bias": torch.zeros(5)})
+    svdtune.apply(twin, targets=["0"], mode="scale")
+    with torch.no_grad():
+        twin[0].svd_delta.copy_(model[0].svd_delta)
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(model(x), twin(x))  # the training path uses the new weight's factors
+
+
+def test_writing_into_the_cached_weight_does_not_stick():
+    layer, x = make_layer("linear")
+    model = svdtune.apply(nn.Sequential(layer), targets=["0"])
+    with torch.no_grad():
+        expected = model(x)
+        layer.weight.mul_(0)  # a write into the returned (cached) tensor
+        assert torch.equal(model(x), expected)

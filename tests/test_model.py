@@ -220,3 +220,48 @@ def test_a_selection_that_leaves_nothing_is_refused(kwargs):
     with pytest.raises(SvdtuneError, match="leaves no layer"):
         svdtune.apply(model, **kwargs)
     assert_unchanged(model, before)
+
+
+def test_shared_layers_and_tied_weights_are_refused():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    for targets in ("0", "2", "*"):
+        with pytest.raises(SvdtuneError, match="is shared: the same module is also"):
+            svdtune.apply(model, targets=targets)
+    embedding, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    head.weight = embedding.weight
+    tied = nn.ModuleDict({"emb": embedding, "head": head})
+    before = snapshot(tied)
+    with pytest.raises(SvdtuneError, match="'head' has its weight tied to 'emb.weight'"):
+        svdtune.apply(tied, targets="head")
+    assert_unchanged(tied, before)
+
+
+def test_meta_device_weights_are_refused_with_the_fix():
+    with torch.device("meta"):
+        model = Net()
+    with pytest.raises(SvdtuneError, match="'fc1' is on the meta device.*load_state_dict"):
+        svdtune.apply(model, targets="fc1")
+
+
+@pytest.mark.parametrize("finish", [svdtune.merge, svdtune.restore])
+def test_flags_come_back_when_apply_got_a_submodule(finish):
+    model = Net()
+    svdtune.apply(model.head, targets="fc2")
+    assert not model.head.norm.weight.requires_grad
+    finish(model)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any("_svdtune_requires_grad" in m.__dict__ for m in model.modules())
+
+
+def test_copies_and_pickles_need_no_new_svd(monkeypatch):
+    import pickle
+
+    model = svdtune.apply(Net(), targets=["fc*"])
+    calls = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(1) or svd(*a, **k))
+    x = torch.randn(2, 3, 6, 6)
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(twin(x), model(x))
+    assert calls == []
