@@ -112,7 +112,8 @@ def build_forms(base: nn.Sequential, quick: bool) -> dict[str, nn.Module]:
 def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    x = x if params else x.requires_grad_(True)  # the floor: gradients w.r.t. activations only
+    if not params:  # the floor: gradients w.r.t. activations only, on its own copy of the input
+        x = x.detach().clone().requires_grad_(True)
 
     def step():
         loss = F.mse_loss(model(x), y)
