@@ -28,6 +28,8 @@ def as_patterns(patterns: str | Iterable[str], what: str) -> tuple[str, ...]:
     """Accept one pattern or several; refuse anything else by name."""
     if isinstance(patterns, str):
         return (patterns,)
+    if not isinstance(patterns, Iterable):
+        raise SvdtuneError(f"{what} must be a glob pattern or a list of them, got {patterns!r}; e.g. {what}=['fc*'].")
     patterns = tuple(patterns)
     if not all(isinstance(p, str) and p for p in patterns):
         raise SvdtuneError(f"{what} must be non-empty glob patterns (strings), got {patterns!r}.")

@@ -82,6 +82,8 @@ def test_exclude_uses_the_same_rule():
         (dict(targets=["fc1"], rank=0), "rank=0"),
         (dict(targets=["fc1"], trainable=["fc1"]), "both a target and inside trainable"),
         (dict(targets=[""]), "non-empty"),
+        (dict(targets=None), "targets must be a glob pattern or a list"),
+        (dict(targets="fc1", exclude=3), "exclude must be a glob pattern"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_leaves_the_model_alone(kwargs, needle):
