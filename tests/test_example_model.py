@@ -108,6 +108,47 @@ def test_save_plain_refuses_adapted_model(tmp_path):
         save_plain(model, tmp_path / "x.safetensors")
 
 
+def test_corrupt_safetensors_checkpoint_is_a_clear_error(tmp_path):
+    source = CNNIQA()
+    save_plain(source, tmp_path / "w.safetensors")
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.safetensors").write_bytes(b"garbage")
+    for name in ("cut.safetensors", "junk.safetensors"):
+        with pytest.raises(ValueError, match=r"could not read pretrained weights .*" + name + ".*IQA-PyTorch"):
+            load_pretrained(CNNIQA(), tmp_path / name)
+
+
+def test_safetensors_written_by_the_safetensors_library_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    state = _random_state(4)
+    save_file(state, str(tmp_path / "w.safetensors"))  # no svdtune checksum in the header
+    loaded = load_pretrained(CNNIQA(), tmp_path / "w.safetensors")
+    assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in KEYS)
+
+
+def test_save_plain_is_atomic(tmp_path, monkeypatch):
+    """A save that fails before the rename leaves the old file intact and no temporary file behind."""
+    path = tmp_path / "merged.safetensors"
+    save_plain(CNNIQA(), path, metadata={"note": "old"})
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr("os.replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_plain(CNNIQA(), path, metadata={"note": "new"})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["merged.safetensors"]
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:  # still a plain safetensors file
+        assert handle.metadata()["note"] == "old" and sorted(handle.keys()) == sorted(KEYS)
+
+
 def _config():
     return parse_config(["--quiet"])
 

@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from svdtune import container
+from svdtune.errors import SvdtuneError
+from svdtune.offline import read_state_dict
+
 __all__ = ["CNNIQA", "load_pretrained", "save_plain", "EXPECTED_SHAPES"]
 
 # Key -> shape of the reference architecture (ker_size 7, 50 kernels, 800 nodes).
@@ -67,26 +71,14 @@ class CNNIQA(nn.Module):
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from .safetensors or a torch file ({"params": sd} or sd)."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+    """Read a state dict with svdtune's reader (.safetensors, or .pt/.pth/.bin with {"params": sd} unwrapped)."""
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle errors come in many classes
+        return read_state_dict(path)
+    except SvdtuneError as error:
         raise ValueError(
-            f"could not read {path} as a torch checkpoint ({exc}); pass IQA-PyTorch's .pth "
-            "({'params': state_dict}), a bare state dict, or a .safetensors file"
-        ) from exc
-    if isinstance(obj, dict) and "params" in obj and isinstance(obj["params"], dict):
-        obj = obj["params"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(
-            f"{path} holds a {type(obj).__name__}, not a state dict; expected {{'params': state_dict}} "
-            "as IQA-PyTorch saves it, or a bare {name: tensor} dict"
-        )
-    return obj
+            f"could not read pretrained weights {path}: {error} Pass IQA-PyTorch's .pth ({{'params': state_dict}}), "
+            "a bare state dict (.pt, .pth, .bin) or a .safetensors file."
+        ) from None
 
 
 def _check_state_dict(state: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
@@ -141,7 +133,12 @@ def load_pretrained(model: CNNIQA, path: str | Path) -> CNNIQA:
 
 
 def save_plain(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Save a plain (unadapted or merged) CNNIQA as safetensors.
+    """Save a plain (unadapted or merged) CNNIQA as safetensors, atomically.
+
+    The file is written to a temporary file in the same folder and renamed over
+    `path` (svdtune.container.atomic_write), so an interrupted save leaves the
+    old file or none, never a partial one. Its header carries svdtune's checksum,
+    so later damage is detected on reading; it stays a plain safetensors file.
 
     Args:
         model: a CNNIQA whose state dict has exactly the reference keys.
@@ -150,11 +147,10 @@ def save_plain(model: nn.Module, path: str | Path, metadata: dict[str, str] | No
 
     Raises:
         ValueError: the model still carries adapter keys (merge it first).
+        OSError: the folder is not writable, the disk is full, ...
     """
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     extra = sorted(set(state) - set(EXPECTED_SHAPES))
     if extra:
         raise ValueError(f"model has non-CNNIQA keys {extra}; call svdtune.merge(model) before saving it plain")
-    save_file(state, str(path), metadata=metadata)
+    container.atomic_write(path, container.encode(state, metadata or {}))
