@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from svdtune import container
-from svdtune.decompose import Decomposition, decompose, svd_dtype, weight_matrix
+from svdtune.decompose import Decomposition, decompose, svd_driver, svd_dtype, weight_matrix
 from svdtune.errors import SvdtuneError
 
 CACHE_VERSION = "1"  # bump when decompose() changes what it returns for the same input
@@ -33,7 +33,7 @@ FORMAT = "svdtune.svd-cache"
 
 def algorithm(weight: Tensor) -> str:
     """What, besides the weight and rank, decides the decomposition of ``weight``."""
-    driver = "gesvd" if weight.is_cuda else "default"
+    driver = svd_driver(weight.device) or "default"
     return f"svdtune-cache-{CACHE_VERSION};torch-{torch.__version__};{weight.device.type};{driver};signfix-maxabs"
 
 
@@ -75,6 +75,14 @@ def decompose_cached(weight: Tensor, rank: int | None, cache_dir: str | os.PathL
     factors = decompose(weight, rank)
     _write_entry(folder, path, key, factors)
     return factors
+
+
+def decompose_named(name: str, weight: Tensor, rank: int | None, cache_dir: str | os.PathLike | None) -> Decomposition:
+    """`decompose_cached`, with the layer's name in the error (``layer 'fc1': the weight contains NaN ...``)."""
+    try:
+        return decompose_cached(weight, rank, cache_dir)
+    except SvdtuneError as error:
+        raise SvdtuneError(f"layer {name!r}: {error}") from None
 
 
 def _read_entry(path: str, key: str, weight: Tensor) -> Decomposition | None:

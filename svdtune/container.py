@@ -58,6 +58,17 @@ def canonical_json(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
+def is_str_map(value: object) -> bool:
+    """True if ``value`` is a dict from str to str, as safetensors metadata must be."""
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+
+def check_metadata(metadata: object) -> None:
+    """Raise SvdtuneError unless ``metadata`` (to be written) maps str to str."""
+    if not is_str_map(metadata):
+        raise SvdtuneError("metadata must map str to str; convert the values with str() or json.dumps().")
+
+
 def tensor_bytes(tensor: Tensor) -> memoryview:
     """The raw little-endian bytes of a tensor in C order (a copy on CPU if needed)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
@@ -88,8 +99,7 @@ def encode(tensors: dict[str, Tensor], metadata: dict[str, str]) -> list[bytes |
                         "data_offsets": [offset, offset + data.nbytes]}
         chunks.append(data)
         offset += data.nbytes
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise SvdtuneError("file metadata must map str to str; convert the values with str() or json.dumps().")
+    check_metadata(metadata)
     header["__metadata__"] = {k: v for k, v in metadata.items() if k != CHECKSUM}
     digest = hashlib.sha256(canonical_json(header))
     for chunk in chunks:
@@ -116,7 +126,7 @@ def decode(raw: bytes, what: str, require_checksum: bool = True) -> tuple[dict[s
     """
     header, data = _split(raw, what)
     metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+    if not is_str_map(metadata):
         raise _damaged(what, "its __metadata__ is not a map of strings")
     layout = {name: _entry(name, info, what) for name, info in header.items()}
     _check_tiling(layout, len(data), what)

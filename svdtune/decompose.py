@@ -55,6 +55,11 @@ def svd_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def svd_driver(device: torch.device) -> str | None:
+    """The LAPACK driver the SVD uses on ``device``: QR-based ``gesvd`` on CUDA, torch's default elsewhere."""
+    return "gesvd" if device.type == "cuda" else None
+
+
 def decompose(weight: Tensor, rank: int | None) -> Decomposition:
     """Decompose a weight and keep its top ``rank`` singular triplets.
 
@@ -77,8 +82,7 @@ def decompose(weight: Tensor, rank: int | None) -> Decomposition:
     matrix = weight_matrix(weight.detach()).to(svd_dtype(weight.dtype))
     if not torch.isfinite(matrix).all():
         raise SvdtuneError("the weight contains NaN or infinity, so it has no SVD; fix or reload the weights first.")
-    driver = "gesvd" if matrix.is_cuda else None
-    U, sigma, Vh = torch.linalg.svd(matrix, full_matrices=False, driver=driver)
+    U, sigma, Vh = torch.linalg.svd(matrix, full_matrices=False, driver=svd_driver(matrix.device))
     k = sigma.numel() if rank is None else min(rank, sigma.numel())
     U, sigma, Vh = U[:, :k], sigma[:k], Vh[:k]
     sign = _column_signs(U)

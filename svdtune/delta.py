@@ -197,8 +197,7 @@ def to_tensors(delta: DeltaFile) -> tuple[dict[str, Tensor], dict[str, str]]:
     clash = sorted(set(delta.layers) & set(delta.params))
     if clash:
         raise SvdtuneError(f"{clash[0]!r} is both a layer and a parameter name; a delta file needs distinct keys.")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in delta.metadata.items()):
-        raise SvdtuneError("metadata must map str to str; convert values with str() or json.dumps().")
+    container.check_metadata(delta.metadata)
     records = {name: _record(layer) for name, layer in delta.layers.items()}
     from svdtune import __version__
 
@@ -244,7 +243,7 @@ def from_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], what: str
     if not isinstance(records, dict) or not isinstance(params, list) or not all(isinstance(p, str) for p in params) \
             or not isinstance(user, dict):
         raise SvdtuneError(f"{what} has malformed layers/params/metadata entries; write the file again.")
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in user.items()):
+    if not container.is_str_map(user):
         raise SvdtuneError(f"{what} has user metadata that is not str -> str; write the file again.")
     expected = set(records) | set(params)
     extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))

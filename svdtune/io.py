@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from svdtune.cache import decompose_cached
+from svdtune import container
+from svdtune.cache import decompose_named
 from svdtune.config import SpectralConfig
 from svdtune.decompose import SUPPORTED_TYPES, Decomposition
 from svdtune.delta import DeltaFile, LayerDelta, check_base, fingerprint, read_delta
@@ -49,8 +50,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
     if not adapted:
         raise SvdtuneError("the model has no svdtune layers to save; call svdtune.apply(model, targets=...) and train first.")
     metadata = dict(metadata or {})
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):  # before any work
-        raise SvdtuneError("metadata must map str to str; convert values with str() or json.dumps().")
+    container.check_metadata(metadata)  # before any work
     with torch.no_grad():
         layers = {name: _layer_delta(name, layer) for name, layer in adapted}
     deltas = {id(layer._parameters[DELTA]) for _, layer in adapted}
@@ -148,10 +148,7 @@ def _plain_step(name: str, record: LayerDelta, modules: dict[str, nn.Module], ca
     _check_adaptable(name, layer)
     _check_shape(name, tuple(layer._parameters["weight"].shape), record)
     rank = None if record.rank == record.max_rank else record.rank
-    try:
-        factors = decompose_cached(layer._parameters["weight"], rank, cache_dir)
-    except SvdtuneError as error:
-        raise SvdtuneError(f"layer {name!r}: {error}") from None
+    factors = decompose_named(name, layer._parameters["weight"], rank, cache_dir)
     config = SpectralConfig(mode=record.mode, rank=rank, scale=record.scale)
     return _Step(layer, config, record.delta, factors)
 

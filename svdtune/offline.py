@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from svdtune import container
-from svdtune.decompose import decompose
+from svdtune.cache import decompose_named
 from svdtune.delta import DeltaFile, LayerDelta, check_base, read_delta
 from svdtune.errors import SvdtuneError
 from svdtune.layers import merged_weight, spectrum_shift
@@ -144,10 +144,7 @@ def _base_weight(state: dict[str, Tensor], key: str, name: str, layer: LayerDelt
 
 def _merged_weight(name: str, weight: Tensor, layer: LayerDelta, scale: float, strict: bool) -> Tensor:
     """W' = W + U diag(shift) Vh in the weight's dtype, computed as `svdtune.merge` does."""
-    try:
-        factors = decompose(weight, None)  # all singular values: the one after the top k is checked too
-    except SvdtuneError as error:
-        raise SvdtuneError(f"layer {name!r}: {error}") from None
+    factors = decompose_named(name, weight, None, None)  # all singular values: the one after the top k is checked too
     check_base(name, layer.fingerprint, weight, factors.sigma, strict,
                "use the base checkpoint the delta was trained on (or --force on the command line)", "merging")
     k, sigma = layer.rank, factors.sigma

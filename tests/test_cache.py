@@ -148,3 +148,19 @@ def test_load_delta_uses_the_cache(tmp_path, svd_calls):
     assert len(svd_calls) == 2
     svdtune.load_delta(_model(), tmp_path / "d.safetensors", cache_dir=tmp_path / "cache")
     assert len(svd_calls) == 2
+
+
+def test_one_driver_choice_decides_the_svd_and_the_cache_key(monkeypatch):
+    from svdtune import decompose as decompose_module
+
+    assert decompose_module.svd_driver(torch.device("cpu")) is None
+    assert decompose_module.svd_driver(torch.device("cuda")) == "gesvd"
+    weight = torch.randn(5, 4)
+    before = cache.cache_key(weight, None)
+    monkeypatch.setattr(cache, "svd_driver", lambda device: "gesvdj")
+    assert cache.cache_key(weight, None) != before  # the key follows the shared choice
+
+
+def test_decompose_named_puts_the_layer_name_in_the_error():
+    with pytest.raises(svdtune.SvdtuneError, match=r"^layer 'fc1': the weight contains NaN"):
+        cache.decompose_named("fc1", torch.full((3, 2), float("nan")), None, None)

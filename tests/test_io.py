@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -337,3 +338,15 @@ def test_checksummed_but_malformed_headers_are_refused_cleanly(saved, tmp_path, 
         svdtune.load_delta(fresh, edited)
     except svdtune.SvdtuneError:
         assert_unchanged(fresh, before)
+
+
+def test_one_metadata_check_for_every_writer(saved, tmp_path):
+    model, path, _ = saved
+    errors = []
+    for write in (lambda: svdtune.save_delta(model, tmp_path / "a.safetensors", metadata={"a": 1}),
+                  lambda: dataclasses.replace(svdtune.read_delta(path), metadata={"a": 1}).save(tmp_path / "b.safetensors"),
+                  lambda: container.encode({}, {"a": 1})):
+        with pytest.raises(svdtune.SvdtuneError) as caught:
+            write()
+        errors.append(str(caught.value))
+    assert len(set(errors)) == 1 and "str() or json.dumps()" in errors[0]
