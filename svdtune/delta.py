@@ -192,6 +192,17 @@ def read_delta(path: str | os.PathLike) -> DeltaFile:
     return from_tensors(tensors, metadata, what)
 
 
+def as_delta_file(source: str | os.PathLike | DeltaFile) -> DeltaFile:
+    """``source`` read with `read_delta`, or an in-memory `DeltaFile` checked exactly as a file is.
+
+    Raises:
+        SvdtuneError: as `read_delta`, naming the layer or entry that is wrong.
+    """
+    if isinstance(source, DeltaFile):
+        return from_tensors(*to_tensors(source), "the in-memory DeltaFile")
+    return read_delta(source)
+
+
 def to_tensors(delta: DeltaFile) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The (tensors, metadata) that represent ``delta`` in a file."""
     clash = sorted(set(delta.layers) & set(delta.params))

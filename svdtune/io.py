@@ -19,7 +19,7 @@ from svdtune import container
 from svdtune.cache import decompose_named
 from svdtune.config import SpectralConfig
 from svdtune.decompose import SUPPORTED_TYPES, Decomposition
-from svdtune.delta import DeltaFile, LayerDelta, check_base, fingerprint, read_delta
+from svdtune.delta import DeltaFile, LayerDelta, as_delta_file, check_base, fingerprint
 from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, spectrum_shift
 from svdtune.offline import warn_if_basis_dependent
@@ -116,7 +116,7 @@ def load_delta(
         >>> model = load_my_pretrained_model()
         >>> svdtune.load_delta(model, "task.safetensors")
     """
-    delta = source if isinstance(source, DeltaFile) else read_delta(source)
+    delta = as_delta_file(source)
     adapted = dict(adapted_layers(model))
     cache_dir = None if cache_dir is None else os.fspath(cache_dir)
     if adapted:

@@ -15,14 +15,14 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 from svdtune import container
 from svdtune.cache import decompose_named
-from svdtune.delta import DeltaFile, LayerDelta, check_base, read_delta
+from svdtune.delta import DeltaFile, LayerDelta, as_delta_file, check_base
 from svdtune.errors import SvdtuneError
 from svdtune.layers import merged_weight, spectrum_shift
 
@@ -117,7 +117,7 @@ def merge_files(
         raise SvdtuneError(f"out={os.fspath(out)!r} must end with .safetensors: merged weights are written as safetensors.")
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise SvdtuneError(f"scale={scale!r} must be a finite number (1.0 applies the deltas as saved).")
-    record = delta if isinstance(delta, DeltaFile) else read_delta(delta)
+    record = as_delta_file(delta)
     state = read_state_dict(base)
     merged = dict(state)
     for name, layer in record.layers.items():
@@ -156,7 +156,7 @@ def _merged_weight(name: str, weight: Tensor, layer: LayerDelta, scale: float, s
     return result
 
 
-def combine(deltas: Sequence[str | os.PathLike | DeltaFile], weights: Sequence[float]) -> DeltaFile:
+def combine(deltas: Iterable[str | os.PathLike | DeltaFile], weights: Iterable[float]) -> DeltaFile:
     """A weighted sum of delta files trained on the same base, in their shared singular basis.
 
     All inputs must hold the same layers, with the same class, shape, rank, mode and
@@ -164,7 +164,7 @@ def combine(deltas: Sequence[str | os.PathLike | DeltaFile], weights: Sequence[f
     inputs share one scale (kept); otherwise sum_i w_i * scale_i * delta_i, with scale 1.
 
     Args:
-        deltas: delta file paths or `DeltaFile`s.
+        deltas: delta file paths or `DeltaFile`s (any iterable, a generator too).
         weights: one finite number per delta (they need not sum to 1).
 
     Returns:
@@ -177,9 +177,9 @@ def combine(deltas: Sequence[str | os.PathLike | DeltaFile], weights: Sequence[f
     Example:
         >>> svdtune.combine(["sharp.safetensors", "warm.safetensors"], [0.7, 0.3]).save("mix.safetensors")
     """
-    files = [d if isinstance(d, DeltaFile) else read_delta(d) for d in deltas]
+    deltas, weights = list(deltas), list(weights)  # iterated more than once below
+    files = [as_delta_file(d) for d in deltas]
     labels = [f"delta {i} ({os.fspath(d) if not isinstance(d, DeltaFile) else 'in memory'})" for i, d in enumerate(deltas)]
-    weights = list(weights)
     if not files or len(weights) != len(files):
         raise SvdtuneError(f"combine needs one weight per delta, got {len(files)} deltas and {len(weights)} weights.")
     if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):

@@ -350,3 +350,15 @@ def test_one_metadata_check_for_every_writer(saved, tmp_path):
             write()
         errors.append(str(caught.value))
     assert len(set(errors)) == 1 and "str() or json.dumps()" in errors[0]
+
+
+def test_in_memory_delta_files_are_checked_like_files(saved):
+    _, path, base = saved
+    good = svdtune.read_delta(path)
+    layer = good.layers["0"]
+    for delta in (torch.full_like(layer.delta, float("nan")), torch.cat([layer.delta, layer.delta[:1]])):
+        bad = dataclasses.replace(good, layers={**good.layers, "0": dataclasses.replace(layer, delta=delta)})
+        before = snapshot(base)
+        with pytest.raises(svdtune.SvdtuneError, match="in-memory DeltaFile: layer '0'"):
+            svdtune.load_delta(base, bad)
+        assert_unchanged(base, before)

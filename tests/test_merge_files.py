@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -190,3 +191,31 @@ def test_bfloat16_base_round_trip(tmp_path):
     merged = safetensors.torch.load_file(tmp_path / "m.safetensors")
     assert all(merged[k].dtype == torch.bfloat16 for k in merged)
     assert_state_close(merged, merged_state(model))
+
+
+def test_combine_checks_deltas_given_as_a_generator(files, tmp_path):
+    base, _, _, delta_path = files
+    svdtune.save_delta(randomize(svdtune.apply(copy.deepcopy(base), TARGETS, rank=2), seed=2), tmp_path / "r.safetensors")
+    paths = (p for p in (delta_path, tmp_path / "r.safetensors"))
+    with pytest.raises(svdtune.SvdtuneError, match="differs between delta 0"):
+        svdtune.combine(paths, weights=iter([0.5, 0.5]))
+
+
+def _bad_deltas(path):
+    """In-memory DeltaFiles whose first layer has a NaN delta, or one delta too many."""
+    good = svdtune.read_delta(path)
+    name, layer = next(iter(good.layers.items()))
+    bad = {"nan": layer.delta.clone().fill_(float("nan")), "long": torch.cat([layer.delta, layer.delta[:1]])}
+    return name, {why: dataclasses.replace(good, layers={**good.layers, name: dataclasses.replace(layer, delta=d)})
+                  for why, d in bad.items()}
+
+
+def test_in_memory_deltas_are_checked_like_files(files, tmp_path):
+    _, _, base_path, delta_path = files
+    name, bad = _bad_deltas(delta_path)
+    for why, delta in bad.items():
+        for use in (lambda: svdtune.merge_files(base_path, delta, tmp_path / "m.safetensors"),
+                    lambda: svdtune.combine([delta_path, delta], [0.5, 0.5])):
+            with pytest.raises(svdtune.SvdtuneError, match=f"layer {name!r}"):
+                use()
+    assert not (tmp_path / "m.safetensors").exists()
