@@ -181,6 +181,66 @@ def test_errors_before_training(tmp_path, capsys, setup, extra, message):
     assert not (tmp_path / "out" / "results.json").exists()
 
 
+def _bad_input(kind: str, tmp: Path) -> tuple[list[str], list[str]]:
+    """argv with one bad file or folder, and what the one-line error must say."""
+    root, weights, out = tmp / "agiqa", tmp / "w.pth", str(tmp / "out")
+    _write_agiqa(root)
+    torch.save({"params": CNNIQA().state_dict()}, weights)
+    agiqa_run = ["--data-root", str(root), "--pretrained", str(weights), "--out", out, "--variants", "zero-shot"]
+    if kind == "corrupt-safetensors":
+        (tmp / "x.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+        return ["--quick", "--pretrained", str(tmp / "x.safetensors"), "--out", out], [
+            f"could not read pretrained weights {tmp / 'x.safetensors'}", "Pass IQA-PyTorch's .pth"]
+    if kind == "pretrained-dir":
+        return ["--quick", "--pretrained", str(tmp), "--out", out], [f"{tmp} is a directory", "checkpoint file"]
+    if kind == "out-is-file":
+        (tmp / "taken").write_text("x")
+        return ["--quick", "--out", str(tmp / "taken")], [f"--out {tmp / 'taken'} is an existing file", "folder path"]
+    if kind == "out-under-file":
+        (tmp / "taken").write_text("x")
+        return ["--quick", "--out", str(tmp / "taken" / "sub")], [f"--out {tmp / 'taken' / 'sub'}", "Not a directory"]
+    if kind == "csv-not-utf8":
+        text = (root / "data.csv").read_bytes().replace(b"prompt 2", b"caf\xe9 2")
+        (root / "data.csv").write_bytes(text)
+        return agiqa_run, [f"{root / 'data.csv'} is not UTF-8", "line 8 has the byte 0xe9", "save data.csv as UTF-8"]
+    if kind == "split-file-not-json":
+        (tmp / "splits.json").write_text('{"splits": [')
+        return [*agiqa_run, "--split-file", str(tmp / "splits.json")], [f"--split-file {tmp / 'splits.json'} is not valid JSON"]
+    if kind == "split-file-absent":
+        return [*agiqa_run, "--split-file", str(tmp / "nope.json")], [f"--split-file {tmp / 'nope.json'} not found"]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["corrupt-safetensors", "pretrained-dir", "out-is-file", "out-under-file",
+                                  "csv-not-utf8", "split-file-not-json", "split-file-absent"])
+def test_file_errors_are_one_line_with_the_path(tmp_path, capsys, kind):
+    argv, wanted = _bad_input(kind, tmp_path)
+    assert main([*argv, "--quiet", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for text in wanted:
+        assert text in err, (text, err)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_unreadable_source_cache_is_a_miss(synthetic_run, tmp_path, capsys, damage):
+    """A cut or corrupted source_cnniqa.safetensors is reported, retrained and rewritten, not a traceback."""
+    out = _copy_cache(synthetic_run[0], tmp_path)
+    cache = out / "source_cnniqa.safetensors"
+    data = cache.read_bytes()
+    cache.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"garbage")
+    argv = ["--quick", "--out", str(out), "--variants", "zero-shot", "--no-plots", *TINY]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"warning: cached source model {cache}" in err and "Pretraining the source model again" in err
+    from safetensors.torch import load_file
+
+    rewritten, original = load_file(str(cache)), load_file(str(synthetic_run[0] / "source_cnniqa.safetensors"))
+    assert rewritten.keys() == original.keys() and all(torch.equal(rewritten[k], original[k]) for k in original)
+    assert main(argv) == 0
+    assert "reusing the pretrained source model" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when CUDA is absent")
 def test_cuda_without_a_gpu_says_so(tmp_path, capsys):
     assert main(["--quick", "--device", "cuda", "--out", str(tmp_path)]) == 2

@@ -62,6 +62,27 @@ def _parse_row(row: dict[str, str | None], line: int, column: str, path: Path) -
     return Record(name=name, group=row.get("prompt") or "", mos=mos)
 
 
+def _first_bad_byte(path: Path) -> str:
+    """Where the first byte that is not UTF-8 sits in the file, for an error message."""
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        return f"line {line} has the byte 0x{raw[error.start]:02x}"
+    return "it does not decode as UTF-8"
+
+
+def _read_rows(reader: csv.DictReader, column: str, path: Path) -> list[Record]:
+    """Check the header of `reader`, then parse every row."""
+    header = [h.strip() for h in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        raise ValueError(f"{path} lacks the columns {missing} (found {header}); expected {list(REQUIRED_COLUMNS)}")
+    reader.fieldnames = header
+    return [_parse_row(row, i + 2, column, path) for i, row in enumerate(reader)]
+
+
 def read_csv(path: str | Path, target: str = "quality") -> list[Record]:
     """Read AGIQA-3K's data.csv.
 
@@ -74,8 +95,9 @@ def read_csv(path: str | Path, target: str = "quality") -> list[Record]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: unknown target, missing columns, a malformed row, an empty
-            file or duplicate names; the message names the columns or line.
+        ValueError: unknown target, a file that is not UTF-8 CSV, missing columns,
+            a malformed row, an empty file or duplicate names; the message names
+            the file and the columns or line.
     """
     if target not in ("quality", "align"):
         raise ValueError(f"target must be 'quality' or 'align', got {target!r}")
@@ -84,12 +106,14 @@ def read_csv(path: str | Path, target: str = "quality") -> list[Record]:
         raise FileNotFoundError(f"{path} not found; --data-root must hold AGIQA-3K's data.csv next to the images")
     with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in REQUIRED_COLUMNS if c not in header]
-        if missing:
-            raise ValueError(f"{path} lacks the columns {missing} (found {header}); expected {list(REQUIRED_COLUMNS)}")
-        reader.fieldnames = header
-        records = [_parse_row(row, i + 2, f"mos_{target}", path) for i, row in enumerate(reader)]
+        try:
+            records = _read_rows(reader, f"mos_{target}", path)
+        except UnicodeDecodeError:
+            raise ValueError(f"{path} is not UTF-8 text ({_first_bad_byte(path)}); "
+                             "save data.csv as UTF-8, as AGIQA-3K ships it") from None
+        except csv.Error as error:
+            raise ValueError(f"{path}, line {reader.line_num}: not valid CSV ({error}); "
+                             "use AGIQA-3K's original data.csv or re-save it as plain CSV") from None
     if not records:
         raise ValueError(f"{path} has a header but no rows")
     duplicates = sorted(n for n, k in Counter(r.name for r in records).items() if k > 1)

@@ -150,6 +150,15 @@ def _run(config: RunConfig, info: DistInfo) -> None:
         say(f"total {time.perf_counter() - start:.0f} s", not config.quiet)
 
 
+def _one_line(exc: Exception) -> str:
+    """The error as one line: the example's own messages as written; a system OSError with its path and a fix."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return (f"{where}{exc.strerror}; check the paths given to --out, --data-root, --pretrained and --split-file "
+                "(they must exist, be readable, and --out writable with free space)")
+    return " ".join(str(exc).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the example.
 
@@ -157,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         argv: command-line arguments (sys.argv[1:] when None).
 
     Returns:
-        0 on success, 2 on a usage or data error (message on stderr).
+        0 on success, 2 on a usage, data or file error (one line on stderr, no traceback).
     """
     threads = torch.get_num_threads()  # restored at the end, for callers that run main() in-process
     try:
@@ -170,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         _run(config, info)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # SvdtuneError is a ValueError
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     finally:
         teardown(info)

@@ -118,9 +118,15 @@ def load_pretrained(model: CNNIQA, path: str | Path) -> CNNIQA:
 
     Raises:
         FileNotFoundError: the file does not exist.
+        IsADirectoryError: the path is a folder.
         ValueError: unreadable file, or wrong/missing/extra keys or shapes.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"pretrained weights {path} is a directory; pass the checkpoint file itself, "
+            f"e.g. --pretrained {path}/CNNIQA_koniq10k-e6f14c91.pth"
+        )
     if not path.is_file():
         raise FileNotFoundError(
             f"pretrained weights {path} not found; download IQA-PyTorch's CNNIQA_koniq10k-e6f14c91.pth "

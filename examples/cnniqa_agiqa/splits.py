@@ -119,6 +119,20 @@ def _published(payload: dict, groups: list[str], ratios: tuple[float, float, flo
     return out
 
 
+def _read_json(path: Path) -> object:
+    """The parsed JSON of --split-file, or an error naming the file and what it must hold."""
+    if path.is_dir():
+        raise IsADirectoryError(f"--split-file {path} is a directory; pass a splits.json file")
+    if not path.is_file():
+        raise FileNotFoundError(f"--split-file {path} not found; pass an earlier run's splits.json "
+                                "or a published split file")
+    try:
+        return json.loads(path.read_bytes())
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise ValueError(f"--split-file {path} is not valid JSON ({str(error).splitlines()[0]}); pass an earlier "
+                         "run's splits.json or a published {'splits': {'1': {'train', 'val'}}} file") from None
+
+
 def load_splits(path: str | Path, groups: list[str], ratios: tuple[float, float, float] = (0.6, 0.2, 0.2),
                 seed: int = 0) -> list[dict[str, list[int]]]:
     """Read splits written by `save_splits`, or a published train/val split file.
@@ -137,9 +151,10 @@ def load_splits(path: str | Path, groups: list[str], ratios: tuple[float, float,
         The list of splits.
 
     Raises:
-        ValueError: malformed file, indices out of range, or a prompt in two parts.
+        FileNotFoundError: no such file.
+        ValueError: not a JSON file, malformed content, indices out of range, or a prompt in two parts.
     """
-    payload = json.loads(Path(path).read_text())
+    payload = _read_json(Path(path))
     try:
         if isinstance(payload.get("splits"), dict):
             splits = _published(payload, groups, ratios, seed)

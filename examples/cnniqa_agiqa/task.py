@@ -15,11 +15,14 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from svdtune import container
+from svdtune.errors import SvdtuneError
+
 from examples.cnniqa_agiqa import agiqa, synthetic
 from examples.cnniqa_agiqa.config import RunConfig
 from examples.cnniqa_agiqa.datasets import TensorImages, FileImages, make_loader
 from examples.cnniqa_agiqa.distributed import DistInfo, barrier
-from examples.cnniqa_agiqa.model import CNNIQA, load_pretrained, save_plain
+from examples.cnniqa_agiqa.model import CNNIQA, EXPECTED_SHAPES, load_pretrained, save_plain
 from examples.cnniqa_agiqa.progress import say
 from examples.cnniqa_agiqa.train import fit
 
@@ -77,30 +80,40 @@ def _pretrain_source(config: RunConfig, info: DistInfo, show: bool) -> dict[str,
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
-def _cache_matches(path: Path, fingerprint: str) -> bool:
-    """True if `path` is a cached source model made with the same options."""
-    from safetensors import safe_open
+def _read_cache(path: Path, fingerprint: str) -> dict[str, torch.Tensor] | None:
+    """The cached source model at `path` if it was made with the same options, else None.
 
-    if not path.is_file():
-        return False
-    with safe_open(str(path), "pt") as handle:
-        return (handle.metadata() or {}).get("fingerprint") == fingerprint
+    A file that cannot be read (truncated by an interrupted run, corrupted) or
+    does not hold a CNNIQA is a miss too: it is reported and then overwritten.
+    """
+    if not path.exists():
+        return None
+    try:
+        state, metadata = container.read(path, f"cached source model {path}", require_checksum=False)
+    except SvdtuneError as error:
+        say(f"warning: {error} Pretraining the source model again; it replaces this file.")
+        return None
+    if {k: tuple(v.shape) for k, v in state.items()} != EXPECTED_SHAPES:
+        say(f"warning: cached source model {path} does not hold a CNNIQA; pretraining again, it replaces this file.")
+        return None
+    return state if metadata.get("fingerprint") == fingerprint else None
 
 
 def _source_model(config: RunConfig, info: DistInfo) -> dict[str, torch.Tensor]:
     """Load the cached source model if it matches the options, else pretrain and cache it (rank 0)."""
-    from safetensors.torch import load_file
-
     path = Path(config.out) / SOURCE_CACHE
     wanted = json.dumps(_fingerprint(config), sort_keys=True)
-    if info.main and _cache_matches(path, wanted):
+    state = _read_cache(path, wanted) if info.main else None
+    if info.main and state is not None:
         say(f"reusing the pretrained source model {path}", not config.quiet)
     elif info.main:
         model = CNNIQA()
         model.load_state_dict(_pretrain_source(config, info, show=not config.quiet))
         save_plain(model, path, metadata={"fingerprint": wanted, "data": "synthetic source domain"})
     barrier(info)  # the other ranks read the file rank 0 has written
-    return load_file(str(path))
+    if state is None:
+        state = container.read(path, f"cached source model {path}", require_checksum=False)[0]
+    return state
 
 
 def _synthetic_task(config: RunConfig, info: DistInfo) -> Task:
@@ -127,6 +140,18 @@ def _agiqa_task(config: RunConfig) -> Task:
                 pretrained=pretrained, root=config.data_root, resize=config.resize)
 
 
+def _make_out(out: Path) -> None:
+    """Create the output folder, or say why it cannot be."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is an existing file, not a folder; pass a folder path "
+                                 "(it is created if missing) or move the file away")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create the output folder --out {out}: {error.strerror or error}; "
+                      "pass a folder path you can write to") from None
+
+
 def load_task(config: RunConfig, info: DistInfo) -> Task:
     """Build the task of this run: validate data and weights, pretrain if needed.
 
@@ -139,8 +164,9 @@ def load_task(config: RunConfig, info: DistInfo) -> Task:
 
     Raises:
         FileNotFoundError, ValueError: bad data folder, CSV, images or weights.
+        NotADirectoryError, OSError: --out is a file, or cannot be created.
     """
-    Path(config.out).mkdir(parents=True, exist_ok=True)
+    _make_out(Path(config.out))
     if config.data_root:
         return _agiqa_task(config)
     return _synthetic_task(config, info)
