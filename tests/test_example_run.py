@@ -205,7 +205,8 @@ def _bad_input(kind: str, tmp: Path) -> tuple[list[str], list[str]]:
         return agiqa_run, [f"{root / 'data.csv'} is not UTF-8", "line 8 has the byte 0xe9", "save data.csv as UTF-8"]
     if kind == "split-file-not-json":
         (tmp / "splits.json").write_text('{"splits": [')
-        return [*agiqa_run, "--split-file", str(tmp / "splits.json")], [f"--split-file {tmp / 'splits.json'} is not valid JSON"]
+        wanted = [f"--split-file {tmp / 'splits.json'} is not valid JSON"]
+        return [*agiqa_run, "--split-file", str(tmp / "splits.json")], wanted
     if kind == "split-file-absent":
         return [*agiqa_run, "--split-file", str(tmp / "nope.json")], [f"--split-file {tmp / 'nope.json'} not found"]
     raise AssertionError(kind)
@@ -278,6 +279,24 @@ def test_without_matplotlib_plots_are_skipped_with_a_message(synthetic_run, monk
     argv = ["--quick", "--out", str(out), "--variants", "zero-shot", "--quiet", *TINY]
     assert main(argv) == 0
     assert "matplotlib is not installed: plots skipped" in capsys.readouterr().out
+
+
+def test_quiet_prints_what_the_docs_say(synthetic_run, tmp_path, capsys):
+    """--quiet: nothing on stderr; on stdout the table, then exactly the merge check and the 'wrote ...' line."""
+    out = _copy_cache(synthetic_run[0], tmp_path)
+    assert main(["--quick", "--out", str(out), "--variants", "zero-shot,svd-fc", "--quiet", "--no-plots", *TINY]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == ""
+    lines = printed.out.splitlines()
+    last_row = max(i for i, line in enumerate(lines) if line.startswith("CNNIQA"))
+    assert [line.split(" ", 1)[0] for line in lines[last_row + 1:]] == ["merge", "wrote"]
+    readme = (ROOT / "examples" / "cnniqa_agiqa" / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `--quiet`"))
+    from examples.cnniqa_agiqa.cli import parser
+
+    help_text = next(a.help for a in parser()._actions if "--quiet" in a.option_strings)
+    for doc in (row, help_text):
+        assert "merge check" in doc and "wrote ..." in doc and "only the table" not in doc, doc
 
 
 def test_divergence_is_reported_with_the_fix(synthetic_run, tmp_path, capsys):

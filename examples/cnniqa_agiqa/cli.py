@@ -75,7 +75,8 @@ def parser() -> argparse.ArgumentParser:
     a("--workers", type=int, default=0, help="DataLoader workers for AGIQA-3K images (default 0)")
     a("--threads", type=int, help="torch CPU threads, 0 = torch's default " + _defaults("threads"))
     a("--quick", action="store_true", help="small synthetic run, under a minute on 2 CPU cores")
-    a("--quiet", action="store_true", help="no progress output; print only the table")
+    a("--quiet", action="store_true", help="no progress bars or status lines; still prints the table, the merge "
+      "check and the 'wrote ...' line (stdout), and warnings and errors (stderr)")
     a("--no-plots", action="store_true", help="skip the PNG plots")
     a("--rank-deltas", action="store_true", help="under torchrun: every rank saves its trained tensors to OUT/ranks")
     return p

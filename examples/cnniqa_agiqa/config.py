@@ -46,7 +46,7 @@ class RunConfig:
     workers: int  # DataLoader worker processes for AGIQA images
     threads: int  # torch intra-op CPU threads; 0: torch's default
     quick: bool  # smaller synthetic data and fewer epochs (under a minute)
-    quiet: bool  # no progress bars, only errors and the final table
+    quiet: bool  # no progress bars or status lines; the table, merge check, 'wrote ...', warnings, errors remain
     plots: bool  # write PNG plots (needs matplotlib)
     rank_deltas: bool  # under torchrun: every rank writes its final deltas (for checking)
 
