@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.set_defaults(run=_inspect)
     merge = commands.add_parser("merge", help="bake a delta into a base checkpoint",
                                 description="Write BASE with DELTA merged into its weights, as safetensors. BASE is a "
-                                            "state dict in .safetensors, or .pt/.pth/.bin (torch.load with weights_only; "
+                                            "state dict in .safetensors, or .pt/.pth/.bin/.ckpt (torch.load with weights_only; "
                                             "a {'params': state_dict} checkpoint is unwrapped).")
     merge.add_argument("base", help="the base state dict the delta was trained on")
     merge.add_argument("delta", help="the delta file")
@@ -78,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
                                           "model with the same layers, ranks and modes.")
     mix.add_argument("deltas", nargs="+", help="the delta files")
     mix.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per delta file")
-    mix.add_argument("-o", "--out", required=True, help="the combined delta file to write")
+    mix.add_argument("-o", "--out", required=True, help="the combined .safetensors delta file to write")
     mix.set_defaults(run=_combine)
     return parser
 

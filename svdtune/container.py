@@ -22,6 +22,7 @@ problem is an `SvdtuneError` (never a crash, never a huge allocation).
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -207,6 +208,28 @@ def _tensor(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...], begin:
     return torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(shape)
 
 
+def check_destination(path: str | os.PathLike) -> None:
+    """Refuse, before any work, a file to write that is not ``*.safetensors`` or has no folder to go in.
+
+    Raises:
+        SvdtuneError: the name does not end with ``.safetensors`` (any case).
+        OSError: as `atomic_write`, for a missing folder or a folder given as ``path``.
+    """
+    name = os.fspath(path)
+    if not name.lower().endswith(".safetensors"):
+        raise SvdtuneError(f"{name!r} must end with .safetensors: svdtune writes safetensors files; rename the output.")
+    _check_folder(name)
+
+
+def _check_folder(path: str) -> None:
+    """Name the user's path (not a temporary file) when the destination cannot be created."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(errno.ENOENT, f"its folder {folder!r} does not exist; create it first (mkdir -p)", path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "it is a folder; give a file name inside it", path)
+
+
 def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> None:
     """Write a file so that ``path`` is either untouched or complete, never partial.
 
@@ -216,9 +239,11 @@ def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) 
     error propagates.
 
     Raises:
-        OSError: the folder is not writable, the disk is full, ...
+        OSError: the folder is missing (FileNotFoundError naming ``path``), ``path`` is
+            a folder (IsADirectoryError), the folder is not writable, the disk is full, ...
     """
     path = os.fspath(path)
+    _check_folder(path)
     folder = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:

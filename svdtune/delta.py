@@ -102,12 +102,14 @@ class DeltaFile:
         """Write this delta to ``path`` (atomically: the old file or the new one, never half).
 
         Raises:
-            SvdtuneError: a layer and a parameter share a name, or metadata is not str -> str.
-            OSError: the file cannot be written.
+            SvdtuneError: ``path`` does not end with ``.safetensors``, a layer and a parameter
+                share a name, or metadata is not str -> str.
+            OSError: the file cannot be written (e.g. its folder does not exist).
 
         Example:
             >>> svdtune.combine(["a.safetensors", "b.safetensors"], [0.5, 0.5]).save("ab.safetensors")
         """
+        container.check_destination(path)
         container.atomic_write(path, container.encode(*to_tensors(self)))
 
 

@@ -35,13 +35,14 @@ def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
 
     Args:
         model: a model passed through `svdtune.apply`.
-        path: the file to write (conventionally ``*.safetensors``); replaced if it exists.
+        path: the file to write, ending with ``.safetensors``; replaced if it exists.
         metadata: your own notes, str -> str (dataset, commit, ...), shown by ``svdtune inspect``.
 
     Raises:
         SvdtuneError: the model has no svdtune layers, a delta is not finite, a base
-            weight is being trained too, or metadata is not str -> str.
-        OSError: the file cannot be written (nothing is left under ``path``).
+            weight is being trained too, metadata is not str -> str, or ``path`` does not
+            end with ``.safetensors``.
+        OSError: the file cannot be written, e.g. its folder does not exist (nothing is left under ``path``).
 
     Example:
         >>> svdtune.save_delta(model, "task.safetensors", metadata={"dataset": "koniq10k"})
@@ -51,6 +52,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
         raise SvdtuneError("the model has no svdtune layers to save; call svdtune.apply(model, targets=...) and train first.")
     metadata = dict(metadata or {})
     container.check_metadata(metadata)  # before any work
+    container.check_destination(path)
     with torch.no_grad():
         layers = {name: _layer_delta(name, layer) for name, layer in adapted}
     deltas = {id(layer._parameters[DELTA]) for _, layer in adapted}

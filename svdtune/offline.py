@@ -27,7 +27,7 @@ from svdtune.errors import SvdtuneError
 from svdtune.layers import merged_weight, spectrum_shift
 
 DEGENERATE_ULPS = 32  # singular values closer than 32 * eps * sigma_max count as repeated (SVD noise level)
-BASE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+BASE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # matched in any case
 
 
 def warn_if_basis_dependent(name: str, sigma: Tensor, shift: Tensor, next_sigma: float | None) -> None:
@@ -60,7 +60,9 @@ def warn_if_basis_dependent(name: str, sigma: Tensor, shift: Tensor, next_sigma:
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A base state dict from ``.safetensors``, or ``.pt``/``.pth``/``.bin`` (``weights_only`` torch.load).
+    """A base state dict from ``.safetensors``, or ``.pt``/``.pth``/``.bin``/``.ckpt`` (``weights_only`` torch.load).
+
+    Suffixes are matched in any case (``.PT`` too).
 
     A checkpoint of the form ``{"params": state_dict}`` (IQA-PyTorch) is unwrapped.
 
@@ -68,9 +70,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         SvdtuneError: unknown suffix, unreadable file, or an entry that is not a tensor.
     """
     path, what = os.fspath(path), f"base checkpoint {os.fspath(path)!r}"
-    if not path.endswith(BASE_SUFFIXES):
+    if not path.lower().endswith(BASE_SUFFIXES):
         raise SvdtuneError(f"{what} must end with one of {', '.join(BASE_SUFFIXES)}; save the base state dict in one of those.")
-    if path.endswith(".safetensors"):
+    if path.lower().endswith(".safetensors"):
         return container.read(path, what, require_checksum=False)[0]
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -97,7 +99,7 @@ def merge_files(
     """Bake a delta file into a base checkpoint and write the merged state dict, no model code needed.
 
     Args:
-        base: the base state dict: ``.safetensors``, or ``.pt``/``.pth``/``.bin``
+        base: the base state dict: ``.safetensors``, or ``.pt``/``.pth``/``.bin``/``.ckpt`` (any case)
             (read with ``torch.load(weights_only=True)``; ``{"params": sd}`` is unwrapped).
         delta: a delta file path or a `DeltaFile`.
         out: the output ``.safetensors`` file: the base state dict with merged weights
@@ -108,13 +110,14 @@ def merge_files(
 
     Raises:
         SvdtuneError: unreadable files, a layer missing from the base or of another
-            shape, a fingerprint mismatch (strict), a non-finite result, bad ``out``.
+            shape, a fingerprint mismatch (strict), a non-finite result, an ``out`` not
+            ending with ``.safetensors``.
+        OSError: ``out`` cannot be written, e.g. its folder does not exist.
 
     Example:
         >>> svdtune.merge_files("base.pth", "task.safetensors", "merged.safetensors", scale=0.8)
     """
-    if not os.fspath(out).endswith(".safetensors"):
-        raise SvdtuneError(f"out={os.fspath(out)!r} must end with .safetensors: merged weights are written as safetensors.")
+    container.check_destination(out)  # before any work
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise SvdtuneError(f"scale={scale!r} must be a finite number (1.0 applies the deltas as saved).")
     record = as_delta_file(delta)

@@ -103,3 +103,19 @@ def test_python_dash_m(files):
     failed = subprocess.run([sys.executable, "-m", "svdtune", "inspect", str(delta) + ".missing"], capture_output=True,
                             text=True, env=env, timeout=120)
     assert failed.returncode == 1 and failed.stderr.startswith("svdtune: error:") and "Traceback" not in failed.stderr
+
+
+def test_a_missing_output_folder_is_one_line_naming_the_users_path(files, tmp_path, capsys):
+    base, delta = files
+    out = tmp_path / "no-such-folder" / "out.safetensors"
+    for argv in (["combine", str(delta), "--weights", "1", "-o", str(out)], ["merge", str(base), str(delta), "-o", str(out)]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{out}: " in err and "create it first" in err and ".tmp" not in err
+    assert not out.parent.exists()
+
+
+def test_every_written_file_must_be_safetensors(files, tmp_path, capsys):
+    _, delta = files
+    assert main(["combine", str(delta), "--weights", "1", "-o", str(tmp_path / "mix.pt")]) == 1
+    assert "must end with .safetensors" in capsys.readouterr().err and not (tmp_path / "mix.pt").exists()

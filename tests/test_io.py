@@ -362,3 +362,18 @@ def test_in_memory_delta_files_are_checked_like_files(saved):
         with pytest.raises(svdtune.SvdtuneError, match="in-memory DeltaFile: layer '0'"):
             svdtune.load_delta(base, bad)
         assert_unchanged(base, before)
+
+
+def test_save_names_the_users_path_and_wants_safetensors(tmp_path):
+    model = trained(small())
+    missing = tmp_path / "no-such-folder" / "d.safetensors"
+    with pytest.raises(FileNotFoundError, match="create it first") as caught:
+        svdtune.save_delta(model, missing)
+    assert caught.value.filename == str(missing)
+    (tmp_path / "folder.safetensors").mkdir()
+    with pytest.raises(IsADirectoryError):
+        svdtune.save_delta(model, tmp_path / "folder.safetensors")
+    with pytest.raises(svdtune.SvdtuneError, match="must end with .safetensors"):
+        svdtune.save_delta(model, tmp_path / "d.pt")
+    svdtune.save_delta(model, tmp_path / "D.SAFETENSORS")
+    assert sorted(os.listdir(tmp_path)) == ["D.SAFETENSORS", "folder.safetensors"]

@@ -219,3 +219,15 @@ def test_in_memory_deltas_are_checked_like_files(files, tmp_path):
             with pytest.raises(svdtune.SvdtuneError, match=f"layer {name!r}"):
                 use()
     assert not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("suffix", [".PT", ".Pth", ".ckpt", ".SAFETENSORS"])
+def test_base_suffixes_in_any_case_and_ckpt(files, tmp_path, suffix):
+    base, model, _, delta_path = files
+    path = tmp_path / f"base{suffix}"
+    if suffix == ".SAFETENSORS":
+        safetensors.torch.save_file(base.state_dict(), path)
+    else:
+        torch.save(base.state_dict(), path)
+    svdtune.merge_files(path, delta_path, tmp_path / "merged.safetensors")
+    assert_state_close(safetensors.torch.load_file(tmp_path / "merged.safetensors"), merged_state(model))
