@@ -21,6 +21,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -148,18 +149,21 @@ def fingerprint_mismatch(expected: Fingerprint, weight: Tensor, top_sigma) -> st
     return f"{reason}, and its top singular values differ beyond {expected.dtype}->{now} rounding"
 
 
-def check_base(name: str, expected: Fingerprint, weight: Tensor, sigma: Tensor, strict: bool, use: str, action: str) -> None:
+def check_base(name: str, expected: Fingerprint, weight: Tensor, top_sigma: Callable[[], Tensor], strict: bool,
+               use: str, action: str) -> None:
     """Raise (strict) or warn if ``weight`` is not the base weight the layer's delta was trained on.
 
     Args:
         name: the layer, for the message.
         expected: the fingerprint recorded in the delta file.
-        weight: the candidate base weight; ``sigma`` its descending singular values.
+        weight: the candidate base weight.
+        top_sigma: a callable returning its descending singular values, called only when
+            the hash cannot decide alone (the dtype differs): so a wrong base costs no SVD.
         strict: raise SvdtuneError; else warn and go on.
         use: what to do instead, e.g. "load the delta into the base model it was trained on".
         action: what strict=False goes on with, e.g. "loading".
     """
-    reason = fingerprint_mismatch(expected, weight, lambda: sigma)
+    reason = fingerprint_mismatch(expected, weight, top_sigma)
     if reason is None:
         return
     if strict:

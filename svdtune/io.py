@@ -80,7 +80,8 @@ class _Step:
     layer: nn.Module
     config: SpectralConfig
     delta: Tensor
-    factors: Decomposition | None  # None: the layer is adapted already
+    adapted: bool  # the layer holds an svdtune adapter already
+    factors: Decomposition | None = None  # a plain layer is decomposed once its base weight is known to match
 
 
 def load_delta(
@@ -126,8 +127,8 @@ def load_delta(
     else:
         modules = dict(model.named_modules())
         steps = {name: _plain_step(name, record, modules, cache_dir) for name, record in delta.layers.items()}
-    _check_fingerprints(delta, steps, strict)
     params = _param_targets(model, delta)
+    _check_fingerprints(delta, steps, strict, cache_dir)  # hashes first, then the SVDs
     # Nothing above changed the model; nothing below can fail.
     _apply_steps(model, steps, cache_dir)
     with torch.no_grad():
@@ -150,9 +151,8 @@ def _plain_step(name: str, record: LayerDelta, modules: dict[str, nn.Module], ca
     _check_adaptable(name, layer)
     _check_shape(name, tuple(layer._parameters["weight"].shape), record)
     rank = None if record.rank == record.max_rank else record.rank
-    factors = decompose_named(name, layer._parameters["weight"], rank, cache_dir)
     config = SpectralConfig(mode=record.mode, rank=rank, scale=record.scale)
-    return _Step(layer, config, record.delta, factors)
+    return _Step(layer, config, record.delta, adapted=False)
 
 
 def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, SpectralLayer], wanted: set[str]) -> _Step:
@@ -175,7 +175,7 @@ def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, SpectralLaye
             f"layer {name!r} already holds a different adapter (rank {rank}, mode {config.mode}; the file has "
             f"rank {record.rank}, mode {record.mode}); call svdtune.restore(model) first, or load into a fresh base model."
         )
-    return _Step(layer, dataclasses.replace(config, scale=record.scale), record.delta, None)
+    return _Step(layer, dataclasses.replace(config, scale=record.scale), record.delta, adapted=True, factors=layer._factors())
 
 
 def _check_shape(name: str, shape: tuple[int, ...], record: LayerDelta) -> None:
@@ -184,16 +184,24 @@ def _check_shape(name: str, shape: tuple[int, ...], record: LayerDelta) -> None:
                            "in the delta file; load the delta into the base model it was trained on.")
 
 
-def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool) -> None:
+def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool, cache_dir: str | None) -> None:
+    """Check every base weight's hash before any SVD (a wrong base fails fast), then decompose."""
     for name, step in steps.items():
-        record, layer = delta.layers[name], step.layer
-        weight = layer._parameters["weight"]
-        factors = step.factors if step.factors is not None else layer._factors()
-        check_base(name, record.fingerprint, weight, factors.sigma, strict,
+        check_base(name, delta.layers[name].fingerprint, step.layer._parameters["weight"],
+                   lambda: _factors(name, step, cache_dir).sigma, strict,
                    "load the delta into the base model it was trained on", "loading")
+    for name, step in steps.items():
+        record, factors = delta.layers[name], _factors(name, step, cache_dir)
         with torch.no_grad():
             shift = spectrum_shift(factors.sigma, record.delta.to(factors.sigma), record.scale, record.mode)
         warn_if_basis_dependent(name, factors.sigma, shift, None)
+
+
+def _factors(name: str, step: _Step, cache_dir: str | None) -> Decomposition:
+    """The step's decomposition, computed on first use."""
+    if step.factors is None:
+        step.factors = decompose_named(name, step.layer._parameters["weight"], step.config.rank, cache_dir)
+    return step.factors
 
 
 def _param_targets(model: nn.Module, delta: DeltaFile) -> dict[str, nn.Parameter]:
@@ -212,7 +220,7 @@ def _param_targets(model: nn.Module, delta: DeltaFile) -> dict[str, nn.Parameter
 
 def _apply_steps(model: nn.Module, steps: dict[str, _Step], cache_dir: str | None) -> None:
     """Adapt the plain layers as `svdtune.apply` would, then set every layer's deltas and config."""
-    plan = [(step.layer, step.factors, step.config) for step in steps.values() if step.factors is not None]
+    plan = [(step.layer, step.factors, step.config) for step in steps.values() if not step.adapted]
     if plan:
         adapt_layers(model, plan, cache_dir)
     for step in steps.values():

@@ -11,6 +11,7 @@ that is detected and warned about.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from svdtune import container
 from svdtune.cache import decompose_named
+from svdtune.decompose import Decomposition
 from svdtune.delta import DeltaFile, LayerDelta, as_delta_file, check_base
 from svdtune.errors import SvdtuneError
 from svdtune.layers import merged_weight, spectrum_shift
@@ -123,14 +125,18 @@ def merge_files(
     record = as_delta_file(delta)
     state = read_state_dict(base)
     merged = dict(state)
-    for name, layer in record.layers.items():
-        key = f"{name}.weight"
-        merged[key] = _merged_weight(name, _base_weight(state, key, name, layer), layer, scale, strict)
     for name, value in record.params.items():
         if name not in state or tuple(state[name].shape) != tuple(value.shape):
             raise SvdtuneError(f"parameter {name!r} of the delta file is missing from the base checkpoint or has "
                                "another shape; use the base checkpoint the delta was trained on.")
         merged[name] = value.to(state[name].dtype)
+    weights = {name: _base_weight(state, f"{name}.weight", name, layer) for name, layer in record.layers.items()}
+    factors = functools.cache(lambda name: decompose_named(name, weights[name], None, None))  # all singular values
+    for name, layer in record.layers.items():  # every hash before any SVD: a wrong base fails fast
+        check_base(name, layer.fingerprint, weights[name], lambda: factors(name).sigma, strict,
+                   "use the base checkpoint the delta was trained on (or --force on the command line)", "merging")
+    for name, layer in record.layers.items():
+        merged[f"{name}.weight"] = _merged_weight(name, weights[name], factors(name), layer, scale)
     container.atomic_write(out, container.encode(merged, {"format": "pt"}))
 
 
@@ -145,11 +151,11 @@ def _base_weight(state: dict[str, Tensor], key: str, name: str, layer: LayerDelt
     return weight
 
 
-def _merged_weight(name: str, weight: Tensor, layer: LayerDelta, scale: float, strict: bool) -> Tensor:
-    """W' = W + U diag(shift) Vh in the weight's dtype, computed as `svdtune.merge` does."""
-    factors = decompose_named(name, weight, None, None)  # all singular values: the one after the top k is checked too
-    check_base(name, layer.fingerprint, weight, factors.sigma, strict,
-               "use the base checkpoint the delta was trained on (or --force on the command line)", "merging")
+def _merged_weight(name: str, weight: Tensor, factors: Decomposition, layer: LayerDelta, scale: float) -> Tensor:
+    """W' = W + U diag(shift) Vh in the weight's dtype, computed as `svdtune.merge` does.
+
+    ``factors`` holds all singular values: the one after the top k is checked for repeats too.
+    """
     k, sigma = layer.rank, factors.sigma
     shift = spectrum_shift(sigma[:k], layer.delta.to(sigma.dtype), layer.scale * scale, layer.mode)
     warn_if_basis_dependent(name, sigma[:k], shift, float(sigma[k]) if k < sigma.numel() else None)

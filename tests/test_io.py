@@ -377,3 +377,15 @@ def test_save_names_the_users_path_and_wants_safetensors(tmp_path):
         svdtune.save_delta(model, tmp_path / "d.pt")
     svdtune.save_delta(model, tmp_path / "D.SAFETENSORS")
     assert sorted(os.listdir(tmp_path)) == ["D.SAFETENSORS", "folder.safetensors"]
+
+
+def test_a_wrong_base_fails_on_its_hash_before_any_svd(saved, monkeypatch):
+    _, path, _ = saved
+    other = small(seed=9)
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("an SVD ran before the fingerprint check")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    with pytest.raises(svdtune.SvdtuneError, match="base weight differs"):
+        svdtune.load_delta(other, path)

@@ -231,3 +231,15 @@ def test_base_suffixes_in_any_case_and_ckpt(files, tmp_path, suffix):
         torch.save(base.state_dict(), path)
     svdtune.merge_files(path, delta_path, tmp_path / "merged.safetensors")
     assert_state_close(safetensors.torch.load_file(tmp_path / "merged.safetensors"), merged_state(model))
+
+
+def test_a_wrong_base_fails_on_its_hash_before_any_svd(files, tmp_path, monkeypatch):
+    _, _, _, delta_path = files
+    safetensors.torch.save_file(small(seed=9).state_dict(), tmp_path / "other.safetensors")
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("an SVD ran before the fingerprint check")
+
+    monkeypatch.setattr(torch.linalg, "svd", no_svd)
+    with pytest.raises(svdtune.SvdtuneError, match="base weight differs"):
+        svdtune.merge_files(tmp_path / "other.safetensors", delta_path, tmp_path / "m.safetensors")
