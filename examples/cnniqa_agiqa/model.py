@@ -17,7 +17,7 @@ from torch import nn
 
 from svdtune import container
 from svdtune.errors import SvdtuneError
-from svdtune.offline import read_state_dict
+from svdtune.offline import BASE_SUFFIXES, read_state_dict
 
 __all__ = ["CNNIQA", "load_pretrained", "save_plain", "EXPECTED_SHAPES"]
 
@@ -71,13 +71,13 @@ class CNNIQA(nn.Module):
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Read a state dict with svdtune's reader (.safetensors, or .pt/.pth/.bin with {"params": sd} unwrapped)."""
+    """Read a state dict with svdtune's reader (.safetensors, or a torch file with {"params": sd} unwrapped)."""
     try:
         return read_state_dict(path)
     except SvdtuneError as error:
         raise ValueError(
             f"could not read pretrained weights {path}: {error} Pass IQA-PyTorch's .pth ({{'params': state_dict}}), "
-            "a bare state dict (.pt, .pth, .bin) or a .safetensors file."
+            f"a bare state dict ({', '.join(s for s in BASE_SUFFIXES if s != '.safetensors')}) or a .safetensors file."
         ) from None
 
 
