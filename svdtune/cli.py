@@ -114,12 +114,14 @@ def describe(delta: DeltaFile, path: str) -> list[str]:
         for name, layer in delta.layers.items()
     ]
     lines += _table(header, rows)
-    if delta.params:
-        lines += ["", "fully trained parameters:"]
-        lines += _table(("parameter", "shape", "dtype", "bytes"), [
-            (name, "x".join(map(str, value.shape)) or "scalar", str(value.dtype).removeprefix("torch."),
-             f"{value.numel() * value.element_size():,}") for name, value in delta.params.items()
-        ])
+    for title, kind, tensors in (("fully trained parameters:", "parameter", delta.params),
+                                 ("buffers of their modules:", "buffer", delta.buffers)):
+        if tensors:
+            lines += ["", title]
+            lines += _table((kind, "shape", "dtype", "bytes"), [
+                (name, "x".join(map(str, value.shape)) or "scalar", str(value.dtype).removeprefix("torch."),
+                 f"{value.numel() * value.element_size():,}") for name, value in tensors.items()
+            ])
     return lines
 
 

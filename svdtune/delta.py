@@ -3,8 +3,9 @@
 A delta file is a checksummed safetensors file (see `svdtune.container` and
 docs/format.md): one tensor per adapted layer, keyed by the layer's qualified
 module name, holding its k deltas; optionally one tensor per fully trained
-parameter, keyed by the parameter's qualified name; and a header that says
-which base weights the deltas belong to.
+parameter, keyed by the parameter's qualified name, and per persistent buffer
+of those parameters' modules (format version 2); and a header that says which
+base weights the deltas belong to.
 
 Fingerprint rule: a base weight is identified by the SHA-256 of its values
 converted to float32 (little-endian, C order) and by its top singular values.
@@ -32,7 +33,8 @@ from svdtune.config import MODES
 from svdtune.errors import SvdtuneError
 
 FORMAT = "svdtune.delta"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version: 2 adds "buffers"; a file without buffers is written as version 1
+READ_VERSIONS = (1, 2)
 TOP_SIGMA = 4  # singular values kept in a fingerprint
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -92,12 +94,15 @@ class DeltaFile:
         params: {qualified parameter name: tensor} of fully trained parameters.
         metadata: the user's metadata (str -> str).
         svdtune_version: the svdtune version that wrote it.
+        buffers: {qualified buffer name: tensor}, the persistent buffers of the modules
+            whose parameters are in ``params`` (e.g. BatchNorm running statistics).
     """
 
     layers: dict[str, LayerDelta]
     params: dict[str, Tensor] = field(default_factory=dict, repr=False)
     metadata: dict[str, str] = field(default_factory=dict)
     svdtune_version: str = ""
+    buffers: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write this delta to ``path`` (atomically: the old file or the new one, never half).
@@ -211,23 +216,26 @@ def as_delta_file(source: str | os.PathLike | DeltaFile) -> DeltaFile:
 
 def to_tensors(delta: DeltaFile) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The (tensors, metadata) that represent ``delta`` in a file."""
-    clash = sorted(set(delta.layers) & set(delta.params))
+    names = [*delta.layers, *delta.params, *delta.buffers]
+    clash = sorted(n for n in set(names) if names.count(n) > 1)
     if clash:
-        raise SvdtuneError(f"{clash[0]!r} is both a layer and a parameter name; a delta file needs distinct keys.")
+        raise SvdtuneError(f"{clash[0]!r} names two of a layer, a parameter and a buffer; a delta file needs distinct keys.")
     container.check_metadata(delta.metadata)
     records = {name: _record(layer) for name, layer in delta.layers.items()}
     from svdtune import __version__
 
     metadata = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(FORMAT_VERSION if delta.buffers else 1),  # version 1: older svdtune reads it
         "svdtune_version": delta.svdtune_version or __version__,
         "layers": json.dumps(records, separators=(",", ":")),
         "params": json.dumps(sorted(delta.params)),
         "metadata": json.dumps(dict(delta.metadata), sort_keys=True),
     }
+    if delta.buffers:
+        metadata["buffers"] = json.dumps(sorted(delta.buffers))
     tensors = {name: layer.delta.detach() for name, layer in delta.layers.items()}
-    tensors.update({name: value.detach() for name, value in delta.params.items()})
+    tensors.update({name: value.detach() for name, value in {**delta.params, **delta.buffers}.items()})
     return tensors, metadata
 
 
@@ -253,25 +261,36 @@ def from_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], what: str
         raise SvdtuneError(f"{what} is a safetensors file but not an svdtune delta (format={metadata.get('format')!r}); "
                            "pass a file written by svdtune.save_delta.")
     version = metadata.get("format_version", "")
-    if not version.isdigit() or int(version) != FORMAT_VERSION:
+    if not version.isdigit() or int(version) not in READ_VERSIONS:
         raise SvdtuneError(f"{what} uses delta format version {version!r} (svdtune {metadata.get('svdtune_version', '?')}); "
-                           f"this svdtune reads version {FORMAT_VERSION}: install the svdtune version that wrote it.")
+                           f"this svdtune reads versions {READ_VERSIONS[0]} to {READ_VERSIONS[-1]}: "
+                           "install the svdtune version that wrote it.")
     records, params, user = (_json(metadata, key, what) for key in ("layers", "params", "metadata"))
-    if not isinstance(records, dict) or not isinstance(params, list) or not all(isinstance(p, str) for p in params) \
-            or not isinstance(user, dict):
-        raise SvdtuneError(f"{what} has malformed layers/params/metadata entries; write the file again.")
+    buffers = _json(metadata, "buffers", what) if int(version) >= 2 else []  # version 1 has no buffers
+    if not isinstance(records, dict) or not _names(params) or not _names(buffers) or not isinstance(user, dict):
+        raise SvdtuneError(f"{what} has malformed layers/params/buffers/metadata entries; write the file again.")
     if not container.is_str_map(user):
         raise SvdtuneError(f"{what} has user metadata that is not str -> str; write the file again.")
-    expected = set(records) | set(params)
-    extra, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
-    if extra or missing or len(expected) != len(records) + len(params):
-        name = (extra or missing or sorted(n for n in params if params.count(n) > 1 or n in records))[0]
-        raise SvdtuneError(f"{what}: tensor {name!r} does not match the layer/parameter list of the header; write the file again.")
+    _check_tensor_names(set(tensors), [*records, *params, *buffers], what)
     layers = {name: _layer(name, record, tensors[name], what) for name, record in records.items()}
     for name in params:
         if tensors[name].dtype not in FLOATS:
             raise SvdtuneError(f"{what}: parameter {name!r} has dtype {tensors[name].dtype}, not a float; write the file again.")
-    return DeltaFile(layers, {n: tensors[n] for n in params}, user, metadata.get("svdtune_version", ""))
+    return DeltaFile(layers, {n: tensors[n] for n in params}, user, metadata.get("svdtune_version", ""),
+                     {n: tensors[n] for n in buffers})
+
+
+def _names(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(n, str) for n in value)
+
+
+def _check_tensor_names(tensors: set[str], names: list[str], what: str) -> None:
+    """Every tensor is named exactly once in the header's layers, params and buffers."""
+    extra, missing = sorted(tensors - set(names)), sorted(set(names) - tensors)
+    twice = sorted(n for n in set(names) if names.count(n) > 1)
+    if extra or missing or twice:
+        raise SvdtuneError(f"{what}: tensor {(extra or missing or twice)[0]!r} does not match the layer/parameter/buffer "
+                           "lists of the header; write the file again.")
 
 
 def _json(metadata: dict[str, str], key: str, what: str):

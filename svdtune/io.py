@@ -31,7 +31,9 @@ def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
 
     The file holds, per adapted layer, its k deltas plus its class, weight shape,
     mode, scale and a fingerprint of its base weight; also every other parameter
-    with ``requires_grad`` (e.g. of ``trainable`` modules). It is written atomically.
+    with ``requires_grad`` (e.g. of ``trainable`` modules), and the persistent
+    buffers of the modules holding those (e.g. BatchNorm running statistics).
+    It is written atomically.
 
     Args:
         model: a model passed through `svdtune.apply`.
@@ -58,7 +60,16 @@ def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
     deltas = {id(layer._parameters[DELTA]) for _, layer in adapted}
     params = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()
               if p.requires_grad and id(p) not in deltas}
-    DeltaFile(layers, params, metadata).save(path)
+    DeltaFile(layers, params, metadata, buffers=_trained_buffers(model, params)).save(path)
+
+
+def _trained_buffers(model: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The persistent buffers of the modules whose parameters are saved (e.g. BatchNorm running stats)."""
+    modules = dict(model.named_modules())
+    owners = sorted({name.rpartition(".")[0] for name in params})
+    return {f"{owner}.{name}" if owner else name: buffer.detach().to("cpu", copy=True)
+            for owner in owners for name, buffer in modules[owner]._buffers.items()
+            if buffer is not None and name not in modules[owner]._non_persistent_buffers_set}
 
 
 def _layer_delta(name: str, layer: SpectralLayer) -> LayerDelta:
@@ -97,7 +108,8 @@ def load_delta(
     file's rank, mode and scale (as `svdtune.apply` would, freezing the rest). On a
     model that already holds the same adapters (same layers, ranks and modes), the
     deltas and scales are copied in. Fully trained parameters in the file are
-    copied into the model's parameters of the same names and left trainable.
+    copied into the model's parameters of the same names and left trainable; their
+    modules' buffers into the model's buffers of the same names.
 
     Args:
         model: the base model the delta was trained on; changed in place.
@@ -112,8 +124,8 @@ def load_delta(
     Raises:
         SvdtuneError: the file is damaged or from an unknown version; a layer is
             missing or has another class or shape; a base weight differs (strict);
-            the model holds different adapters; a parameter is missing or has
-            another shape. The model is unchanged when it is raised.
+            the model holds different adapters; a parameter or buffer is missing or
+            has another shape. The model is unchanged when it is raised.
 
     Example:
         >>> model = load_my_pretrained_model()
@@ -128,6 +140,7 @@ def load_delta(
         modules = dict(model.named_modules())
         steps = {name: _plain_step(name, record, modules, cache_dir) for name, record in delta.layers.items()}
     params = _param_targets(model, delta)
+    buffers = _targets("buffer", dict(model.named_buffers()), delta.buffers)
     _check_fingerprints(delta, steps, strict, cache_dir)  # hashes first, then the SVDs
     # Nothing above changed the model; nothing below can fail.
     _apply_steps(model, steps, cache_dir)
@@ -135,6 +148,8 @@ def load_delta(
         for name, value in delta.params.items():
             params[name].copy_(value)
             params[name].requires_grad_(True)
+        for name, value in delta.buffers.items():
+            buffers[name].copy_(value)
     return model
 
 
@@ -204,18 +219,25 @@ def _factors(name: str, step: _Step, cache_dir: str | None) -> Decomposition:
     return step.factors
 
 
-def _param_targets(model: nn.Module, delta: DeltaFile) -> dict[str, nn.Parameter]:
-    params = dict(model.named_parameters())
+def _param_targets(model: nn.Module, delta: DeltaFile) -> dict[str, Tensor]:
     base_weights = {f"{name}.weight" for name in delta.layers}
-    for name, value in delta.params.items():
-        target = params.get(name)
-        if target is None or name in base_weights or name.rsplit(".", 1)[-1] == DELTA:
-            raise SvdtuneError(f"parameter {name!r} of the delta file is missing from the model (or is a base weight "
-                               "of a tuned layer); load the delta into the model it was trained with.")
+    params = {name: p for name, p in model.named_parameters()
+              if name not in base_weights and name.rsplit(".", 1)[-1] != DELTA}
+    return _targets("parameter", params, delta.params)
+
+
+def _targets(kind: str, found: dict[str, Tensor], values: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The model's tensors that ``values`` are copied into, each checked to exist with the same shape."""
+    for name, value in values.items():
+        target = found.get(name)
+        if target is None:
+            hint = " (or is a base weight of a tuned layer)" if kind == "parameter" else ""
+            raise SvdtuneError(f"{kind} {name!r} of the delta file is missing from the model{hint}; "
+                               "load the delta into the model it was trained with.")
         if tuple(target.shape) != tuple(value.shape):
-            raise SvdtuneError(f"parameter {name!r} has shape {list(target.shape)} in the model but {list(value.shape)} "
+            raise SvdtuneError(f"{kind} {name!r} has shape {list(target.shape)} in the model but {list(value.shape)} "
                                "in the delta file; load the delta into the model it was trained with.")
-    return {name: params[name] for name in delta.params}
+    return {name: found[name] for name in values}
 
 
 def _apply_steps(model: nn.Module, steps: dict[str, _Step], cache_dir: str | None) -> None:

@@ -105,7 +105,7 @@ def merge_files(
             (read with ``torch.load(weights_only=True)``; ``{"params": sd}`` is unwrapped).
         delta: a delta file path or a `DeltaFile`.
         out: the output ``.safetensors`` file: the base state dict with merged weights
-            (and the delta's fully trained parameters); written atomically.
+            (and the delta's fully trained parameters and their modules' buffers); written atomically.
         scale: multiplies each layer's stored scale (0.0 gives back the base weights).
         strict: if False, a base weight that does not match its fingerprint is merged
             anyway, with a warning.
@@ -124,12 +124,7 @@ def merge_files(
         raise SvdtuneError(f"scale={scale!r} must be a finite number (1.0 applies the deltas as saved).")
     record = as_delta_file(delta)
     state = read_state_dict(base)
-    merged = dict(state)
-    for name, value in record.params.items():
-        if name not in state or tuple(state[name].shape) != tuple(value.shape):
-            raise SvdtuneError(f"parameter {name!r} of the delta file is missing from the base checkpoint or has "
-                               "another shape; use the base checkpoint the delta was trained on.")
-        merged[name] = value.to(state[name].dtype)
+    merged = {**state, **_trained_tensors(state, record)}
     weights = {name: _base_weight(state, f"{name}.weight", name, layer) for name, layer in record.layers.items()}
     factors = functools.cache(lambda name: decompose_named(name, weights[name], None, None))  # all singular values
     for name, layer in record.layers.items():  # every hash before any SVD: a wrong base fails fast
@@ -138,6 +133,18 @@ def merge_files(
     for name, layer in record.layers.items():
         merged[f"{name}.weight"] = _merged_weight(name, weights[name], factors(name), layer, scale)
     container.atomic_write(out, container.encode(merged, {"format": "pt"}))
+
+
+def _trained_tensors(state: dict[str, Tensor], record: DeltaFile) -> dict[str, Tensor]:
+    """The delta's fully trained parameters and buffers, checked against the base and cast to its dtypes."""
+    tensors = {}
+    for kind, values in (("parameter", record.params), ("buffer", record.buffers)):
+        for name, value in values.items():
+            if name not in state or tuple(state[name].shape) != tuple(value.shape):
+                raise SvdtuneError(f"{kind} {name!r} of the delta file is missing from the base checkpoint or has "
+                                   "another shape; use the base checkpoint the delta was trained on.")
+            tensors[name] = value.to(state[name].dtype)
+    return tensors
 
 
 def _base_weight(state: dict[str, Tensor], key: str, name: str, layer: LayerDelta) -> Tensor:
@@ -201,9 +208,9 @@ def combine(deltas: Iterable[str | os.PathLike | DeltaFile], weights: Iterable[f
 
 
 def _check_compatible(first: DeltaFile, other: DeltaFile, first_label: str, label: str) -> None:
-    if other.params:
-        raise SvdtuneError(f"{label} also holds fully trained parameters ({next(iter(other.params))!r}), which cannot "
-                           "be combined as spectral deltas; combine deltas saved without trainable modules.")
+    if other.params or other.buffers:
+        raise SvdtuneError(f"{label} also holds fully trained parameters or buffers ({next(iter({**other.params, **other.buffers}))!r}), "
+                           "which cannot be combined as spectral deltas; combine deltas saved without trainable modules.")
     if set(other.layers) != set(first.layers):
         name = sorted(set(other.layers) ^ set(first.layers))[0]
         raise SvdtuneError(f"layer {name!r} is in only one of {first_label} and {label}; combine deltas of the same layers.")

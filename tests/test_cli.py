@@ -119,3 +119,12 @@ def test_every_written_file_must_be_safetensors(files, tmp_path, capsys):
     _, delta = files
     assert main(["combine", str(delta), "--weights", "1", "-o", str(tmp_path / "mix.pt")]) == 1
     assert "must end with .safetensors" in capsys.readouterr().err and not (tmp_path / "mix.pt").exists()
+
+
+def test_inspect_lists_the_trained_modules_buffers(tmp_path, capsys):
+    model = svdtune.apply(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), ["0"], trainable=["1"])
+    svdtune.save_delta(model, tmp_path / "d.safetensors")
+    assert main(["inspect", str(tmp_path / "d.safetensors")]) == 0
+    out = capsys.readouterr().out.split("buffers of their modules:")[1]
+    assert [line.split()[:3] for line in out.strip().splitlines()[2:]] == [
+        ["1.num_batches_tracked", "scalar", "int64"], ["1.running_mean", "4", "float32"], ["1.running_var", "4", "float32"]]

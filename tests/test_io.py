@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import os
+from collections import OrderedDict
 
 import pytest
 import safetensors.torch
@@ -215,7 +216,7 @@ CASES = {
     "fingerprint": (lambda m: (m[3].weight.data.add_(1e-3), m)[1], None, "layer '3': its base weight differs"),
     "different adapters (rank)": (lambda m: svdtune.apply(m, ["0", "3", "5"], rank=1), None, "different adapter"),
     "different adapters (layers)": (lambda m: svdtune.apply(m, ["0"]), None, "adapters on other layers"),
-    "unknown version": (None, lambda t, md: md.update(format_version="2"), "format version '2'"),
+    "unknown version": (None, lambda t, md: md.update(format_version="3"), "format version '3'"),
     "not a delta": (None, lambda t, md: md.update(format="something"), "not an svdtune delta"),
     "wrong tensor shape": (None, lambda t, md: t.update({"3": torch.zeros(5)}), "layer '3' has a delta tensor of shape \\(5,\\)"),
     "wrong tensor dtype": (None, lambda t, md: t.update({"3": t["3"].to(torch.int32)}), "layer '3' has a delta tensor .*int32"),
@@ -389,3 +390,52 @@ def test_a_wrong_base_fails_on_its_hash_before_any_svd(saved, monkeypatch):
     monkeypatch.setattr(torch.linalg, "svd", no_svd)
     with pytest.raises(svdtune.SvdtuneError, match="base weight differs"):
         svdtune.load_delta(other, path)
+
+
+def bn_head(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(OrderedDict(body=nn.Linear(6, 8), head=nn.Sequential(OrderedDict(fc=nn.Linear(8, 4), bn=nn.BatchNorm1d(4)))))
+
+
+def trained_bn_head(base: nn.Module) -> nn.Module:
+    """A copy of ``base`` with adapted "body", a trainable head, and running stats from a few training steps."""
+    model = svdtune.apply(copy.deepcopy(base), ["body"], trainable=["head"])
+    randomize_deltas(model, seed=1)
+    model.train()
+    for _ in range(3):
+        model(torch.randn(16, 6) * 3 + 1)
+    return model.eval()
+
+
+def test_buffers_of_trainable_modules_travel_with_them(tmp_path):
+    base = bn_head()
+    model = trained_bn_head(base)
+    svdtune.save_delta(model, tmp_path / "d.safetensors")
+    delta = svdtune.read_delta(tmp_path / "d.safetensors")
+    assert set(delta.buffers) == {"head.bn.running_mean", "head.bn.running_var", "head.bn.num_batches_tracked"}
+    svdtune.load_delta(base, tmp_path / "d.safetensors")
+    x = torch.randn(5, 6)
+    assert torch.equal(base.eval()(x), model(x))
+    assert int(base.head.bn.num_batches_tracked) == 3
+
+
+def test_buffer_refusals_change_nothing(tmp_path):
+    svdtune.save_delta(trained_bn_head(bn_head()), tmp_path / "d.safetensors")
+    delta = svdtune.read_delta(tmp_path / "d.safetensors")
+    stats = delta.buffers["head.bn.running_mean"]
+    for buffers, message in (({**delta.buffers, "head.bn.extra": stats}, "buffer 'head.bn.extra' of the delta file is missing"),
+                             ({**delta.buffers, "head.bn.running_mean": stats[:2]}, "buffer 'head.bn.running_mean' has shape")):
+        base = bn_head()
+        before, running = snapshot(base), base.head.bn.running_mean.clone()
+        with pytest.raises(svdtune.SvdtuneError, match=message):
+            svdtune.load_delta(base, dataclasses.replace(delta, buffers=buffers))
+        assert_unchanged(base, before)
+        assert torch.equal(base.head.bn.running_mean, running)
+
+
+def test_files_without_buffers_stay_version_1(saved, tmp_path):
+    _, path, _ = saved
+    assert safetensors.safe_open(path, "pt").metadata()["format_version"] == "1"
+    svdtune.save_delta(trained_bn_head(bn_head()), tmp_path / "bn.safetensors")
+    metadata = safetensors.safe_open(tmp_path / "bn.safetensors", "pt").metadata()
+    assert metadata["format_version"] == "2" and json.loads(metadata["buffers"])[0] == "head.bn.num_batches_tracked"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import warnings
+from collections import OrderedDict
 
 import pytest
 import safetensors.torch
@@ -243,3 +244,16 @@ def test_a_wrong_base_fails_on_its_hash_before_any_svd(files, tmp_path, monkeypa
     monkeypatch.setattr(torch.linalg, "svd", no_svd)
     with pytest.raises(svdtune.SvdtuneError, match="base weight differs"):
         svdtune.merge_files(tmp_path / "other.safetensors", delta_path, tmp_path / "m.safetensors")
+
+
+def test_merge_files_writes_the_trained_modules_buffers(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(OrderedDict(body=nn.Linear(6, 8), head=nn.Sequential(OrderedDict(fc=nn.Linear(8, 4), bn=nn.BatchNorm1d(4)))))
+    model = randomize(svdtune.apply(copy.deepcopy(base), ["body"], trainable=["head"]), seed=1)
+    model.train()(torch.randn(16, 6) * 3 + 1)
+    safetensors.torch.save_file(base.state_dict(), tmp_path / "base.safetensors")
+    svdtune.save_delta(model, tmp_path / "d.safetensors")
+    svdtune.merge_files(tmp_path / "base.safetensors", tmp_path / "d.safetensors", tmp_path / "m.safetensors")
+    assert_state_close(safetensors.torch.load_file(tmp_path / "m.safetensors"), merged_state(model))
+    with pytest.raises(svdtune.SvdtuneError, match="parameters or buffers"):
+        svdtune.combine([tmp_path / "d.safetensors"], [1.0])
