@@ -190,7 +190,8 @@ def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, SpectralLaye
             f"layer {name!r} already holds a different adapter (rank {rank}, mode {config.mode}; the file has "
             f"rank {record.rank}, mode {record.mode}); call svdtune.restore(model) first, or load into a fresh base model."
         )
-    return _Step(layer, dataclasses.replace(config, scale=record.scale), record.delta, adapted=True, factors=layer._factors())
+    config = dataclasses.replace(config, scale=record.scale)
+    return _Step(layer, config, record.delta, adapted=True, factors=layer._factors())
 
 
 def _check_shape(name: str, shape: tuple[int, ...], record: LayerDelta) -> None:

@@ -208,9 +208,10 @@ def combine(deltas: Iterable[str | os.PathLike | DeltaFile], weights: Iterable[f
 
 
 def _check_compatible(first: DeltaFile, other: DeltaFile, first_label: str, label: str) -> None:
-    if other.params or other.buffers:
-        raise SvdtuneError(f"{label} also holds fully trained parameters or buffers ({next(iter({**other.params, **other.buffers}))!r}), "
-                           "which cannot be combined as spectral deltas; combine deltas saved without trainable modules.")
+    trained = [*other.params, *other.buffers]
+    if trained:
+        raise SvdtuneError(f"{label} also holds fully trained parameters or buffers ({trained[0]!r}), which cannot "
+                           "be combined as spectral deltas; combine deltas saved without trainable modules.")
     if set(other.layers) != set(first.layers):
         name = sorted(set(other.layers) ^ set(first.layers))[0]
         raise SvdtuneError(f"layer {name!r} is in only one of {first_label} and {label}; combine deltas of the same layers.")
