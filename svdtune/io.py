@@ -23,7 +23,7 @@ from svdtune.delta import DeltaFile, LayerDelta, as_delta_file, check_base, fing
 from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, spectrum_shift
 from svdtune.offline import warn_if_basis_dependent
-from svdtune.model import _check_adaptable, adapt_layers, adapted_layers
+from svdtune.model import _check_adaptable, adapt_layers, adapted_layers, check_not_shared
 
 
 def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
@@ -139,6 +139,7 @@ def load_delta(
     else:
         modules = dict(model.named_modules())
         steps = {name: _plain_step(name, record, modules, cache_dir) for name, record in delta.layers.items()}
+        check_not_shared(model, {name: step.layer for name, step in steps.items()})
     params = _param_targets(model, delta)
     buffers = _targets("buffer", dict(model.named_buffers()), delta.buffers)
     _check_fingerprints(delta, steps, strict, cache_dir)  # hashes first, then the SVDs

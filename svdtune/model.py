@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from svdtune.config import SpectralConfig
-from svdtune.cache import decompose_cached
+from svdtune.cache import decompose_named
 from svdtune.decompose import SUPPORTED_TYPES, Decomposition
 from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, adapt, unadapt
@@ -78,7 +78,8 @@ def apply(
         _check_adaptable(name, layer)
     check_not_shared(model, layers)
     cache_dir = None if cache_dir is None else os.fspath(cache_dir)
-    factors = {name: _decompose_named(name, layer, rank, cache_dir) for name, layer in layers.items()}
+    weights = {name: layer._parameters["weight"] for name, layer in layers.items()}
+    factors = {name: decompose_named(name, weight, rank, cache_dir) for name, weight in weights.items()}
     # Nothing above changed the model; nothing below can fail.
     adapt_layers(model, [(layer, factors[name], config) for name, layer in layers.items()], cache_dir)
     for module in free:
@@ -159,13 +160,6 @@ def check_not_shared(model: nn.Module, layers: dict[str, nn.Module]) -> None:
                 f"layer {name!r} has its weight tied to {tied[0]!r}; untie it first "
                 f"(e.g. {name}.weight = nn.Parameter({name}.weight.detach().clone())) or exclude the layer."
             )
-
-
-def _decompose_named(name: str, layer: nn.Module, rank: int | None, cache_dir: str | None):
-    try:
-        return decompose_cached(layer._parameters["weight"], rank, cache_dir)
-    except SvdtuneError as error:
-        raise SvdtuneError(f"layer {name!r}: {error}") from None
 
 
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, SpectralLayer]]:

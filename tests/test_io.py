@@ -439,3 +439,13 @@ def test_files_without_buffers_stay_version_1(saved, tmp_path):
     svdtune.save_delta(trained_bn_head(bn_head()), tmp_path / "bn.safetensors")
     metadata = safetensors.safe_open(tmp_path / "bn.safetensors", "pt").metadata()
     assert metadata["format_version"] == "2" and json.loads(metadata["buffers"])[0] == "head.bn.num_batches_tracked"
+
+
+def test_load_delta_refuses_a_base_whose_layer_is_tied(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    svdtune.save_delta(trained(copy.deepcopy(model), targets=("0",)), tmp_path / "d.safetensors")
+    model[2].weight = model[0].weight  # tie the base differently than at training time
+    with pytest.raises(svdtune.SvdtuneError, match="tied to '2.weight'"):
+        svdtune.load_delta(model, tmp_path / "d.safetensors")
+    assert type(model[0]) is nn.Linear
