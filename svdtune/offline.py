@@ -57,7 +57,7 @@ def warn_if_basis_dependent(name: str, sigma: Tensor, shift: Tensor, next_sigma:
             f"layer {name!r}: singular values {i} and {i + 1} ({float(values[i]):.6g}, {float(values[i + 1]):.6g}) are "
             "repeated but get different deltas, so the result depends on which singular basis the SVD picks "
             "(here it may differ from training); merge on the model instead (svdtune.merge) for an exact result.",
-            RuntimeWarning, stacklevel=3,
+            RuntimeWarning, stacklevel=4,
         )
 
 
