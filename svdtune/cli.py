@@ -1,6 +1,6 @@
 """The ``svdtune`` command: inspect, merge and combine delta files from the shell.
 
-    svdtune inspect FILE
+    svdtune inspect FILE [FILE ...]
     svdtune merge BASE DELTA -o OUT [--scale S] [--force]
     svdtune combine DELTA DELTA ... --weights W W ... -o OUT
 
@@ -16,7 +16,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from svdtune.delta import DeltaFile, read_delta
+from svdtune.delta import DeltaFile, format_version, read_delta
 from svdtune.errors import SvdtuneError
 from svdtune.offline import combine, merge_files
 
@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="show what a delta file holds",
                                   description="Print the layers, shapes, ranks, modes, scales, sizes, metadata "
                                               "and base-weight fingerprints of a delta file.")
-    inspect.add_argument("file", help="a delta file written by svdtune.save_delta")
+    inspect.add_argument("files", nargs="+", metavar="FILE", help="delta files written by svdtune.save_delta")
     inspect.set_defaults(run=_inspect)
     merge = commands.add_parser("merge", help="bake a delta into a base checkpoint",
                                 description="Write BASE with DELTA merged into its weights, as safetensors. BASE is a "
@@ -94,15 +94,15 @@ def _combine(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    delta = read_delta(args.file)
-    print("\n".join(describe(delta, args.file)))
+    for i, path in enumerate(args.files):
+        print("\n".join(([""] if i else []) + describe(read_delta(path), path)))
 
 
 def describe(delta: DeltaFile, path: str) -> list[str]:
     """The lines ``svdtune inspect`` prints for a delta file."""
     lines = [
         f"file      {path} ({os.path.getsize(path):,} bytes)",
-        f"format    svdtune delta v1, written by svdtune {delta.svdtune_version or '?'}",
+        f"format    svdtune delta v{format_version(delta)}, written by svdtune {delta.svdtune_version or '?'}",
         "metadata  " + (", ".join(f"{k}={v}" for k, v in sorted(delta.metadata.items())) or "-"),
         "",
     ]

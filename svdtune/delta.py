@@ -214,6 +214,11 @@ def as_delta_file(source: str | os.PathLike | DeltaFile) -> DeltaFile:
     return read_delta(source)
 
 
+def format_version(delta: DeltaFile) -> int:
+    """The version a delta is written as: 1 unless it holds buffers, so older svdtune reads it."""
+    return FORMAT_VERSION if delta.buffers else 1
+
+
 def to_tensors(delta: DeltaFile) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The (tensors, metadata) that represent ``delta`` in a file."""
     names = [*delta.layers, *delta.params, *delta.buffers]
@@ -226,7 +231,7 @@ def to_tensors(delta: DeltaFile) -> tuple[dict[str, Tensor], dict[str, str]]:
 
     metadata = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION if delta.buffers else 1),  # version 1: older svdtune reads it
+        "format_version": str(format_version(delta)),
         "svdtune_version": delta.svdtune_version or __version__,
         "layers": json.dumps(records, separators=(",", ":")),
         "params": json.dumps(sorted(delta.params)),

@@ -128,3 +128,17 @@ def test_inspect_lists_the_trained_modules_buffers(tmp_path, capsys):
     out = capsys.readouterr().out.split("buffers of their modules:")[1]
     assert [line.split()[:3] for line in out.strip().splitlines()[2:]] == [
         ["1.num_batches_tracked", "scalar", "int64"], ["1.running_mean", "4", "float32"], ["1.running_var", "4", "float32"]]
+
+
+def test_inspect_takes_several_files_and_shows_their_versions(tmp_path, capsys):
+    from svdtune import cli
+
+    torch.manual_seed(0)
+    model = svdtune.apply(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), targets="0", trainable="1")
+    svdtune.save_delta(model, tmp_path / "with_buffers.safetensors")
+    plain = svdtune.apply(nn.Sequential(nn.Linear(4, 3)), targets="0")
+    svdtune.save_delta(plain, tmp_path / "plain.safetensors")
+    assert cli.main(["inspect", str(tmp_path / "plain.safetensors"), str(tmp_path / "with_buffers.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("file      ") == 2
+    assert "svdtune delta v1" in out and "svdtune delta v2" in out
