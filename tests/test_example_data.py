@@ -123,6 +123,24 @@ def test_truncated_jpeg_is_caught_before_training(tmp_path):
         agiqa.load_agiqa(tmp_path)
 
 
+def test_images_smaller_than_the_crop_are_caught_before_training(tmp_path):
+    """The decode pass also checks sizes after --resize, so a small image fails here, not mid-training."""
+    from PIL import Image
+
+    names = write_agiqa(tmp_path, per_prompt=2)  # 40x40 images
+    Image.new("RGB", (30, 20)).save(tmp_path / names[2])
+    Image.new("RGB", (50, 28)).save(tmp_path / names[6])
+    with pytest.raises(ValueError, match=r"2 of 8 images .*smaller than the 32 px crop this run takes: "
+                       + names[2].replace(".", r"\.") + r" \(30x20\), " + names[6].replace(".", r"\.")
+                       + r" \(50x28\)\. Lower --crop/--eval-crop to 20 or less, or pass --resize 32"):
+        agiqa.load_agiqa(tmp_path, crop=32)
+    with pytest.raises(ValueError, match=r"8 of 8 images .*smaller after --resize 24 than the 32 px crop.*"
+                       + names[2].replace(".", r"\.") + r" \(36x24\)"):
+        agiqa.load_agiqa(tmp_path, crop=32, resize=24)  # the sizes shown are after resizing: 30x20 -> 36x24
+    assert len(agiqa.load_agiqa(tmp_path, crop=32, resize=32)) == 8  # every shorter side becomes 32
+    assert len(agiqa.load_agiqa(tmp_path, crop=20)) == 8
+
+
 def test_splits_group_by_prompt_and_are_seeded(tmp_path):
     groups = [f"prompt{i // 10}" for i in range(300)]
     drawn = splits.make_splits(groups, 5, (0.6, 0.2, 0.2), seed=3)

@@ -160,7 +160,11 @@ def test_agiqa_format_run_with_iqa_pytorch_weights(tmp_path, capsys):
         ("none", [], "is not a folder"),
         ("missing-image", ["--pretrained", "PTH"], "1 of 18 images listed in data.csv are missing"),
         ("truncated-image", ["--pretrained", "PTH"], "1 of 18 images in"),
-        ("ok", [], "pass --pretrained"),
+        ("small-image", ["--pretrained", "PTH", "--crop", "24", "--splits", "1", "--epochs", "1"],
+         "1 of 18 images in"),
+        ("small-image", ["--pretrained", "PTH", "--variants", "zero-shot", "--eval-crop", "24"],
+         "smaller than the 24 px crop this run takes: model1_normal_001.jpg (20x16). Lower --crop/--eval-crop"),
+        ("ok", ["--crop", "24"], "pass --pretrained"),
         ("ok", ["--pretrained", "PTH", "--variants", "svd"], "unknown variants"),
     ],
 )
@@ -173,6 +177,10 @@ def test_errors_before_training(tmp_path, capsys, setup, extra, message):
         if setup == "truncated-image":  # passes Image.verify(), fails when decoded
             data = (root / names[4]).read_bytes()
             (root / names[4]).write_bytes(data[: len(data) // 2])
+        if setup == "small-image":
+            from PIL import Image
+
+            Image.new("RGB", (20, 16)).save(root / names[4])
     torch.save({"params": CNNIQA().state_dict()}, tmp_path / "w.pth")
     extra = [str(tmp_path / "w.pth") if e == "PTH" else e for e in extra]
     assert main(["--data-root", str(root), "--out", str(tmp_path / "out"), "--quiet", *extra]) == 2

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from examples.cnniqa_agiqa.datasets import resized_size
 from examples.cnniqa_agiqa.progress import progress
 
 __all__ = ["REQUIRED_COLUMNS", "MOS_SCALE", "Record", "read_csv", "check_images", "load_agiqa"]
@@ -122,8 +123,8 @@ def read_csv(path: str | Path, target: str = "quality") -> list[Record]:
     return records
 
 
-def _decode_error(path: Path) -> str | None:
-    """None if Pillow decodes every pixel of the file as the loader will, else the reason.
+def _decode(path: Path) -> tuple[str | None, tuple[int, int]]:
+    """(None, (width, height)) if Pillow decodes every pixel of the file as the loader will, else (reason, (0, 0)).
 
     Image.verify() is not enough: it does not decode pixel data, so a truncated
     JPEG passes it and fails only when training reads it.
@@ -132,27 +133,48 @@ def _decode_error(path: Path) -> str | None:
 
     try:
         with Image.open(path) as image:
-            image.convert("RGB")  # decodes the whole file, exactly as datasets.FileImages does
+            image = image.convert("RGB")  # decodes the whole file, exactly as datasets.FileImages does
+            return None, image.size
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
-        return str(error).splitlines()[0] if str(error) else type(error).__name__
-    return None
+        return (str(error).splitlines()[0] if str(error) else type(error).__name__), (0, 0)
 
 
-def check_images(root: str | Path, names: list[str], decode: bool = True, show: bool = False) -> None:
-    """Check that every named image exists and (optionally) decodes completely.
+def _too_small(names: list[str], sizes: list[tuple[int, int]], root: Path, crop: int, resize: int) -> None:
+    """Raise if some images, after `resize`, are smaller than `crop` on either side."""
+    small = [(n, w, h) for n, (w, h) in ((n, resized_size(*s, resize)) for n, s in zip(names, sizes))
+             if min(w, h) < crop]
+    if not small:
+        return
+    after = f" after --resize {resize}" if resize else ""
+    side = min(min(w, h) for _, w, h in small)
+    raise ValueError(
+        f"{len(small)} of {len(names)} images in {root} are smaller{after} than the {crop} px crop this run takes: "
+        f"{_first([f'{n} ({w}x{h})' for n, w, h in small])}. Lower --crop/--eval-crop to {side} or less, "
+        f"or pass --resize {crop} (or more) to scale every image's shorter side up."
+    )
+
+
+def check_images(root: str | Path, names: list[str], decode: bool = True, show: bool = False,
+                 crop: int = 0, resize: int = 0) -> None:
+    """Check that every named image exists and (optionally) decodes completely and is large enough.
 
     Decoding runs on a few threads (Pillow releases the GIL while it decodes):
     AGIQA-3K's 2,982 images take seconds to tens of seconds, once per run.
+    The size check uses the sizes that same pass decodes.
 
     Args:
         root: folder holding the images.
         names: file names relative to root.
-        decode: also decode every pixel of each file with Pillow (catches truncated files).
+        decode: also decode every pixel of each file with Pillow (catches truncated
+            files) and check its size; False checks only that the files exist.
         show: print a progress bar while decoding.
+        crop: the largest crop side the run takes (training and evaluation); 0: no size check.
+        resize: the loader's --resize (shorter side after resizing); 0: original sizes.
 
     Raises:
         FileNotFoundError: some images are absent (says how many, lists the first).
-        ValueError: some images exist but cannot be decoded (how many, the first names, the first reason).
+        ValueError: some images exist but cannot be decoded (how many, the first names, the first
+            reason), or are smaller than `crop` after `resize` (how many, the first names and sizes, the fix).
         ImportError: decode=True and Pillow is not installed.
     """
     root = Path(root)
@@ -166,24 +188,28 @@ def check_images(root: str | Path, names: list[str], decode: bool = True, show: 
         return
     threads = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads) as pool:
-        reasons = list(progress(pool.map(_decode_error, [root / n for n in names]), "checking that the images decode",
+        decoded = list(progress(pool.map(_decode, [root / n for n in names]), "checking that the images decode",
                                 total=len(names), enabled=show))
-    unreadable = [(n, why) for n, why in zip(names, reasons) if why is not None]
+    unreadable = [(n, why) for n, (why, _) in zip(names, decoded) if why is not None]
     if unreadable:
         raise ValueError(
             f"{len(unreadable)} of {len(names)} images in {root} cannot be decoded: "
             f"{_first([n for n, _ in unreadable])} (first: {unreadable[0][1]}). Re-extract or re-download them."
         )
+    _too_small(names, [size for _, size in decoded], root, crop, resize)
 
 
-def load_agiqa(root: str | Path, target: str = "quality", decode: bool = True, show: bool = False) -> list[Record]:
+def load_agiqa(root: str | Path, target: str = "quality", decode: bool = True, show: bool = False,
+               crop: int = 0, resize: int = 0) -> list[Record]:
     """Validate an extracted AGIQA-3K folder and return its records.
 
     Args:
         root: the folder with data.csv and the JPEG images.
         target: "quality" or "align".
-        decode: decode every image once (catches truncated and corrupt files).
+        decode: decode every image once (catches truncated and corrupt files, and checks sizes).
         show: print a progress bar while decoding.
+        crop: the largest crop side the run takes; smaller images (after `resize`) are an error.
+        resize: the loader's shorter side after resizing; 0: original sizes.
 
     Returns:
         The records of data.csv.
@@ -195,5 +221,5 @@ def load_agiqa(root: str | Path, target: str = "quality", decode: bool = True, s
     if not root.is_dir():
         raise FileNotFoundError(f"--data-root {root} is not a folder; extract AGIQA-3K there (README.md)")
     records = read_csv(root / "data.csv", target)
-    check_images(root, [r.name for r in records], decode=decode, show=show)
+    check_images(root, [r.name for r in records], decode=decode, show=show, crop=crop, resize=resize)
     return records

@@ -12,7 +12,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["TensorImages", "FileImages", "make_loader"]
+__all__ = ["TensorImages", "FileImages", "make_loader", "resized_size"]
+
+
+def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
+    """(width, height) after scaling the shorter side to `resize` px (0 keeps the size), as FileImages does."""
+    if not resize:
+        return width, height
+    scale = resize / min(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
 
 
 def _crop(image: torch.Tensor, side: int, random: bool) -> torch.Tensor:
@@ -83,9 +91,7 @@ class FileImages(Dataset):
         with Image.open(self.root / name) as image:
             image = image.convert("RGB")
             if self.resize:
-                scale = self.resize / min(image.size)
-                size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-                image = image.resize(size, Image.BICUBIC)
+                image = image.resize(resized_size(image.width, image.height, self.resize), Image.BICUBIC)
             array = np.asarray(image, dtype=np.uint8).copy()
         return torch.from_numpy(array).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 

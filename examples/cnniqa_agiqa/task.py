@@ -25,6 +25,7 @@ from examples.cnniqa_agiqa.distributed import DistInfo, barrier
 from examples.cnniqa_agiqa.model import CNNIQA, EXPECTED_SHAPES, load_pretrained, save_plain
 from examples.cnniqa_agiqa.progress import say
 from examples.cnniqa_agiqa.train import fit
+from examples.cnniqa_agiqa.variants import VARIANTS
 
 __all__ = ["Task", "load_task", "SOURCE_CACHE"]
 
@@ -130,7 +131,10 @@ def _synthetic_task(config: RunConfig, info: DistInfo) -> Task:
 
 def _agiqa_task(config: RunConfig) -> Task:
     """AGIQA-3K from --data-root, validated before anything trains."""
-    records = agiqa.load_agiqa(config.data_root, config.target, show=not config.quiet)
+    trains = any(VARIANTS[v].trains != "none" for v in config.variants)  # zero-shot alone takes no training crop
+    crop = max(config.crop if trains else 0, config.eval_crop)
+    records = agiqa.load_agiqa(config.data_root, config.target, show=not config.quiet, crop=crop,
+                               resize=config.resize)
     pretrained = None
     if config.pretrained:
         pretrained = load_pretrained(CNNIQA(), config.pretrained).state_dict()
