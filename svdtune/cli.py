@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from svdtune.delta import DeltaFile, format_version, read_delta
 from svdtune.errors import SvdtuneError
 from svdtune.offline import combine, merge_files
+from svdtune.report import table_lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -113,19 +114,13 @@ def describe(delta: DeltaFile, path: str) -> list[str]:
          ", ".join(f"{s:.4g}" for s in layer.fingerprint.top_sigma) + f" ({layer.fingerprint.dtype})")
         for name, layer in delta.layers.items()
     ]
-    lines += _table(header, rows)
+    lines += table_lines(header, rows)
     for title, kind, tensors in (("fully trained parameters:", "parameter", delta.params),
                                  ("buffers of their modules:", "buffer", delta.buffers)):
         if tensors:
             lines += ["", title]
-            lines += _table((kind, "shape", "dtype", "bytes"), [
+            lines += table_lines((kind, "shape", "dtype", "bytes"), [
                 (name, "x".join(map(str, value.shape)) or "scalar", str(value.dtype).removeprefix("torch."),
                  f"{value.numel() * value.element_size():,}") for name, value in tensors.items()
             ])
     return lines
-
-
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
-    cells = [header, tuple("-" * w for w in widths), *rows]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells]

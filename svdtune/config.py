@@ -30,5 +30,10 @@ class SpectralConfig:
             raise SvdtuneError(f"mode={self.mode!r} is not supported; use one of {MODES}.")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
             raise SvdtuneError(f"rank={self.rank!r} must be a positive int, or None to tune every singular value.")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
-            raise SvdtuneError(f"scale={self.scale!r} must be a finite number (1.0 applies the deltas as trained).")
+        check_scale(self.scale)
+
+
+def check_scale(scale: object) -> None:
+    """Raise SvdtuneError unless ``scale`` is a finite number (bools refused)."""
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise SvdtuneError(f"scale={scale!r} must be a finite number (1.0 applies the deltas as trained).")

@@ -56,6 +56,12 @@ def merged_weight(base: Tensor, U: Tensor, Vh: Tensor, shift: Tensor) -> Tensor:
     return (weight_matrix(base).to(work) + change).reshape(base.shape).to(base.dtype)
 
 
+def check_finite_merge(name: str, weight: Tensor) -> None:
+    """Refuse a merged weight with NaN or infinity (before anything is written or swapped)."""
+    if not bool(torch.isfinite(weight).all()):
+        raise SvdtuneError(f"merging layer {name!r} gives non-finite weights; check its deltas and scale.")
+
+
 @dataclass(eq=False)
 class SpectralState:
     """Everything an adapted layer holds besides its parameters."""

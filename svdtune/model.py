@@ -13,7 +13,7 @@ from svdtune.config import SpectralConfig
 from svdtune.cache import decompose_named
 from svdtune.decompose import SUPPORTED_TYPES, Decomposition
 from svdtune.errors import SvdtuneError
-from svdtune.layers import DELTA, SpectralLayer, adapt, unadapt
+from svdtune.layers import DELTA, SpectralLayer, adapt, check_finite_merge, unadapt
 from svdtune.report import Report, build_report
 from svdtune.targets import as_patterns, select
 
@@ -277,8 +277,7 @@ def merge(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         weights = {name: layer.merged_weight() for name, layer in layers}
     for name, weight in weights.items():
-        if not torch.isfinite(weight).all():
-            raise SvdtuneError(f"merging layer {name!r} gives non-finite weights; check its deltas and scale.")
+        check_finite_merge(name, weight)
     for name, layer in layers:
         unadapt(layer, weights[name])
     _restore_flags(model)

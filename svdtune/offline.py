@@ -24,9 +24,10 @@ from torch import Tensor
 from svdtune import container
 from svdtune.cache import decompose_named
 from svdtune.decompose import Decomposition
+from svdtune.config import check_scale
 from svdtune.delta import DeltaFile, LayerDelta, as_delta_file, check_base
 from svdtune.errors import SvdtuneError
-from svdtune.layers import merged_weight, spectrum_shift
+from svdtune.layers import check_finite_merge, merged_weight, spectrum_shift
 
 DEGENERATE_ULPS = 32  # singular values closer than 32 * eps * sigma_max count as repeated (SVD noise level)
 BASE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # matched in any case
@@ -120,8 +121,7 @@ def merge_files(
         >>> svdtune.merge_files("base.pth", "task.safetensors", "merged.safetensors", scale=0.8)
     """
     container.check_destination(out)  # before any work
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise SvdtuneError(f"scale={scale!r} must be a finite number (1.0 applies the deltas as saved).")
+    check_scale(scale)
     record = as_delta_file(delta)
     state = read_state_dict(base)
     merged = {**state, **_trained_tensors(state, record)}
@@ -167,8 +167,7 @@ def _merged_weight(name: str, weight: Tensor, factors: Decomposition, layer: Lay
     shift = spectrum_shift(sigma[:k], layer.delta.to(sigma.dtype), layer.scale * scale, layer.mode)
     warn_if_basis_dependent(name, sigma[:k], shift, float(sigma[k]) if k < sigma.numel() else None)
     result = merged_weight(weight, factors.U[:, :k], factors.Vh[:k], shift)
-    if not bool(torch.isfinite(result).all()):
-        raise SvdtuneError(f"merging layer {name!r} gives non-finite weights; check its deltas and scale.")
+    check_finite_merge(name, result)
     return result
 
 

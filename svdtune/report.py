@@ -39,16 +39,21 @@ class Report:
     total: int
 
     def __str__(self) -> str:
-        cells = [_HEADER] + [
+        rows = [
             (r.name, r.type, "x".join(map(str, r.weight_shape)), r.rank, r.mode, f"{r.trainable:,}", _percent(r.trainable, self.total))
             for r in self.rows
         ]
-        cells.append(("total", "", "", "", "", f"{self.trainable:,}", _percent(self.trainable, self.total)))
-        widths = [max(len(row[i]) for row in cells) for i in range(len(_HEADER))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.insert(-1, lines[1])
+        rows.append(("total", "", "", "", "", f"{self.trainable:,}", _percent(self.trainable, self.total)))
+        lines = table_lines(_HEADER, rows)
+        lines.insert(-1, lines[1])  # a rule above the total too
         return "\n".join(lines)
+
+
+def table_lines(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    """Left-aligned columns: the header, a rule of dashes, then one line per row."""
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    cells = [header, tuple("-" * w for w in widths), *rows]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells]
 
 
 def _percent(part: int, whole: int) -> str:
