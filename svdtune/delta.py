@@ -221,8 +221,7 @@ def format_version(delta: DeltaFile) -> int:
 
 def to_tensors(delta: DeltaFile) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The (tensors, metadata) that represent ``delta`` in a file."""
-    names = [*delta.layers, *delta.params, *delta.buffers]
-    clash = sorted(n for n in set(names) if names.count(n) > 1)
+    clash = _repeated([*delta.layers, *delta.params, *delta.buffers])
     if clash:
         raise SvdtuneError(f"{clash[0]!r} names two of a layer, a parameter and a buffer; a delta file needs distinct keys.")
     container.check_metadata(delta.metadata)
@@ -289,10 +288,15 @@ def _names(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(n, str) for n in value)
 
 
+def _repeated(names: list[str]) -> list[str]:
+    """The names that occur more than once, sorted."""
+    return sorted(n for n in set(names) if names.count(n) > 1)
+
+
 def _check_tensor_names(tensors: set[str], names: list[str], what: str) -> None:
     """Every tensor is named exactly once in the header's layers, params and buffers."""
     extra, missing = sorted(tensors - set(names)), sorted(set(names) - tensors)
-    twice = sorted(n for n in set(names) if names.count(n) > 1)
+    twice = _repeated(names)
     if extra or missing or twice:
         raise SvdtuneError(f"{what}: tensor {(extra or missing or twice)[0]!r} does not match the layer/parameter/buffer "
                            "lists of the header; write the file again.")

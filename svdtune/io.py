@@ -138,7 +138,7 @@ def load_delta(
         steps = {name: _adapted_step(name, record, adapted, set(delta.layers)) for name, record in delta.layers.items()}
     else:
         modules = dict(model.named_modules())
-        steps = {name: _plain_step(name, record, modules, cache_dir) for name, record in delta.layers.items()}
+        steps = {name: _plain_step(name, record, modules) for name, record in delta.layers.items()}
         check_not_shared(model, {name: step.layer for name, step in steps.items()})
     params = _param_targets(model, delta)
     buffers = _targets("buffer", dict(model.named_buffers()), delta.buffers)
@@ -154,16 +154,14 @@ def load_delta(
     return model
 
 
-def _plain_step(name: str, record: LayerDelta, modules: dict[str, nn.Module], cache_dir: str | None) -> _Step:
+def _plain_step(name: str, record: LayerDelta, modules: dict[str, nn.Module]) -> _Step:
     layer = modules.get(name)
     if layer is None or not name:
         close = [n for n in modules if n and n.split(".")[-1] == name.split(".")[-1]][:3]
         hint = f" (it has {', '.join(close)})" if close else ""
         raise SvdtuneError(f"layer {name!r} of the delta file is missing from the model{hint}; "
                            "load the delta into the base model it was trained on.")
-    if not isinstance(layer, SUPPORTED_TYPES) or type(layer).__name__ != record.layer_class:
-        raise SvdtuneError(f"layer {name!r} is a {type(layer).__name__} in the model but a {record.layer_class} "
-                           "in the delta file; load the delta into the base model it was trained on.")
+    _check_class(name, type(layer) if isinstance(layer, SUPPORTED_TYPES) else None, type(layer).__name__, record)
     _check_adaptable(name, layer)
     _check_shape(name, tuple(layer._parameters["weight"].shape), record)
     rank = None if record.rank == record.max_rank else record.rank
@@ -181,9 +179,8 @@ def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, SpectralLaye
             "or load the delta into a fresh base model."
         )
     config = layer._spectral.config
-    if layer._spectral.original_class.__name__ != record.layer_class:
-        raise SvdtuneError(f"layer {name!r} is a {layer._spectral.original_class.__name__} in the model but a "
-                           f"{record.layer_class} in the delta file; load the delta into the base model it was trained on.")
+    original = layer._spectral.original_class
+    _check_class(name, original, original.__name__, record)
     _check_shape(name, tuple(layer.base_weight.shape), record)
     rank = layer._parameters[DELTA].numel()
     if rank != record.rank or config.mode != record.mode:
@@ -193,6 +190,13 @@ def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, SpectralLaye
         )
     config = dataclasses.replace(config, scale=record.scale)
     return _Step(layer, config, record.delta, adapted=True, factors=layer._factors())
+
+
+def _check_class(name: str, cls: type | None, shown: str, record: LayerDelta) -> None:
+    """``cls`` is the layer's (original) class, None if svdtune does not support it; ``shown`` names it."""
+    if cls is None or cls.__name__ != record.layer_class:
+        raise SvdtuneError(f"layer {name!r} is a {shown} in the model but a {record.layer_class} "
+                           "in the delta file; load the delta into the base model it was trained on.")
 
 
 def _check_shape(name: str, shape: tuple[int, ...], record: LayerDelta) -> None:
@@ -249,6 +253,5 @@ def _apply_steps(model: nn.Module, steps: dict[str, _Step], cache_dir: str | Non
         adapt_layers(model, plan, cache_dir)
     for step in steps.values():
         step.layer._spectral.config = step.config
-        with torch.no_grad():
+        with torch.no_grad():  # the copy bumps the delta's version: a cached W' is rebuilt
             step.layer._parameters[DELTA].copy_(step.delta)
-        step.layer._clear_cache()
