@@ -58,6 +58,19 @@ def assert_unchanged(model: nn.Module, before) -> None:
     assert flags == before[2]
 
 
+def load_or_leave_unchanged(base: nn.Module, path) -> nn.Module | None:
+    """load_delta into a copy of ``base``: the loaded copy, or None after a clean SvdtuneError
+    that left the copy exactly as it was (any other exception fails the test)."""
+    fresh = copy.deepcopy(base)
+    before = snapshot(fresh)
+    try:
+        svdtune.load_delta(fresh, path)
+    except svdtune.SvdtuneError:
+        assert_unchanged(fresh, before)
+        return None
+    return fresh
+
+
 @pytest.fixture
 def saved(tmp_path):
     """(adapted model, its delta file path, a fresh copy of the base model)."""
@@ -299,12 +312,8 @@ def test_random_corruption_never_half_loads(saved, tmp_path, data):
     cut = data.draw(st.one_of(st.none(), st.integers(0, len(raw))))
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(bytes(raw if cut is None else raw[:cut]))
-    fresh = copy.deepcopy(base)
-    before = snapshot(fresh)
-    try:
-        svdtune.load_delta(fresh, broken)
-    except svdtune.SvdtuneError:
-        assert_unchanged(fresh, before)
+    fresh = load_or_leave_unchanged(base, broken)
+    if fresh is None:
         return
     for (_, loaded), (_, original) in zip(adapted_layers(fresh), adapted_layers(model), strict=True):
         assert torch.equal(loaded.svd_delta, original.svd_delta)
@@ -333,12 +342,7 @@ def test_checksummed_but_malformed_headers_are_refused_cleanly(saved, tmp_path, 
         metadata[data.draw(st.sampled_from(["layers", "params", "metadata", "format_version"]))] = json.dumps(data.draw(JSON))
     edited = tmp_path / "edited.safetensors"
     container.atomic_write(edited, container.encode(tensors, metadata))
-    fresh = copy.deepcopy(base)
-    before = snapshot(fresh)
-    try:
-        svdtune.load_delta(fresh, edited)
-    except svdtune.SvdtuneError:
-        assert_unchanged(fresh, before)
+    load_or_leave_unchanged(base, edited)
 
 
 def test_one_metadata_check_for_every_writer(saved, tmp_path):
