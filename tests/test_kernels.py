@@ -1,0 +1,156 @@
+"""svdtune.kernels.linear: F.linear's values and gradients on oneDNN, and its fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import svdtune
+from svdtune import kernels
+
+onednn = pytest.mark.skipif(not kernels._onednn_works(), reason="this torch build has no working oneDNN")
+
+
+@pytest.fixture
+def kernel_state():
+    """Restore the once-per-process kernel check after a test changes it."""
+    saved = dict(kernels._state)
+    yield kernels._state
+    kernels._state.clear()
+    kernels._state.update(saved)
+
+
+def count_onednn_calls(monkeypatch) -> list[int]:
+    calls = []
+    original = kernels._product
+    monkeypatch.setattr(kernels, "_product", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def weight_view(kind: str, m: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """An (m, n) weight as the layers pass it: contiguous, a transpose, or a slice of rows."""
+    if kind == "transposed":
+        return torch.randn(n, m, generator=generator).t()
+    if kind == "rows":
+        return torch.randn(m + 3, n, generator=generator)[1 : m + 1]
+    return torch.randn(m, n, generator=generator)
+
+
+def linear_and_grads(fn, x, w, b, grad_out, needs):
+    x, w = x.detach().requires_grad_(needs[0]), w.detach().requires_grad_(needs[1])
+    b = None if b is None else b.detach().requires_grad_(needs[2])
+    out = fn(x, w, b)
+    inputs = [t for t, need in zip((x, w, b), needs) if t is not None and need]
+    grads = torch.autograd.grad(out, inputs, grad_out) if inputs else ()
+    return out, grads
+
+
+@onednn
+@settings(max_examples=60, deadline=None)
+@given(
+    lead=st.lists(st.integers(1, 5), min_size=1, max_size=3),
+    m=st.integers(1, 40),
+    n=st.integers(1, 40),
+    kind=st.sampled_from(["contiguous", "transposed", "rows"]),
+    bias=st.booleans(),
+    needs=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_matches_f_linear_in_values_and_gradients(lead, m, n, kind, bias, needs, seed):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, n, generator=generator)
+    w = weight_view(kind, m, n, generator)
+    b = torch.randn(m, generator=generator) if bias else None
+    grad_out = torch.randn(*lead, m, generator=generator)
+    out, grads = linear_and_grads(kernels.linear, x, w, b, grad_out, needs)
+    ref_out, ref_grads = linear_and_grads(F.linear, x, w, b, grad_out, needs)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(ref_grads)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref, rtol=1e-5, atol=1e-5)
+
+
+@onednn
+def test_cpu_float32_products_go_through_onednn(monkeypatch):
+    calls = count_onednn_calls(monkeypatch)
+    x = torch.randn(4, 6, requires_grad=True)
+    w = torch.randn(5, 6, requires_grad=True)
+    kernels.linear(x, w).sum().backward()
+    assert len(calls) == 3  # forward, dx, dW
+
+
+@onednn
+def test_double_backward_matches_f_linear():
+    x = torch.randn(3, 4, dtype=torch.float32)
+    w = torch.randn(5, 4)
+
+    def grad_norm(fn):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        (grad_x,) = torch.autograd.grad(fn(xi, wi).pow(2).sum(), xi, create_graph=True)
+        (second,) = torch.autograd.grad(grad_x.pow(2).sum(), wi)
+        return second
+
+    torch.testing.assert_close(grad_norm(kernels.linear), grad_norm(F.linear), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["float64", "bfloat16", "empty-batch", "no-in-features", "autocast"],
+)
+def test_everything_else_is_plain_f_linear(case, monkeypatch):
+    calls = count_onednn_calls(monkeypatch)
+    dtype = {"float64": torch.float64, "bfloat16": torch.bfloat16}.get(case, torch.float32)
+    rows, n = {"empty-batch": (0, 6), "no-in-features": (4, 0)}.get(case, (4, 6))
+    x, w = torch.randn(rows, n, dtype=dtype), torch.randn(5, n, dtype=dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
+        out, expected = kernels.linear(x, w), F.linear(x, w)
+    assert torch.equal(out, expected) and out.dtype == expected.dtype
+    assert calls == []
+
+
+def test_environment_switch_turns_onednn_off(monkeypatch, kernel_state):
+    monkeypatch.setenv("SVDTUNE_ONEDNN", "0")
+    kernel_state["usable"] = None
+    calls = count_onednn_calls(monkeypatch)
+    x, w = torch.randn(4, 6), torch.randn(5, 6)
+    assert torch.equal(kernels.linear(x, w), F.linear(x, w))
+    assert calls == [] and kernel_state["usable"] is False
+
+
+def test_a_kernel_that_disagrees_with_f_linear_is_not_used(monkeypatch, kernel_state):
+    monkeypatch.setattr(kernels, "_product", lambda x, w: F.linear(x, w) + 1e-3)
+    assert kernels._onednn_works() is False
+
+
+def test_a_kernel_that_fails_is_not_used(monkeypatch):
+    def broken(x, w):
+        raise RuntimeError("could not create a primitive")
+
+    monkeypatch.setattr(kernels, "_product", broken)
+    assert kernels._onednn_works() is False
+
+
+@pytest.mark.parametrize("rank", [None, 3])
+def test_adapted_training_forward_is_the_same_with_and_without_onednn(rank, kernel_state):
+    torch.manual_seed(0)
+    model = svdtune.apply(nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 7)), targets=["*"], rank=rank)
+    with torch.no_grad():
+        for delta in svdtune.trainable_parameters(model):
+            delta.normal_(std=0.3)
+    x = torch.randn(5, 12)
+
+    def output_and_grads():
+        out = model(x)
+        return out, torch.autograd.grad(out.square().sum(), svdtune.trainable_parameters(model))
+
+    kernel_state["usable"] = False
+    plain_out, plain_grads = output_and_grads()
+    kernel_state["usable"] = None
+    out, grads = output_and_grads()
+    torch.testing.assert_close(out, plain_out, rtol=1e-5, atol=1e-5)
+    for grad, plain in zip(grads, plain_grads):
+        torch.testing.assert_close(grad, plain, rtol=1e-5, atol=1e-5)
