@@ -8,9 +8,14 @@ Forms:
   full        every weight and bias trained (the baseline, 1.00x)
   naive       W' = U @ diag(relu(S + d)) @ Vh rebuilt every forward (public SVDiff code)
   two-path    W x + ((x Vh^T) * (sigma' - sigma)) U^T
+  svdtune-blas svdtune with its oneDNN kernels switched off: every product by F.linear
+              (on the factorized path, the one-path form ((x Vh^T) * sigma') U^T)
   svdtune     svdtune.apply(rank=None): the path chosen per layer and batch
   svdtune-r16 svdtune.apply(rank=16)
   floor       frozen base, gradients w.r.t. activations only (no trainable weight)
+  full-onednn full fine-tuning with svdtune's oneDNN products in forward and backward:
+              the baseline on equal kernels, so svdtune / full-onednn is the ratio of the
+              algorithms alone (CPU float32 only)
 Then one conv case shaped like CNNIQA's conv1: full fine-tuning of the conv against svdtune on it.
 
 Run: python benchmarks/train_step.py [--quick] [--device cuda] [--dtype bfloat16]
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import svdtune
+from svdtune import kernels
 
 
 class NaiveSVDLinear(nn.Module):
@@ -59,6 +65,28 @@ class TwoPathLinear(NaiveSVDLinear):
     def forward(self, x):
         shift = F.relu(self.S + self.delta) - self.S
         return F.linear(x, self.W, self.bias) + F.linear(F.linear(x, self.Vh) * shift, self.U)
+
+
+class SameKernelLinear(nn.Linear):
+    """nn.Linear whose products (forward, dx, dW) go through svdtune's oneDNN kernel."""
+
+    def forward(self, x):
+        return kernels.linear(x, self.weight, self.bias)
+
+
+class BlasOnly(nn.Module):
+    """Runs a model with svdtune's oneDNN kernels switched off (the forward picks the kernel)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        saved, kernels._state["usable"] = kernels._state["usable"], False
+        try:
+            return self.model(x)
+        finally:
+            kernels._state["usable"] = saved
 
 
 def make_stack(width: int, depth: int, device, dtype) -> nn.Sequential:
@@ -98,15 +126,24 @@ def conv_forms(device, dtype) -> dict[str, nn.Module]:
 
 
 def build_forms(base: nn.Sequential, quick: bool) -> dict[str, nn.Module]:
+    cpu32 = base[0].weight.device.type == "cpu" and base[0].weight.dtype == torch.float32
     forms = {"full": copy.deepcopy(base)}
     forms["naive"] = replace_linears(base, NaiveSVDLinear)
     if not quick:
         forms["two-path"] = replace_linears(base, TwoPathLinear)
+    if cpu32:
+        forms["svdtune-blas"] = BlasOnly(svdtune.apply(copy.deepcopy(base), targets=["*"]))
     forms["svdtune"] = svdtune.apply(copy.deepcopy(base), targets=["*"])
     forms["svdtune-r16"] = svdtune.apply(copy.deepcopy(base), targets=["*"], rank=16)
-    floor = copy.deepcopy(base).requires_grad_(False)
-    forms["floor"] = floor
+    forms["floor"] = copy.deepcopy(base).requires_grad_(False)
+    if cpu32:
+        forms["full-onednn"] = replace_linears(base, lambda layer: retype(layer, SameKernelLinear))
     return forms
+
+
+def retype(layer: nn.Linear, cls: type[nn.Linear]) -> nn.Linear:
+    layer.__class__ = cls  # replace_linears hands over a copy
+    return layer
 
 
 def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
@@ -164,7 +201,7 @@ def main() -> None:
     repeats, inner = (3, 2) if args.quick else (5, 3)
     ratios: dict[str, list[float]] = {}
     print(f"device={device} dtype={args.dtype} depth={args.depth} torch={torch.__version__} threads={torch.get_num_threads()}")
-    print(f"{'width':>6} {'batch':>6} {'full ms':>9}  " + "  ".join(f"{n:>11}" for n in build_forms(make_stack(8, 1, device, dtype), args.quick) if n != "full"))
+    print(f"{'width':>6} {'batch':>6} {'full ms':>9}  " + "  ".join(f"{n:>12}" for n in build_forms(make_stack(8, 1, device, dtype), args.quick) if n != "full"))
     for width, batch in shapes:
         base = make_stack(width, args.depth, device, dtype)
         x = torch.randn(batch, width, device=device, dtype=dtype)
@@ -174,9 +211,11 @@ def main() -> None:
         row = {n: result[n] / result["full"] for n in forms if n != "full"}
         for n, r in row.items():
             ratios.setdefault(n, []).append(r)
-        print(f"{width:>6} {batch:>6} {1e3 * result['full']:>9.2f}  " + "  ".join(f"{r:>10.2f}x" for r in row.values()))
+        print(f"{width:>6} {batch:>6} {1e3 * result['full']:>9.2f}  " + "  ".join(f"{r:>11.2f}x" for r in row.values()))
     geomean = {n: math.exp(statistics.mean(map(math.log, r))) for n, r in ratios.items()}
-    print(f"{'geomean':>13} {'1.00x':>9}  " + "  ".join(f"{g:>10.2f}x" for g in geomean.values()))
+    print(f"{'geomean':>13} {'1.00x':>9}  " + "  ".join(f"{g:>11.2f}x" for g in geomean.values()))
+    if "full-onednn" in geomean:
+        print(f"on equal kernels, svdtune / full-onednn: {geomean['svdtune'] / geomean['full-onednn']:.2f}x (geomean)")
     x = torch.rand(16 if args.quick else 32, 3, 112, 112, device=device, dtype=dtype)
     y = torch.rand(x.shape[0], 1, device=device, dtype=dtype)
     result = measure({n: step_fn(m, x, y) for n, m in conv_forms(device, dtype).items()}, device, repeats, inner)
