@@ -7,8 +7,9 @@ so results agree with ``F.linear`` to float32 rounding, not bit for bit. On the
 AMD EPYC machines this project measures on, oneDNN runs these products about
 2x faster than MKL's sgemm (``benchmarks/train_step.py`` prints both).
 
-Everything else (CUDA, half precision, autocast, ``torch.compile``, empty
-shapes, or a build without oneDNN) goes to ``F.linear`` unchanged. A check at
+Everything else (CUDA, half precision, autocast, ``torch.compile``, ``torch.func``
+transforms, forward-mode AD, tensor subclasses, empty shapes, or a build
+without oneDNN) goes to ``F.linear`` unchanged. A check at
 first use compares the two on a small problem and keeps ``F.linear`` if they
 disagree. Set ``SVDTUNE_ONEDNN=0`` in the environment to always use ``F.linear``.
 
@@ -22,8 +23,9 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 _state: dict[str, bool | None] = {"usable": None}  # None: not checked yet
 
@@ -40,15 +42,28 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 def _use_onednn(input: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     tensors = (input, weight) if bias is None else (input, weight, bias)
+    if any(type(t) not in (Tensor, nn.Parameter) for t in tensors) or _tracing_or_transforming():
+        return False  # tensor subclasses and tracing proxies dispatch on F.linear
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False
-    if input.numel() == 0 or weight.numel() == 0 or torch.compiler.is_compiling():
+    if input.numel() == 0 or weight.numel() == 0:
         return False
     if torch.is_autocast_enabled("cpu"):
         return False  # autocast decides the dtype of F.linear's inputs: leave it to it
     if _state["usable"] is None:
         _state["usable"] = _onednn_works()
     return bool(_state["usable"])
+
+
+def _tracing_or_transforming() -> bool:
+    """torch.compile, torch.jit tracing, torch.func transforms (grad, vmap, jvp) and forward-mode
+    AD: they need F.linear's registered formulas, which a custom autograd.Function lacks."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or torch._C._functorch.peek_interpreter_stack() is not None
+        or forward_ad._current_level >= 0
+    )
 
 
 def _onednn_works() -> bool:

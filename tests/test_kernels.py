@@ -154,3 +154,57 @@ def test_adapted_training_forward_is_the_same_with_and_without_onednn(rank, kern
     torch.testing.assert_close(out, plain_out, rtol=1e-5, atol=1e-5)
     for grad, plain in zip(grads, plain_grads):
         torch.testing.assert_close(grad, plain, rtol=1e-5, atol=1e-5)
+
+
+def small_adapted_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = svdtune.apply(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), targets=["*"])
+    with torch.no_grad():
+        for delta in svdtune.trainable_parameters(model):
+            delta.normal_(std=0.3)
+    return model
+
+
+def test_torch_func_grad_and_vmap_work_and_agree_with_autograd(monkeypatch):
+    model, x = small_adapted_model(), torch.randn(4, 6)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(p, batch):
+        return torch.func.functional_call(model, p, (batch,)).square().sum()
+
+    names = [name for name in params if name.endswith("svd_delta")]
+    expected = torch.autograd.grad(loss(dict(model.named_parameters()), x), svdtune.trainable_parameters(model))
+    calls = count_onednn_calls(monkeypatch)
+    grads = torch.func.grad(loss)(params, x)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x.unsqueeze(1))
+    assert calls == []
+    for name, ref in zip(names, expected):
+        torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(per_sample[name].sum(0), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_mode_ad_and_jvp_work(monkeypatch):
+    model, x = small_adapted_model(), torch.randn(4, 6)
+    tangent = torch.randn(4, 6)
+    calls = count_onednn_calls(monkeypatch)
+    out, out_tangent = torch.func.jvp(model, (x,), (tangent,))
+    with torch.autograd.forward_ad.dual_level():
+        dual_out = model(torch.autograd.forward_ad.make_dual(x, tangent))
+        dual_tangent = torch.autograd.forward_ad.unpack_dual(dual_out).tangent
+    assert calls == []
+    eps = 1e-3  # the tangent is the directional derivative: compare with central differences in float64
+    reference = (model.double()(x.double() + eps * tangent.double()) - model(x.double() - eps * tangent.double())) / (2 * eps)
+    torch.testing.assert_close(out_tangent.double(), reference, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(dual_tangent, out_tangent)
+
+
+def test_tensor_subclasses_and_jit_tracing_use_f_linear(monkeypatch):
+    class Tagged(torch.Tensor):
+        pass
+
+    calls = count_onednn_calls(monkeypatch)
+    x, w = torch.randn(4, 6), torch.randn(5, 6)
+    assert torch.equal(kernels.linear(x.as_subclass(Tagged), w), F.linear(x, w))
+    assert calls == []
+    traced = torch.jit.trace(lambda a: kernels.linear(a, w), (x,), check_trace=False)
+    assert calls == [] and "linear" in str(traced.graph)
