@@ -90,7 +90,9 @@ class _OneDnnLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(input, weight)
+        needs_input, needs_weight, _ = ctx.needs_input_grad
+        # as F.linear: keep x only for dW and W only for dx (a frozen W keeps no activation alive)
+        ctx.save_for_backward(input if needs_weight else None, weight if needs_input else None)
         out = _product(input, weight)
         return out if bias is None else out + bias
 

@@ -40,6 +40,15 @@ def weight_view(kind: str, m: int, n: int, generator: torch.Generator) -> torch.
     return torch.randn(m, n, generator=generator)
 
 
+def small_adapted_model(rank: int | None = None) -> nn.Module:
+    torch.manual_seed(0)
+    model = svdtune.apply(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), targets=["*"], rank=rank)
+    with torch.no_grad():
+        for delta in svdtune.trainable_parameters(model):
+            delta.normal_(std=0.3)
+    return model
+
+
 def linear_and_grads(fn, x, w, b, grad_out, needs):
     x, w = x.detach().requires_grad_(needs[0]), w.detach().requires_grad_(needs[1])
     b = None if b is None else b.detach().requires_grad_(needs[2])
@@ -136,12 +145,7 @@ def test_a_kernel_that_fails_is_not_used(monkeypatch):
 
 @pytest.mark.parametrize("rank", [None, 3])
 def test_adapted_training_forward_is_the_same_with_and_without_onednn(rank, kernel_state):
-    torch.manual_seed(0)
-    model = svdtune.apply(nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 7)), targets=["*"], rank=rank)
-    with torch.no_grad():
-        for delta in svdtune.trainable_parameters(model):
-            delta.normal_(std=0.3)
-    x = torch.randn(5, 12)
+    model, x = small_adapted_model(rank), torch.randn(5, 6)
 
     def output_and_grads():
         out = model(x)
@@ -154,15 +158,6 @@ def test_adapted_training_forward_is_the_same_with_and_without_onednn(rank, kern
     torch.testing.assert_close(out, plain_out, rtol=1e-5, atol=1e-5)
     for grad, plain in zip(grads, plain_grads):
         torch.testing.assert_close(grad, plain, rtol=1e-5, atol=1e-5)
-
-
-def small_adapted_model() -> nn.Module:
-    torch.manual_seed(0)
-    model = svdtune.apply(nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)), targets=["*"])
-    with torch.no_grad():
-        for delta in svdtune.trainable_parameters(model):
-            delta.normal_(std=0.3)
-    return model
 
 
 def test_torch_func_grad_and_vmap_work_and_agree_with_autograd(monkeypatch):
@@ -208,3 +203,25 @@ def test_tensor_subclasses_and_jit_tracing_use_f_linear(monkeypatch):
     assert calls == []
     traced = torch.jit.trace(lambda a: kernels.linear(a, w), (x,), check_trace=False)
     assert calls == [] and "linear" in str(traced.graph)
+
+
+@onednn
+@pytest.mark.parametrize("rank", [None, 3])
+def test_the_kernel_keeps_no_more_for_backward_than_f_linear(rank, kernel_state):
+    model, x = small_adapted_model(rank), torch.randn(8, 6)
+
+    def saved_numel() -> int:
+        saved = {}
+
+        def pack(tensor):
+            saved[(tensor.data_ptr(), tensor.shape)] = tensor.numel()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(x).sum().backward()
+        return sum(saved.values())
+
+    kernel_state["usable"] = False
+    plain = saved_numel()
+    kernel_state["usable"] = None
+    assert saved_numel() <= plain
