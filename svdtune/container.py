@@ -26,6 +26,7 @@ import errno
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
 import tempfile
@@ -141,12 +142,20 @@ def decode(raw: bytes, what: str, require_checksum: bool = True) -> tuple[dict[s
     return tensors, metadata
 
 
-def read(path: str | os.PathLike, what: str | None = None, require_checksum: bool = True):
-    """`decode` the file at ``path``; a missing or unreadable file is an SvdtuneError too."""
+def read(path: str | os.PathLike, what: str | None = None, require_checksum: bool = True, mapped: bool = False):
+    """`decode` the file at ``path``; a missing or unreadable file is an SvdtuneError too.
+
+    With ``mapped``, the file is memory-mapped copy-on-write instead of read: the
+    tensors share the file's pages (loaded as they are touched, never written
+    back), so a large base checkpoint is not held in memory twice.
+    """
     what = what or repr(os.fspath(path))
     try:
         with open(path, "rb") as handle:
-            raw = handle.read()
+            if mapped and os.fstat(handle.fileno()).st_size >= 8:
+                raw = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            else:
+                raw = handle.read()
     except OSError as error:
         raise SvdtuneError(f"cannot read {what}: {error.strerror or error}; check the path.") from None
     return decode(raw, what, require_checksum)
@@ -203,9 +212,14 @@ def _check_tiling(layout: dict[str, tuple], size: int, what: str) -> None:
 
 
 def _tensor(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int) -> Tensor:
+    """A writable tensor of data[begin:end]: a view of a writable (mapped) buffer, else a copy."""
     if begin == end:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data[begin:end]), dtype=dtype).reshape(shape)
+    chunk = data[begin:end] if not data.readonly else bytearray(data[begin:end])
+    raw = torch.frombuffer(chunk, dtype=torch.uint8)
+    if raw.data_ptr() % dtype.itemsize:  # safetensors does not align tensors: copy a misaligned one
+        raw = raw.clone()
+    return raw.view(dtype).reshape(shape)
 
 
 def check_destination(path: str | os.PathLike) -> None:

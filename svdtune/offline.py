@@ -76,9 +76,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     if not path.lower().endswith(BASE_SUFFIXES):
         raise SvdtuneError(f"{what} must end with one of {', '.join(BASE_SUFFIXES)}; save the base state dict in one of those.")
     if path.lower().endswith(".safetensors"):
-        return container.read(path, what, require_checksum=False)[0]
+        return container.read(path, what, require_checksum=False, mapped=True)[0]
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _torch_load(path)
     except Exception as error:  # torch.load raises many types; all mean "not a readable checkpoint"
         raise SvdtuneError(f"cannot read {what}: {str(error).splitlines()[0] if str(error) else type(error).__name__}; "
                            "it must be a state dict saved with torch.save.") from None
@@ -90,6 +90,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         if not isinstance(key, str) or not isinstance(value, Tensor):
             raise SvdtuneError(f"{what}: entry {key!r} is not a tensor; save a plain model.state_dict().")
     return state
+
+
+def _torch_load(path: str) -> object:
+    """torch.load with weights_only, memory-mapped where the file's format allows it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # e.g. the legacy (pre-zip) format cannot be mapped: read it whole
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def merge_files(

@@ -257,3 +257,36 @@ def test_merge_files_writes_the_trained_modules_buffers(tmp_path):
     assert_state_close(safetensors.torch.load_file(tmp_path / "m.safetensors"), merged_state(model))
     with pytest.raises(svdtune.SvdtuneError, match="parameters or buffers"):
         svdtune.combine([tmp_path / "d.safetensors"], [1.0])
+
+
+def test_legacy_torch_save_format_is_read_whole(files, tmp_path):
+    base, model, _, delta_path = files
+    torch.save(base.state_dict(), tmp_path / "base.pt", _use_new_zipfile_serialization=False)
+    svdtune.merge_files(tmp_path / "base.pt", delta_path, tmp_path / "merged.safetensors")
+    assert_state_close(safetensors.torch.load_file(tmp_path / "merged.safetensors"), merged_state(model))
+
+
+def test_a_mapped_base_with_misaligned_tensors_merges_and_stays_unchanged_on_disk(files, tmp_path):
+    base, model, _, delta_path = files
+    # svdtune's own writer orders tensors by name: an odd-length float16 tensor first
+    # leaves every float32 tensor after it on an odd address in the file
+    state = {"0.bias": base.state_dict()["0.bias"], "00_odd": torch.arange(3, dtype=torch.float16)}
+    state = {**base.state_dict(), **state}
+    path = tmp_path / "base.safetensors"
+    svdtune.container.atomic_write(path, svdtune.container.encode(state, {}))
+    before = path.read_bytes()
+    svdtune.merge_files(path, delta_path, tmp_path / "merged.safetensors")
+    merged = safetensors.torch.load_file(tmp_path / "merged.safetensors")
+    assert torch.equal(merged.pop("00_odd"), state["00_odd"])
+    assert_state_close(merged, merged_state(model))
+    assert path.read_bytes() == before
+
+
+def test_mapped_tensors_are_private_writable_copies(tmp_path):
+    path = tmp_path / "t.safetensors"
+    svdtune.container.atomic_write(path, svdtune.container.encode({"a": torch.ones(3), "b": torch.zeros(2, 2)}, {}))
+    before = path.read_bytes()
+    tensors, _ = svdtune.container.read(path, mapped=True)
+    tensors["a"].add_(1)
+    assert torch.equal(tensors["a"], torch.full((3,), 2.0)) and torch.equal(tensors["b"], torch.zeros(2, 2))
+    assert path.read_bytes() == before
