@@ -26,6 +26,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils import _python_dispatch
 
 _state: dict[str, bool | None] = {"usable": None}  # None: not checked yet
 
@@ -37,32 +38,43 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """
     if not _use_onednn(input, weight, bias):
         return F.linear(input, weight, bias)
-    return _OneDnnLinear.apply(input, weight, bias)
+    # the Function sees 2-D rows; the reshape outside it is an ordinary view that in-place ops may modify
+    rows = _OneDnnLinear.apply(input.reshape(-1, input.shape[-1]), weight, bias)
+    return rows.reshape(*input.shape[:-1], weight.shape[0])
 
 
 def _use_onednn(input: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     tensors = (input, weight) if bias is None else (input, weight, bias)
     if any(type(t) not in (Tensor, nn.Parameter) for t in tensors) or _tracing_or_transforming():
-        return False  # tensor subclasses and tracing proxies dispatch on F.linear
+        return False  # tensor subclasses, tracing proxies and dispatch modes go through F.linear
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False
-    if input.numel() == 0 or weight.numel() == 0:
-        return False
-    if torch.is_autocast_enabled("cpu"):
-        return False  # autocast decides the dtype of F.linear's inputs: leave it to it
+    if not _plain_shapes(input, weight, bias) or input.numel() == 0 or weight.numel() == 0:
+        return False  # F.linear broadcasts or raises its own message for these
+    if torch.is_autocast_enabled("cpu") or not torch.backends.mkldnn.enabled:
+        return False  # autocast decides the dtype of F.linear's inputs; oneDNN switched off by the user
     if _state["usable"] is None:
         _state["usable"] = _onednn_works()
     return bool(_state["usable"])
 
 
+def _plain_shapes(input: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """input (..., n), weight (m, n), bias (m,) or None: the shapes the kernel takes."""
+    if input.dim() < 1 or weight.dim() != 2 or input.shape[-1] != weight.shape[1]:
+        return False
+    return bias is None or tuple(bias.shape) == (weight.shape[0],)
+
+
 def _tracing_or_transforming() -> bool:
-    """torch.compile, torch.jit tracing, torch.func transforms (grad, vmap, jvp) and forward-mode
-    AD: they need F.linear's registered formulas, which a custom autograd.Function lacks."""
+    """torch.compile, torch.jit tracing, torch.func transforms (grad, vmap, jvp), forward-mode
+    AD and Python dispatch modes (FlopCounterMode, FakeTensorMode...): they need F.linear's
+    registered formulas, which a custom autograd.Function lacks."""
     return (
         torch.compiler.is_compiling()
         or torch.jit.is_tracing()
         or torch._C._functorch.peek_interpreter_stack() is not None
         or forward_ad._current_level >= 0
+        or _python_dispatch._get_current_dispatch_mode() is not None
     )
 
 
@@ -78,48 +90,49 @@ def _onednn_works() -> bool:
         return False
 
 
-def _product(input: Tensor, weight: Tensor) -> Tensor:
-    """input @ weight.T over the last dimension of an input of any rank, by oneDNN (no autograd)."""
-    rows = input.reshape(-1, input.shape[-1])
-    out = torch.ops.mkldnn._linear_pointwise(rows, weight, None, "none", [], "")
-    return out.reshape(*input.shape[:-1], weight.shape[0])
+def _product(rows: Tensor, weight: Tensor) -> Tensor:
+    """rows @ weight.T for 2-D rows (r, n) and weight (m, n), by oneDNN (no autograd): (r, m)."""
+    return torch.ops.mkldnn._linear_pointwise(_dense(rows), _dense(weight), None, "none", [], "")
+
+
+def _dense(tensor: Tensor) -> Tensor:
+    """The tensor itself if its elements fill memory without overlap or gaps (in any dimension
+    order: transposes are fine), else a contiguous copy (oneDNN refuses e.g. ``unfold`` windows)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(tensor.stride(), tensor.shape) if sz != 1):
+        if stride != expected:
+            return tensor.contiguous()
+        expected *= size
+    return tensor
 
 
 class _OneDnnLinear(torch.autograd.Function):
-    """F.linear's forward and backward, each product by oneDNN."""
+    """F.linear's forward and backward on 2-D rows, each product by oneDNN."""
 
     @staticmethod
-    def forward(ctx, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        needs_input, needs_weight, _ = ctx.needs_input_grad
+    def forward(ctx, rows: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        needs_rows, needs_weight, _ = ctx.needs_input_grad
         # as F.linear: keep x only for dW and W only for dx (a frozen W keeps no activation alive)
-        ctx.save_for_backward(input if needs_weight else None, weight if needs_input else None)
-        out = _product(input, weight)
+        ctx.save_for_backward(rows if needs_weight else None, weight if needs_rows else None)
+        out = _product(rows, weight)
         return out if bias is None else out + bias
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        input, weight = ctx.saved_tensors
-        needs_input, needs_weight, needs_bias = ctx.needs_input_grad
+        rows, weight = ctx.saved_tensors
+        needs_rows, needs_weight, needs_bias = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            return _plain_backward(grad_out, input, weight, ctx.needs_input_grad)
-        grad_input = grad_weight = grad_bias = None
-        if needs_input:  # (..., m) @ (m, n): W.T as a (n, m) view is the "weight"
-            grad_input = _product(grad_out, weight.t())
-        rows_out = grad_out.reshape(-1, grad_out.shape[-1])
-        if needs_weight:  # dW (m, n) = dy.T @ x
-            rows_in = input.reshape(-1, input.shape[-1])
-            grad_weight = _product(rows_out.t().contiguous(), rows_in.t())
-        if needs_bias:
-            grad_bias = rows_out.sum(0)
-        return grad_input, grad_weight, grad_bias
+            return _plain_backward(grad_out, rows, weight, ctx.needs_input_grad)
+        grad_rows = _product(grad_out, weight.t()) if needs_rows else None  # (r, m) @ (m, n)
+        grad_weight = _product(grad_out.t(), rows.t()) if needs_weight else None  # dW (m, n) = dy.T @ x
+        grad_bias = grad_out.sum(0) if needs_bias else None
+        return grad_rows, grad_weight, grad_bias
 
 
-def _plain_backward(grad_out: Tensor, input: Tensor, weight: Tensor, needs: tuple[bool, ...]):
+def _plain_backward(grad_out: Tensor, rows: Tensor | None, weight: Tensor | None, needs: tuple[bool, ...]):
     """The same gradients from differentiable ops, so that they can be differentiated again."""
-    rows_out = grad_out.reshape(-1, grad_out.shape[-1])
-    rows_in = input.reshape(-1, input.shape[-1])
     return (
         grad_out @ weight if needs[0] else None,
-        rows_out.t() @ rows_in if needs[1] else None,
-        rows_out.sum(0) if needs[2] else None,
+        grad_out.t() @ rows if needs[1] else None,
+        grad_out.sum(0) if needs[2] else None,
     )

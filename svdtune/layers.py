@@ -148,13 +148,12 @@ class SpectralLayer(nn.Module):
         if torch.compiler.is_compiling():
             return self.adapted_weight()
         delta, base, state = self._parameters[DELTA], self.base_weight, self._spectral
-        key = (
-            delta._version, delta.data_ptr(), base._version, base.data_ptr(),
-            base.dtype, base.device, state.config, torch.is_inference_mode_enabled(),
-        )
+        key = (delta._version, delta.data_ptr(), base._version, base.data_ptr(), base.dtype, base.device, state.config)
         cached = state.cached_weight
         if state.cache_key != key or cached is None or cached._version != state.cached_version:
-            with torch.no_grad():  # (re)build; also when someone wrote into the cached tensor
+            # (re)build, also when someone wrote into the cached tensor; never as an inference
+            # tensor, which has no version counter and could not be used outside inference_mode
+            with torch.inference_mode(False), torch.no_grad():
                 state.cached_weight = cached = self.adapted_weight()
             state.cache_key, state.cached_version = key, cached._version
         return cached

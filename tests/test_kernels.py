@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import svdtune
 from svdtune import kernels
@@ -225,3 +226,70 @@ def test_the_kernel_keeps_no_more_for_backward_than_f_linear(rank, kernel_state)
     plain = saved_numel()
     kernel_state["usable"] = None
     assert saved_numel() <= plain
+
+
+@onednn
+@pytest.mark.parametrize("rank", [None, 3])
+def test_second_derivatives_through_frozen_factors_match_f_linear(rank, kernel_state):
+    model, x = small_adapted_model(rank), torch.randn(4, 6, requires_grad=True)
+
+    def penalty_grads():  # a gradient penalty: d/d(deltas) of |d out / d x|^2
+        (grad_x,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum(), svdtune.trainable_parameters(model))
+
+    kernel_state["usable"] = False
+    plain = penalty_grads()
+    kernel_state["usable"] = None
+    for grad, ref in zip(penalty_grads(), plain):
+        torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-5)
+
+
+@onednn
+def test_in_place_ops_on_the_output_work(monkeypatch):
+    model = svdtune.apply(nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(inplace=True), nn.Linear(5, 2)), targets=["*"])
+    calls = count_onednn_calls(monkeypatch)
+    model(torch.randn(4, 6)).sum().backward()
+    x, w = torch.randn(2, 3, 6), torch.randn(5, 6, requires_grad=True)
+    kernels.linear(x, w).relu_().sum().backward()
+    assert calls and all(p.grad is not None for p in svdtune.trainable_parameters(model))
+    torch.testing.assert_close(w.grad, torch.autograd.grad(F.linear(x, w).relu().sum(), w)[0])
+
+
+@onednn
+def test_overlapping_inputs_such_as_unfold_windows():
+    windows = torch.randn(40).unfold(0, 7, 2)  # (17, 7) with strides (2, 1): rows overlap
+    w = torch.randn(5, 7)
+    out, grads = linear_and_grads(kernels.linear, windows, w, None, torch.ones(17, 5), (True, True, False))
+    ref_out, ref_grads = linear_and_grads(F.linear, windows, w, None, torch.ones(17, 5), (True, True, False))
+    torch.testing.assert_close(out, ref_out)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [((4, 7), (5, 6), None), ((4, 6), (5, 6), (4, 5)), ((4, 6), (6,), None), ((), (5, 1), None)],
+    ids=["mismatch", "batched-bias", "1-d-weight", "0-d-input"],
+)
+def test_other_shapes_behave_exactly_as_f_linear(shapes, monkeypatch):
+    calls = count_onednn_calls(monkeypatch)
+    x, w = torch.randn(shapes[0]), torch.randn(shapes[1])
+    b = None if shapes[2] is None else torch.randn(shapes[2])
+    try:
+        expected = F.linear(x, w, b)
+    except RuntimeError as error:
+        with pytest.raises(RuntimeError, match=str(error).split("(")[0]):
+            kernels.linear(x, w, b)
+    else:
+        assert torch.equal(kernels.linear(x, w, b), expected)
+    assert calls == []
+
+
+def test_switching_onednn_off_in_torch_and_dispatch_modes_use_f_linear(monkeypatch):
+    calls = count_onednn_calls(monkeypatch)
+    x, w = torch.randn(4, 6), torch.randn(5, 6, requires_grad=True)
+    with torch.backends.mkldnn.flags(enabled=False):
+        kernels.linear(x, w).sum().backward()
+    with FlopCounterMode(display=False) as counter:
+        kernels.linear(x, w)
+    assert calls == [] and counter.get_total_flops() == 2 * 4 * 6 * 5

@@ -190,3 +190,17 @@ def test_custom_subclass_forward_sees_adapted_weight():
     with torch.no_grad():
         expected = nn.functional.linear(x, dense_reference(layer, layer.svd_delta, "shift").float() * 2, layer.bias)
         torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inference_mode_gives_the_base_output_and_leaves_the_layer_usable(kind):
+    layer, x = make_layer(kind)
+    with torch.no_grad():
+        expected = layer(x)
+    adapted = svdtune.apply(nn.Sequential(copy.deepcopy(layer)), targets=["0"])
+    with torch.inference_mode():
+        assert torch.equal(adapted(x), expected)
+    with torch.no_grad():
+        assert torch.equal(adapted(x), expected)  # the cache built under inference_mode serves here too
+    adapted(x).sum().backward()
+    assert adapted[0].svd_delta.grad is not None
