@@ -23,7 +23,9 @@ from svdtune.delta import DeltaFile, LayerDelta, as_delta_file, check_base, fing
 from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, spectrum_shift
 from svdtune.offline import warn_if_basis_dependent
-from svdtune.model import _check_adaptable, adapt_layers, adapted_layers, check_not_shared
+from svdtune.model import (
+    _check_adaptable, adapt_layers, adapted_layers, check_not_shared, unwrap, warn_if_buffers_changed,
+)
 
 
 def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
@@ -49,6 +51,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
     Example:
         >>> svdtune.save_delta(model, "task.safetensors", metadata={"dataset": "koniq10k"})
     """
+    model = unwrap(model)
     adapted = list(adapted_layers(model))
     if not adapted:
         raise SvdtuneError("the model has no svdtune layers to save; call svdtune.apply(model, targets=...) and train first.")
@@ -60,7 +63,9 @@ def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
     deltas = {id(layer._parameters[DELTA]) for _, layer in adapted}
     params = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()
               if p.requires_grad and id(p) not in deltas}
-    DeltaFile(layers, params, metadata, buffers=_trained_buffers(model, params)).save(path)
+    buffers = _trained_buffers(model, params)
+    warn_if_buffers_changed(model, set(buffers))
+    DeltaFile(layers, params, metadata, buffers=buffers).save(path)
 
 
 def _trained_buffers(model: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -131,6 +136,7 @@ def load_delta(
         >>> model = load_my_pretrained_model()
         >>> svdtune.load_delta(model, "task.safetensors")
     """
+    wrapper, model = model, unwrap(model)
     delta = as_delta_file(source)
     adapted = dict(adapted_layers(model))
     cache_dir = None if cache_dir is None else os.fspath(cache_dir)
@@ -151,7 +157,7 @@ def load_delta(
             params[name].requires_grad_(True)
         for name, value in delta.buffers.items():
             buffers[name].copy_(value)
-    return model
+    return wrapper
 
 
 def _plain_step(name: str, record: LayerDelta, modules: dict[str, nn.Module]) -> _Step:

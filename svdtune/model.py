@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -18,6 +20,21 @@ from svdtune.report import Report, build_report
 from svdtune.targets import as_patterns, select
 
 _FLAGS = "_svdtune_requires_grad"  # on the root model: requires_grad of every parameter before apply
+_BUFFERS = "_svdtune_buffers"  # on the root model: its persistent buffers at apply, on the CPU
+_PARALLEL = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile``, ``DistributedDataParallel`` and ``DataParallel`` wrappers,
+    so that layer names carry no ``_orig_mod.``/``module.`` prefix (a delta then fits the plain model)."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # imported once anything was compiled
+    while True:
+        if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, _PARALLEL):
+            model = model.module
+        else:
+            return model
 
 
 def apply(
@@ -65,6 +82,10 @@ def apply(
         >>> model = svdtune.apply(model, targets=["0", "2"])
         >>> optimizer = torch.optim.AdamW(svdtune.trainable_parameters(model), lr=1e-3)
     """
+    if isinstance(model, _PARALLEL):
+        raise SvdtuneError(f"apply got a {type(model).__name__}: it records its parameters when built, so deltas "
+                           "added now would not be synchronised; call apply on the model first, then wrap it.")
+    wrapper, model = model, unwrap(model)
     config = SpectralConfig(mode=mode, rank=rank)
     targets, exclude = as_patterns(targets, "targets"), as_patterns(exclude, "exclude")
     layers = select(model, targets, exclude, SUPPORTED_TYPES, "targets")
@@ -84,7 +105,7 @@ def apply(
     adapt_layers(model, [(layer, factors[name], config) for name, layer in layers.items()], cache_dir)
     for module in free:
         module.requires_grad_(True)
-    return model
+    return wrapper
 
 
 def adapt_layers(
@@ -98,6 +119,7 @@ def adapt_layers(
     """
     if _FLAGS not in model.__dict__:
         model.__dict__[_FLAGS] = {name: p.requires_grad for name, p in model.named_parameters()}
+        model.__dict__[_BUFFERS] = {name: b.detach().to("cpu", copy=True) for name, b in persistent_buffers(model)}
         model.requires_grad_(False)
     for layer, factors, config in plan:
         layer.requires_grad_(False)
@@ -162,6 +184,33 @@ def check_not_shared(model: nn.Module, layers: dict[str, nn.Module]) -> None:
             )
 
 
+def persistent_buffers(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(qualified name, buffer) for every buffer that goes into the state dict."""
+    for module_name, module in model.named_modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                yield f"{module_name}.{name}" if module_name else name, buffer
+
+
+def warn_if_buffers_changed(model: nn.Module, saved: set[str]) -> None:
+    """Warn if persistent buffers outside ``saved`` changed since `apply` (BatchNorm statistics
+    updated in train mode): the delta file does not hold them, so a reload would differ."""
+    for prefix, root in model.named_modules():
+        before = root.__dict__.get(_BUFFERS, {})
+        changed = [name for name, buffer in persistent_buffers(root)
+                   if f"{prefix}.{name}".lstrip(".") not in saved and name in before
+                   and not torch.equal(before[name].to(buffer.dtype), buffer.detach().cpu())]
+        if changed:
+            warnings.warn(
+                f"buffers {changed[:3]} changed since svdtune.apply (e.g. BatchNorm running statistics updated in "
+                "train mode) and are not in the delta file, so loading it into the base model gives a different "
+                "model; keep frozen BatchNorm layers in eval mode while training, or pass their modules as "
+                "apply(..., trainable=[...]) so their statistics are saved.",
+                RuntimeWarning, stacklevel=3,
+            )
+            return
+
+
 def adapted_layers(model: nn.Module) -> Iterator[tuple[str, SpectralLayer]]:
     """(qualified name, layer) for every svdtune layer in the model, in module order."""
     for name, module in model.named_modules():
@@ -191,7 +240,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     Example:
         >>> optimizer = torch.optim.AdamW(svdtune.trainable_parameters(model), lr=1e-3)
     """
-    layers = _require_adapted(model, "train")
+    layers = _require_adapted(unwrap(model), "train")
     deltas = [layer._parameters[DELTA] for _, layer in layers]
     seen = {id(p) for p in deltas}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
@@ -210,7 +259,7 @@ def report(model: nn.Module) -> Report:
     Example:
         >>> print(svdtune.report(model))
     """
-    return build_report(model)
+    return build_report(unwrap(model))
 
 
 def set_scale(model: nn.Module, scale: float) -> nn.Module:
@@ -229,7 +278,7 @@ def set_scale(model: nn.Module, scale: float) -> nn.Module:
     Example:
         >>> svdtune.set_scale(model, 0.8)
     """
-    layers = _require_adapted(model, "scale")
+    layers = _require_adapted(unwrap(model), "scale")
     configs = [dataclasses.replace(layer._spectral.config, scale=scale) for _, layer in layers]
     for (_, layer), config in zip(layers, configs):
         layer._spectral.config = config
@@ -248,7 +297,7 @@ def singular_values(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
     with torch.no_grad():
         return {
             name: (layer._factors().sigma.clone(), layer.spectrum().clone())
-            for name, layer in _require_adapted(model, "inspect")
+            for name, layer in _require_adapted(unwrap(model), "inspect")
         }
 
 
@@ -273,6 +322,7 @@ def merge(model: nn.Module) -> nn.Module:
         >>> svdtune.merge(model)
         >>> torch.save(model.state_dict(), "merged.pt")
     """
+    wrapper, model = model, unwrap(model)
     layers = _require_adapted(model, "merge")
     with torch.no_grad():
         weights = {name: layer.merged_weight() for name, layer in layers}
@@ -281,7 +331,7 @@ def merge(model: nn.Module) -> nn.Module:
     for name, layer in layers:
         unadapt(layer, weights[name])
     _restore_flags(model)
-    return model
+    return wrapper
 
 
 def restore(model: nn.Module) -> nn.Module:
@@ -300,15 +350,17 @@ def restore(model: nn.Module) -> nn.Module:
     Example:
         >>> svdtune.restore(model)
     """
+    wrapper, model = model, unwrap(model)
     for _, layer in _require_adapted(model, "restore"):
         unadapt(layer)
     _restore_flags(model)
-    return model
+    return wrapper
 
 
 def _restore_flags(model: nn.Module) -> None:
     """Give back the requires_grad recorded by `apply`, wherever in the tree it was called."""
     for root in list(model.modules()):
+        root.__dict__.pop(_BUFFERS, None)
         flags = root.__dict__.pop(_FLAGS, None)
         for name, param in root.named_parameters() if flags is not None else ():
             param.requires_grad_(flags.get(name, param.requires_grad))
