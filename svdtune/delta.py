@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ FORMAT = "svdtune.delta"
 FORMAT_VERSION = 2  # the newest version: 2 adds "buffers"; a file without buffers is written as version 1
 READ_VERSIONS = (1, 2)
 TOP_SIGMA = 4  # singular values kept in a fingerprint
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+TORCH_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's legacy format: a pickled magic number first
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -199,8 +202,63 @@ def read_delta(path: str | os.PathLike) -> DeltaFile:
         >>> {name: layer.rank for name, layer in delta.layers.items()}
     """
     what = repr(os.fspath(path))
-    tensors, metadata = container.read(path, what)
+    try:
+        tensors, metadata = container.read(path, what)
+    except SvdtuneError:
+        kind = _other_kind(path)
+        if kind is None:  # a damaged svdtune file, or unrecognisable: the container's message says so
+            raise
+        raise _not_a_delta(what, kind) from None
     return from_tensors(tensors, metadata, what)
+
+
+def _other_kind(path: str | os.PathLike) -> str | None:
+    """What the file at ``path`` is if recognisably another kind of file (e.g. "a torch.save checkpoint"), else None.
+
+    Only its first bytes and its safetensors header (if any) are read.
+    """
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(4096)
+            header = _safetensors_header(handle, start)
+    except OSError:
+        return None
+    if start.startswith(ZIP_MAGIC):
+        return "a torch.save checkpoint" if _first_zip_member(start).endswith(b"data.pkl") else "a zip archive"
+    if start.startswith(b"\x80") and TORCH_LEGACY_MAGIC in start[:32]:  # at byte 2, or 11 after a protocol 4+ frame
+        return "a torch.save checkpoint (legacy format)"
+    metadata = header.get("__metadata__", {}) if header is not None else None
+    if not isinstance(metadata, dict) or metadata.get("format") == FORMAT or container.CHECKSUM in metadata:
+        return None  # not safetensors, or written by svdtune and damaged since
+    return "a safetensors file without svdtune delta metadata (a plain state dict?)"
+
+
+def _first_zip_member(start: bytes) -> bytes:
+    """The name of the first member of a zip file, from its first local file header (b"" if cut off)."""
+    if len(start) < 30:
+        return b""
+    (length,) = struct.unpack_from("<H", start, 26)
+    return start[30:30 + length] if len(start) >= 30 + length else b""
+
+
+def _safetensors_header(handle, start: bytes) -> dict | None:
+    """The JSON header of a safetensors file whose first bytes are ``start``, or None if it has none."""
+    if len(start) < 8:
+        return None
+    (size,) = struct.unpack("<Q", start[:8])
+    if size > container.MAX_HEADER:
+        return None
+    handle.seek(8)
+    try:
+        header = json.loads(handle.read(size).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def _not_a_delta(what: str, kind: str) -> SvdtuneError:
+    return SvdtuneError(f"{what} is {kind}, not an svdtune delta file; pass the delta file (written by svdtune.save_delta) "
+                        "here: did you swap BASE and DELTA?")
 
 
 def as_delta_file(source: str | os.PathLike | DeltaFile) -> DeltaFile:
@@ -262,8 +320,7 @@ def from_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], what: str
         SvdtuneError: naming the layer or entry that is wrong.
     """
     if metadata.get("format") != FORMAT:
-        raise SvdtuneError(f"{what} is a safetensors file but not an svdtune delta (format={metadata.get('format')!r}); "
-                           "pass a file written by svdtune.save_delta.")
+        raise _not_a_delta(what, f"a safetensors file (format={metadata.get('format')!r})")
     version = metadata.get("format_version", "")
     if not version.isdigit() or int(version) not in READ_VERSIONS:
         raise SvdtuneError(f"{what} uses delta format version {version!r} (svdtune {metadata.get('svdtune_version', '?')}); "

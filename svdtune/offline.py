@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterable
 
@@ -24,13 +25,14 @@ from torch import Tensor
 from svdtune import container
 from svdtune.cache import decompose_named
 from svdtune.decompose import Decomposition
-from svdtune.config import check_scale
+from svdtune.config import as_scale
 from svdtune.delta import DeltaFile, LayerDelta, as_delta_file, check_base
 from svdtune.errors import SvdtuneError
 from svdtune.layers import check_finite_merge, merged_weight, spectrum_shift
 
 DEGENERATE_ULPS = 32  # singular values closer than 32 * eps * sigma_max count as repeated (SVD noise level)
 BASE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # matched in any case
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal styling, e.g. the bold in torch.load's messages
 
 
 def warn_if_basis_dependent(name: str, sigma: Tensor, shift: Tensor, next_sigma: float | None) -> None:
@@ -80,8 +82,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         state = _torch_load(path)
     except Exception as error:  # torch.load raises many types; all mean "not a readable checkpoint"
-        raise SvdtuneError(f"cannot read {what}: {str(error).splitlines()[0] if str(error) else type(error).__name__}; "
-                           "it must be a state dict saved with torch.save.") from None
+        reason = _load_failure(error)
+        raise SvdtuneError(f"cannot read {what}: {reason}; it must be a state dict saved with torch.save.") from None
     if isinstance(state, dict) and isinstance(state.get("params"), dict):
         state = state["params"]
     if not isinstance(state, dict):
@@ -90,6 +92,26 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         if not isinstance(key, str) or not isinstance(value, Tensor):
             raise SvdtuneError(f"{what}: entry {key!r} is not a tensor; save a plain model.state_dict().")
     return state
+
+
+def _load_failure(error: Exception) -> str:
+    """A one-line reason from a torch.load error: its first sentence (and the unpickler's), no terminal escapes.
+
+    Example: "Weights only load failed (WeightsUnpickler error: Unsupported global: GLOBAL
+    torch.nn.modules.linear.Linear was not an allowed global by default)" for a pickled whole model.
+    """
+    lines = [" ".join(line.split()) for line in ANSI_ESCAPE.sub("", str(error)).splitlines()]
+    lines = [line for line in lines if line]
+    if not lines or not any(c.isalpha() for c in lines[0]):  # e.g. EOFError(), KeyError(101) of a damaged file
+        return " ".join([type(error).__name__, *lines[:1]])
+    reason = _first_sentence(lines[0])
+    unpickler = next((line for line in lines[1:] if line.startswith("WeightsUnpickler error:")), None)
+    return f"{reason} ({_first_sentence(unpickler)})" if unpickler else reason
+
+
+def _first_sentence(line: str) -> str:
+    """``line`` up to its first sentence end (". ", "! " or "? "), without the final full stop."""
+    return re.split(r"(?<=[.!?])\s", line, maxsplit=1)[0].removesuffix(".")
 
 
 def _torch_load(path: str) -> object:
@@ -129,7 +151,7 @@ def merge_files(
         >>> svdtune.merge_files("base.pth", "task.safetensors", "merged.safetensors", scale=0.8)
     """
     container.check_destination(out)  # before any work
-    check_scale(scale)
+    scale = as_scale(scale)
     record = as_delta_file(delta)
     state = read_state_dict(base)
     merged = {**state, **_trained_tensors(state, record)}
