@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
+
+import numpy
+import torch
 
 from svdtune.errors import SvdtuneError
 
@@ -30,10 +34,17 @@ class SpectralConfig:
             raise SvdtuneError(f"mode={self.mode!r} is not supported; use one of {MODES}.")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
             raise SvdtuneError(f"rank={self.rank!r} must be a positive int, or None to tune every singular value.")
-        check_scale(self.scale)
+        object.__setattr__(self, "scale", as_scale(self.scale))  # always a Python float
 
 
-def check_scale(scale: object) -> None:
-    """Raise SvdtuneError unless ``scale`` is a finite number (bools refused)."""
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+def as_scale(scale: object) -> float:
+    """``scale`` as a float: any finite real number, a NumPy scalar or a one-element tensor.
+
+    Raises:
+        SvdtuneError: anything else (bools, strings, None, NaN, infinity).
+    """
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.dtype != torch.bool and not scale.is_complex():
+        scale = scale.item()
+    if isinstance(scale, (bool, numpy.bool_)) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise SvdtuneError(f"scale={scale!r} must be a finite number (1.0 applies the deltas as trained).")
+    return float(scale)

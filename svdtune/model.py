@@ -267,7 +267,7 @@ def set_scale(model: nn.Module, scale: float) -> nn.Module:
 
     Args:
         model: a model passed through `apply`.
-        scale: the new s (any finite number; > 1 extrapolates).
+        scale: the new s: any finite number, NumPy scalar or one-element tensor (> 1 extrapolates).
 
     Returns:
         The same model.
@@ -339,7 +339,8 @@ def restore(model: nn.Module) -> nn.Module:
 
     The modules are the same objects as before `apply`; their weights are the same
     tensors, bit for bit; parameters get back the ``requires_grad`` they had. The
-    deltas are dropped (save them first with `save_delta` if needed).
+    deltas are dropped (save them first with `save_delta` if needed); parameters of
+    ``trainable`` modules and buffers changed by training keep their new values.
 
     Returns:
         The same model.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -267,3 +268,21 @@ def test_copies_and_pickles_need_no_new_svd(monkeypatch):
     for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert torch.equal(twin(x), model(x))
     assert calls == []
+
+
+@pytest.mark.parametrize("scale", [np.float32(0.5), np.float64(0.5), np.int64(2), torch.tensor(0.5), torch.tensor([0.5])],
+                         ids=["np.float32", "np.float64", "np.int64", "0-d tensor", "1-element tensor"])
+def test_set_scale_takes_numpy_and_tensor_scalars_as_python_floats(scale):
+    model = svdtune.apply(nn.Sequential(nn.Linear(4, 3)), targets=["0"])
+    svdtune.set_scale(model, scale)
+    stored = model[0]._spectral.config.scale
+    assert type(stored) is float and stored == float(scale)
+
+
+@pytest.mark.parametrize("scale", [np.bool_(True), torch.tensor(True), torch.tensor([0.5, 1.0]), np.float32("nan"), torch.tensor(float("inf"))],
+                         ids=["np.bool_", "bool tensor", "2-element tensor", "nan", "inf tensor"])
+def test_set_scale_refuses_other_scalars_and_keeps_the_old_scale(scale):
+    model = svdtune.apply(nn.Sequential(nn.Linear(4, 3)), targets=["0"])
+    with pytest.raises(svdtune.SvdtuneError, match="must be a finite number"):
+        svdtune.set_scale(model, scale)
+    assert model[0]._spectral.config.scale == 1.0
