@@ -34,12 +34,29 @@ from svdtune.config import MODES
 from svdtune.errors import SvdtuneError
 
 FORMAT = "svdtune.delta"
-FORMAT_VERSION = 2  # the newest version: 2 adds "buffers"; a file without buffers is written as version 1
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # the newest: 2 adds "buffers", 3 a fingerprint's "basis"; each file gets the lowest it needs
+READ_VERSIONS = (1, 2, 3)
 TOP_SIGMA = 4  # singular values kept in a fingerprint
+DEGENERATE_ULPS = 32  # singular values closer than 32 * eps * sigma_max count as repeated (SVD noise level)
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 TORCH_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's legacy format: a pickled magic number first
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Basis:
+    """The singular vectors of repeated singular values that got different deltas.
+
+    Within such a subspace any rotation of the vectors is a valid SVD, and the deltas
+    only mean what they meant in training along the very vectors training used.
+
+    Attributes:
+        columns: the indices of those singular vectors, ascending.
+        sha256: hex SHA-256 of U's columns then Vh's rows at ``columns``, as float32.
+    """
+
+    columns: tuple[int, ...]
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -50,11 +67,13 @@ class Fingerprint:
         sha256: hex SHA-256 of the weight converted to float32, little-endian, C order.
         top_sigma: its largest singular values (up to 4), descending.
         dtype: the weight's dtype when it was fingerprinted, e.g. "float32".
+        basis: the training SVD's vectors where the result depends on them (`Basis`), or None.
     """
 
     sha256: str
     top_sigma: tuple[float, ...]
     dtype: str
+    basis: Basis | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +150,49 @@ def fingerprint(weight: Tensor, sigma: Tensor) -> Fingerprint:
     """The Fingerprint of a base weight, given its (top) singular values."""
     top = tuple(float(s) for s in sigma[:TOP_SIGMA].to(torch.float32).tolist())
     return Fingerprint(weight_sha256(weight), top, str(weight.dtype).removeprefix("torch."))
+
+
+def repeated_pairs(sigma: Tensor, shift: Tensor, next_sigma: float | None = None) -> list[int]:
+    """The i where singular values i and i+1 are equal up to SVD noise but get different shifts.
+
+    Args:
+        sigma: (k,) descending singular values that get a shift.
+        shift: (k,) sigma' - sigma.
+        next_sigma: the largest singular value that gets no shift (k < min(m, n)), or None.
+    """
+    values, shifts = sigma.detach().double().cpu(), shift.detach().double().cpu()
+    if next_sigma is not None:
+        values = torch.cat([values, values.new_tensor([float(next_sigma)])])
+        shifts = torch.cat([shifts, shifts.new_tensor([0.0])])
+    if values.numel() < 2:
+        return []
+    top = float(values[0]) if float(values[0]) > 0 else 1.0
+    close = (values[:-1] - values[1:]) <= DEGENERATE_ULPS * torch.finfo(sigma.dtype).eps * top
+    differ = (shifts[:-1] - shifts[1:]).abs() > 1e-6 * top
+    return torch.nonzero(close & differ).flatten().tolist()
+
+
+def basis_sha256(U: Tensor, Vh: Tensor, columns: tuple[int, ...]) -> str:
+    """Hex SHA-256 of U[:, columns] then Vh[columns], as float32 (see `Basis`)."""
+    index = torch.tensor(columns, dtype=torch.long, device=U.device)
+    digest = hashlib.sha256(container.tensor_bytes(U.detach().index_select(1, index).to(torch.float32)))
+    digest.update(container.tensor_bytes(Vh.detach().index_select(0, index).to(torch.float32)))
+    return digest.hexdigest()
+
+
+def basis_of(U: Tensor, Vh: Tensor, pairs: list[int]) -> Basis | None:
+    """The `Basis` to record for the repeated pairs ``pairs`` among U's k columns, or None."""
+    columns = tuple(sorted({j for i in pairs for j in (i, i + 1) if j < U.shape[1]}))
+    return Basis(columns, basis_sha256(U, Vh, columns)) if columns else None
+
+
+def same_basis(recorded: Fingerprint, U: Tensor, Vh: Tensor, pairs: list[int]) -> bool:
+    """True if the recorded training vectors cover ``pairs`` and equal U's and Vh's bit for bit."""
+    basis = recorded.basis
+    needed = {j for i in pairs for j in (i, i + 1)}
+    if basis is None or not needed <= set(basis.columns) or max(basis.columns) >= U.shape[1]:
+        return False
+    return basis_sha256(U, Vh, basis.columns) == basis.sha256
 
 
 def fingerprint_mismatch(expected: Fingerprint, weight: Tensor, top_sigma) -> str | None:
@@ -273,8 +335,10 @@ def as_delta_file(source: str | os.PathLike | DeltaFile) -> DeltaFile:
 
 
 def format_version(delta: DeltaFile) -> int:
-    """The version a delta is written as: 1 unless it holds buffers, so older svdtune reads it."""
-    return FORMAT_VERSION if delta.buffers else 1
+    """The lowest version that holds ``delta``, so that older svdtune reads what it can."""
+    if any(layer.fingerprint.basis is not None for layer in delta.layers.values()):
+        return 3
+    return 2 if delta.buffers else 1
 
 
 def to_tensors(delta: DeltaFile) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -294,7 +358,7 @@ def to_tensors(delta: DeltaFile) -> tuple[dict[str, Tensor], dict[str, str]]:
         "params": json.dumps(sorted(delta.params)),
         "metadata": json.dumps(dict(delta.metadata), sort_keys=True),
     }
-    if delta.buffers:
+    if int(metadata["format_version"]) >= 2:
         metadata["buffers"] = json.dumps(sorted(delta.buffers))
     tensors = {name: layer.delta.detach() for name, layer in delta.layers.items()}
     tensors.update({name: value.detach() for name, value in {**delta.params, **delta.buffers}.items()})
@@ -309,7 +373,8 @@ def _record(layer: LayerDelta) -> dict:
         "rank": layer.rank,
         "mode": layer.mode,
         "scale": float(layer.scale),
-        "fingerprint": {"sha256": fp.sha256, "top_sigma": list(fp.top_sigma), "dtype": fp.dtype},
+        "fingerprint": {"sha256": fp.sha256, "top_sigma": list(fp.top_sigma), "dtype": fp.dtype,
+                        **({"basis": {"columns": list(fp.basis.columns), "sha256": fp.basis.sha256}} if fp.basis else {})},
     }
 
 
@@ -334,6 +399,8 @@ def from_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], what: str
         raise SvdtuneError(f"{what} has user metadata that is not str -> str; write the file again.")
     _check_tensor_names(set(tensors), [*records, *params, *buffers], what)
     layers = {name: _layer(name, record, tensors[name], what) for name, record in records.items()}
+    if int(version) < 3 and any(layer.fingerprint.basis for layer in layers.values()):
+        raise SvdtuneError(f"{what} records a singular basis, which format version {version} does not have; write the file again.")
     for name in params:
         if tensors[name].dtype not in FLOATS:
             raise SvdtuneError(f"{what}: parameter {name!r} has dtype {tensors[name].dtype}, not a float; write the file again.")
@@ -386,20 +453,37 @@ def _layer(name: str, record: object, delta: Tensor, what: str) -> LayerDelta:
         raise bad(f"has a delta tensor of shape {tuple(delta.shape)} and dtype {delta.dtype}, expected ({rank},) float")
     if not bool(torch.isfinite(delta).all()):
         raise bad("has non-finite deltas (NaN or infinity)")
-    return LayerDelta(record["class"], tuple(shape), record["mode"], float(scale), _fingerprint(fp, bad), delta)
+    return LayerDelta(record["class"], tuple(shape), record["mode"], float(scale), _fingerprint(fp, rank, bad), delta)
 
 
 def _positive(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return _natural(value) and value >= 1
 
 
-def _fingerprint(fp: object, bad) -> Fingerprint:
-    if not isinstance(fp, dict) or set(fp) != {"sha256", "top_sigma", "dtype"}:
+def _natural(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _fingerprint(fp: object, rank: int, bad) -> Fingerprint:
+    if not isinstance(fp, dict) or set(fp) - {"basis"} != {"sha256", "top_sigma", "dtype"}:
         raise bad("has a malformed fingerprint")
     sha, top, dtype = fp["sha256"], fp["top_sigma"], fp["dtype"]
-    valid_sha = isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)
     valid_top = isinstance(top, list) and len(top) <= TOP_SIGMA and all(
         isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s >= 0 for s in top)
-    if not (valid_sha and valid_top and dtype in {str(d).removeprefix("torch.") for d in FLOATS}):
+    if not (_is_sha256(sha) and valid_top and dtype in {str(d).removeprefix("torch.") for d in FLOATS}):
         raise bad("has a malformed fingerprint")
-    return Fingerprint(sha, tuple(float(s) for s in top), dtype)
+    basis = _basis(fp["basis"], rank, bad) if "basis" in fp else None
+    return Fingerprint(sha, tuple(float(s) for s in top), dtype, basis)
+
+
+def _basis(basis: object, rank: int, bad) -> Basis:
+    columns = basis.get("columns") if isinstance(basis, dict) and set(basis) == {"columns", "sha256"} else None
+    if not (isinstance(columns, list) and columns and all(_natural(c) for c in columns)):
+        raise bad("has a malformed fingerprint basis")
+    if columns != sorted(set(columns)) or columns[-1] >= rank or not _is_sha256(basis["sha256"]):
+        raise bad(f"has a fingerprint basis with columns {columns} not ascending below rank {rank}, or a bad hash")
+    return Basis(tuple(columns), basis["sha256"])
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)

@@ -19,7 +19,7 @@ from svdtune import container
 from svdtune.cache import decompose_named
 from svdtune.config import SpectralConfig
 from svdtune.decompose import SUPPORTED_TYPES, Decomposition
-from svdtune.delta import DeltaFile, LayerDelta, as_delta_file, check_base, fingerprint
+from svdtune.delta import DeltaFile, LayerDelta, as_delta_file, basis_of, check_base, fingerprint, repeated_pairs
 from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, spectrum_shift
 from svdtune.offline import warn_if_basis_dependent
@@ -85,7 +85,9 @@ def _layer_delta(name: str, layer: SpectralLayer) -> LayerDelta:
     if not bool(torch.isfinite(delta).all()):
         raise SvdtuneError(f"layer {name!r} has non-finite deltas; training diverged: lower the learning rate.")
     class_name = layer._spectral.original_class.__name__
-    stamp = fingerprint(layer.base_weight, layer._factors().sigma)
+    factors = layer._factors()
+    pairs = repeated_pairs(factors.sigma, spectrum_shift(factors.sigma, delta.to(factors.sigma), config.scale, config.mode))
+    stamp = dataclasses.replace(fingerprint(layer.base_weight, factors.sigma), basis=basis_of(factors.U, factors.Vh, pairs))
     return LayerDelta(class_name, tuple(layer.base_weight.shape), config.mode, config.scale, stamp, delta)
 
 
@@ -221,7 +223,7 @@ def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool,
         record, factors = delta.layers[name], _factors(name, step, cache_dir)
         with torch.no_grad():
             shift = spectrum_shift(factors.sigma, record.delta.to(factors.sigma), record.scale, record.mode)
-        warn_if_basis_dependent(name, factors.sigma, shift, None)
+        warn_if_basis_dependent(name, factors, shift, None, record.fingerprint)
 
 
 def _factors(name: str, step: _Step, cache_dir: str | None) -> Decomposition:

@@ -26,42 +26,40 @@ from svdtune import container
 from svdtune.cache import decompose_named
 from svdtune.decompose import Decomposition
 from svdtune.config import as_scale
-from svdtune.delta import DeltaFile, LayerDelta, as_delta_file, check_base
+from svdtune.delta import DeltaFile, Fingerprint, LayerDelta, as_delta_file, check_base, repeated_pairs, same_basis
 from svdtune.errors import SvdtuneError
 from svdtune.layers import check_finite_merge, merged_weight, spectrum_shift
 
-DEGENERATE_ULPS = 32  # singular values closer than 32 * eps * sigma_max count as repeated (SVD noise level)
 BASE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # matched in any case
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal styling, e.g. the bold in torch.load's messages
 
 
-def warn_if_basis_dependent(name: str, sigma: Tensor, shift: Tensor, next_sigma: float | None) -> None:
-    """Warn if (nearly) equal singular values of a layer get different shifts.
+def warn_if_basis_dependent(
+    name: str, factors: Decomposition, shift: Tensor, next_sigma: float | None, recorded: Fingerprint
+) -> None:
+    """Warn if (nearly) equal singular values of a layer get different shifts, unless the file
+    recorded the training SVD's vectors there and this SVD gave the same ones (see `Basis`).
 
     Args:
         name: the layer, for the message.
-        sigma: (k,) descending singular values that get a shift.
+        factors: this decomposition, with the k singular values that get a shift (or more).
         shift: (k,) sigma' - sigma.
         next_sigma: the largest singular value that gets no shift (k < min(m, n)), or None.
+        recorded: the layer's fingerprint from the delta file.
     """
-    values, shifts = sigma.detach().double().cpu(), shift.detach().double().cpu()
-    if next_sigma is not None:
-        values = torch.cat([values, values.new_tensor([float(next_sigma)])])
-        shifts = torch.cat([shifts, shifts.new_tensor([0.0])])
-    if values.numel() < 2:
+    k = shift.numel()
+    pairs = repeated_pairs(factors.sigma[:k], shift, next_sigma)
+    if not pairs or same_basis(recorded, factors.U[:, :k], factors.Vh[:k], pairs):
         return
-    top = float(values[0]) if float(values[0]) > 0 else 1.0
-    close = (values[:-1] - values[1:]) <= DEGENERATE_ULPS * torch.finfo(sigma.dtype).eps * top
-    differ = (shifts[:-1] - shifts[1:]).abs() > 1e-6 * top
-    hits = torch.nonzero(close & differ).flatten().tolist()
-    if hits:
-        i = hits[0]
-        warnings.warn(
-            f"layer {name!r}: singular values {i} and {i + 1} ({float(values[i]):.6g}, {float(values[i + 1]):.6g}) are "
-            "repeated but get different deltas, so the result depends on which singular basis the SVD picks "
-            "(here it may differ from training); merge on the model instead (svdtune.merge) for an exact result.",
-            RuntimeWarning, stacklevel=4,
-        )
+    i = pairs[0]
+    pair = factors.sigma[i].item(), factors.sigma[i + 1].item() if i + 1 < factors.sigma.numel() else next_sigma
+    warnings.warn(
+        f"layer {name!r}: singular values {i} and {i + 1} ({pair[0]:.6g}, {pair[1]:.6g}) are repeated but "
+        "get different deltas, and this SVD may have picked other singular vectors for them than training did, "
+        "so the result can differ from the trained model; merge on the training machine (svdtune.merge) for an "
+        "exact result.",
+        RuntimeWarning, stacklevel=4,
+    )
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -195,7 +193,7 @@ def _merged_weight(name: str, weight: Tensor, factors: Decomposition, layer: Lay
     """
     k, sigma = layer.rank, factors.sigma
     shift = spectrum_shift(sigma[:k], layer.delta.to(sigma.dtype), layer.scale * scale, layer.mode)
-    warn_if_basis_dependent(name, sigma[:k], shift, float(sigma[k]) if k < sigma.numel() else None)
+    warn_if_basis_dependent(name, factors, shift, float(sigma[k]) if k < sigma.numel() else None, layer.fingerprint)
     result = merged_weight(weight, factors.U[:, :k], factors.Vh[:k], shift)
     check_finite_merge(name, result)
     return result

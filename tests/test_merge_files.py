@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import math
 import warnings
 from collections import OrderedDict
 
@@ -122,20 +124,73 @@ def test_merge_files_checks_the_fingerprint(files, tmp_path):
     assert out.exists()
 
 
-def test_repeated_singular_values_under_different_deltas_warn(tmp_path):
+def degenerate_model(deltas: list[float]) -> nn.Module:
+    """A Linear whose sigma = (2, 2, 2, 2): any basis is a valid SVD of it."""
     model = nn.Sequential(nn.Linear(4, 4))
     with torch.no_grad():
-        model[0].weight.copy_(2 * torch.eye(4))  # sigma = (2, 2, 2, 2): any basis is a valid SVD
-    safetensors.torch.save_file(model.state_dict(), tmp_path / "base.safetensors")
+        model[0].weight.copy_(2 * torch.eye(4))
+    base = copy.deepcopy(model)
     svdtune.apply(model, ["0"])
-    for deltas, warns in (([0.5, 0.5, 0.5, 0.5], False), ([0.5, -0.2, 0.1, 0.0], True)):
-        with torch.no_grad():
-            model[0].svd_delta.copy_(torch.tensor(deltas))
-        svdtune.save_delta(model, tmp_path / "d.safetensors")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+    with torch.no_grad():
+        model[0].svd_delta.copy_(torch.tensor(deltas))
+    return base, model
+
+
+def rotated(factors, angle: float = 0.7):
+    """The same SVD with singular vectors 0 and 1 rotated into each other (valid for equal sigma)."""
+    c, s = math.cos(angle), math.sin(angle)
+    R = torch.tensor([[c, -s], [s, c]], dtype=factors.U.dtype)
+    U, Vh = factors.U.clone(), factors.Vh.clone()
+    U[:, :2], Vh[:2] = factors.U[:, :2] @ R, R.T @ factors.Vh[:2]
+    return dataclasses.replace(factors, U=U, Vh=Vh)
+
+
+def repeated_warnings(action) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        action()
+    return sum("repeated" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("where", ["merge_files", "load_delta"])
+def test_repeated_singular_values_warn_only_when_the_svd_picked_other_vectors(where, tmp_path, monkeypatch):
+    base, model = degenerate_model([0.5, -0.2, 0.1, 0.0])
+    safetensors.torch.save_file(base.state_dict(), tmp_path / "base.safetensors")
+    svdtune.save_delta(model, tmp_path / "d.safetensors")
+    basis = svdtune.read_delta(tmp_path / "d.safetensors").layers["0"].fingerprint.basis
+    assert basis is not None and basis.columns == (0, 1, 2, 3)
+
+    def act():
+        if where == "merge_files":
             svdtune.merge_files(tmp_path / "base.safetensors", tmp_path / "d.safetensors", tmp_path / "m.safetensors")
-        assert any("repeated" in str(w.message) for w in caught) == warns
+        else:
+            svdtune.load_delta(copy.deepcopy(base), tmp_path / "d.safetensors")
+
+    assert repeated_warnings(act) == 0  # the same SVD as in training: the deltas mean what they meant
+    module = svdtune.offline if where == "merge_files" else svdtune.io
+    decompose = module.decompose_named
+    monkeypatch.setattr(module, "decompose_named", lambda *args: rotated(decompose(*args)))
+    assert repeated_warnings(act) == 1  # another valid SVD: the result differs from training
+
+
+def test_a_file_without_a_recorded_basis_warns_on_repeated_values(tmp_path):
+    base, model = degenerate_model([0.5, -0.2, 0.1, 0.0])
+    safetensors.torch.save_file(base.state_dict(), tmp_path / "base.safetensors")
+    svdtune.save_delta(model, tmp_path / "d.safetensors")
+    record = svdtune.read_delta(tmp_path / "d.safetensors")
+    layer = record.layers["0"]
+    old = dataclasses.replace(layer, fingerprint=dataclasses.replace(layer.fingerprint, basis=None))
+    dataclasses.replace(record, layers={"0": old}).save(tmp_path / "old.safetensors")
+    merge = lambda: svdtune.merge_files(tmp_path / "base.safetensors", tmp_path / "old.safetensors", tmp_path / "m.safetensors")
+    assert repeated_warnings(merge) == 1
+
+
+def test_equal_deltas_on_repeated_values_record_no_basis_and_stay_version_1(tmp_path):
+    _, model = degenerate_model([0.5, 0.5, 0.5, 0.5])
+    svdtune.save_delta(model, tmp_path / "d.safetensors")
+    _, metadata = svdtune.container.read(tmp_path / "d.safetensors")
+    assert metadata["format_version"] == "1"
+    assert svdtune.read_delta(tmp_path / "d.safetensors").layers["0"].fingerprint.basis is None
 
 
 def test_combine_with_weights_one_zero_is_the_first_delta(files, tmp_path):
@@ -290,3 +345,22 @@ def test_mapped_tensors_are_private_writable_copies(tmp_path):
     tensors["a"].add_(1)
     assert torch.equal(tensors["a"], torch.full((3,), 2.0)) and torch.equal(tensors["b"], torch.zeros(2, 2))
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda record, md: record["fingerprint"]["basis"].update(columns=[0, 4]), "columns \\[0, 4\\] not ascending below rank 4"),
+    (lambda record, md: record["fingerprint"]["basis"].update(columns=[1, 0]), "not ascending"),
+    (lambda record, md: record["fingerprint"]["basis"].update(columns=[True]), "malformed fingerprint basis"),
+    (lambda record, md: record["fingerprint"]["basis"].update(sha256="xyz"), "bad hash"),
+    (lambda record, md: md.update(format_version="2"), "records a singular basis, which format version 2 does not have"),
+], ids=["beyond rank", "unordered", "bool column", "bad hash", "old version"])
+def test_a_malformed_basis_is_refused(edit, message, tmp_path):
+    _, model = degenerate_model([0.5, -0.2, 0.1, 0.0])
+    svdtune.save_delta(model, tmp_path / "d.safetensors")
+    tensors, metadata = svdtune.container.read(tmp_path / "d.safetensors")
+    records = json.loads(metadata["layers"])
+    edit(records["0"], metadata)
+    metadata["layers"] = json.dumps(records)
+    svdtune.container.atomic_write(tmp_path / "d.safetensors", svdtune.container.encode(tensors, metadata))
+    with pytest.raises(svdtune.SvdtuneError, match=message):
+        svdtune.read_delta(tmp_path / "d.safetensors")
