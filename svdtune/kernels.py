@@ -7,15 +7,17 @@ so results agree with ``F.linear`` to float32 rounding, not bit for bit. On the
 AMD EPYC machines this project measures on, oneDNN runs these products about
 2x faster than MKL's sgemm (``benchmarks/train_step.py`` prints both).
 
-Everything else (CUDA, half precision, autocast, ``torch.compile``, ``torch.func``
-transforms, forward-mode AD, tensor subclasses, empty shapes, or a build
-without oneDNN) goes to ``F.linear`` unchanged. A check at
-first use compares the two on a small problem and keeps ``F.linear`` if they
-disagree. Set ``SVDTUNE_ONEDNN=0`` in the environment to always use ``F.linear``.
+Everything else goes to ``F.linear`` unchanged: small products (under
+`MIN_MULTIPLY_ADDS`, where a call's fixed cost dominates), CUDA, half precision,
+autocast, ``torch.compile``, ``torch.func`` transforms, forward-mode AD, dispatch
+modes, tensor subclasses, empty shapes, and builds without oneDNN. A check at
+first use compares the two kernels on a small problem and keeps ``F.linear`` if
+they disagree. ``SVDTUNE_ONEDNN=0`` in the environment always uses ``F.linear``.
 
-Only the adapted layers' *training* forward uses this module: under
-``torch.no_grad`` an adapted layer calls ``F.linear`` on its cached W', so its
-output equals the base model's bit for bit at init.
+Users: an adapted Linear's training forward, and `layers.delta_weight`. Under
+``torch.no_grad`` an adapted layer calls ``F.linear`` on its cached W', and at
+zero deltas that W' is the base weight exactly, so the output equals the base
+model's bit for bit.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from torch import Tensor, nn
 from torch.utils import _python_dispatch
 
 _state: dict[str, bool | None] = {"usable": None}  # None: not checked yet
+# Below this many multiply-adds per product, the Function's fixed cost (~50 us a call on this
+# project's CPU) outweighs the faster kernel: the forward and backward of one product break
+# even at about rows x 256 x 256 with 64 rows, and F.linear is 2-3x faster on 64-wide layers.
+MIN_MULTIPLY_ADDS = 1 << 22
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -51,6 +57,8 @@ def _use_onednn(input: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         return False
     if not _plain_shapes(input, weight, bias) or input.numel() == 0 or weight.numel() == 0:
         return False  # F.linear broadcasts or raises its own message for these
+    if input.numel() * weight.shape[0] < MIN_MULTIPLY_ADDS:
+        return False  # small products: F.linear's lower fixed cost wins
     if torch.is_autocast_enabled("cpu") or not torch.backends.mkldnn.enabled:
         return False  # autocast decides the dtype of F.linear's inputs; oneDNN switched off by the user
     if _state["usable"] is None:

@@ -1,9 +1,12 @@
-"""Shared fixtures: a table of every supported layer kind with a matching input."""
+"""Shared fixtures: a table of every supported layer kind with a matching input, and the oneDNN kernel for every size."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
+
+from svdtune import kernels
 
 # name -> (layer factory, input shape without batch)
 LAYERS = {
@@ -35,3 +38,10 @@ def randomize_deltas(model: nn.Module, seed: int = 0, std: float = 0.3) -> None:
         for name, param in model.named_parameters():
             if name.endswith("svd_delta"):
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+@pytest.fixture(autouse=True)
+def onednn_for_every_size(monkeypatch):
+    """Route even the tests' small products through svdtune's oneDNN kernel (real models reach it
+    only above kernels.MIN_MULTIPLY_ADDS), so every test covers the fast path too."""
+    monkeypatch.setattr(kernels, "MIN_MULTIPLY_ADDS", 0)

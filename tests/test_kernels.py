@@ -293,3 +293,15 @@ def test_switching_onednn_off_in_torch_and_dispatch_modes_use_f_linear(monkeypat
     with FlopCounterMode(display=False) as counter:
         kernels.linear(x, w)
     assert calls == [] and counter.get_total_flops() == 2 * 4 * 6 * 5
+
+
+def test_small_products_use_f_linear_by_default(monkeypatch):
+    monkeypatch.undo()  # the default threshold, not the suite's 0
+    calls = count_onednn_calls(monkeypatch)
+    small, w = torch.randn(32, 64), torch.randn(64, 64, requires_grad=True)
+    kernels.linear(small, w).sum().backward()
+    assert calls == []
+    if kernels._onednn_works():
+        large = torch.randn(kernels.MIN_MULTIPLY_ADDS // 64, 64)
+        kernels.linear(large, w).sum().backward()
+        assert len(calls) == 3
