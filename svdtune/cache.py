@@ -17,6 +17,7 @@ costs the caching (a warning), never the decomposition.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import warnings
 
@@ -27,7 +28,7 @@ from svdtune import container
 from svdtune.decompose import Decomposition, decompose, svd_driver, svd_dtype, weight_matrix
 from svdtune.errors import SvdtuneError
 
-CACHE_VERSION = "1"  # bump when decompose() changes what it returns for the same input
+CACHE_VERSION = "2"  # bump when decompose() changes what it returns for the same input (2: next_sigma)
 FORMAT = "svdtune.svd-cache"
 
 
@@ -106,15 +107,31 @@ def _check_entry(tensors: dict[str, Tensor], metadata: dict[str, str], key: str,
     dtypes_ok = U.dtype == Vh.dtype == weight.dtype and sigma.dtype == svd_dtype(weight.dtype)
     if not (shapes_ok and dtypes_ok):
         raise SvdtuneError(f"SVD cache entry for key {key[:12]} holds tensors of the wrong shape or dtype.")
+    next_sigma = _next_sigma(metadata.get("next_sigma"), k == min(m, n), key)
     device = weight.device
-    return Decomposition(U=U.to(device), sigma=sigma.to(device), Vh=Vh.to(device), full_rank=k == min(m, n))
+    return Decomposition(U=U.to(device), sigma=sigma.to(device), Vh=Vh.to(device), full_rank=k == min(m, n),
+                         next_sigma=next_sigma)
+
+
+def _next_sigma(text: str | None, full_rank: bool, key: str) -> float | None:
+    """The stored sigma_k: "" at full rank, else a finite non-negative number."""
+    if full_rank and text == "":
+        return None
+    try:
+        value = float(text) if text and not full_rank else math.nan
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise SvdtuneError(f"SVD cache entry for key {key[:12]} has a missing or invalid next_sigma.")
+    return value
 
 
 def _write_entry(folder: str, path: str, key: str, factors: Decomposition) -> None:
     tensors = {"U": factors.U, "sigma": factors.sigma, "Vh": factors.Vh}
     try:
         os.makedirs(folder, exist_ok=True)
-        container.atomic_write(path, container.encode(tensors, {"format": FORMAT, "key": key}))
+        next_sigma = "" if factors.next_sigma is None else repr(factors.next_sigma)
+        container.atomic_write(path, container.encode(tensors, {"format": FORMAT, "key": key, "next_sigma": next_sigma}))
     except OSError as error:
         warnings.warn(
             f"cannot write the SVD cache entry {path!r} ({error.strerror or error}); the SVD is not cached: "

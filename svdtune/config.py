@@ -37,14 +37,28 @@ class SpectralConfig:
         object.__setattr__(self, "scale", as_scale(self.scale))  # always a Python float
 
 
+def finite_number(value: object) -> float | None:
+    """``value`` as a float if it is a finite real number, else None.
+
+    Accepted: int, float, NumPy scalars, and one-element NumPy arrays or tensors of an
+    integer or floating dtype. Refused: bools, complex numbers, strings, None, NaN, infinity.
+    """
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
+        value = value.item()
+    elif isinstance(value, numpy.ndarray) and value.size == 1 and value.dtype.kind in "iuf":
+        value = value.item()
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def as_scale(scale: object) -> float:
-    """``scale`` as a float: any finite real number, a NumPy scalar or a one-element tensor.
+    """``scale`` as a float (see `finite_number`).
 
     Raises:
-        SvdtuneError: anything else (bools, strings, None, NaN, infinity).
+        SvdtuneError: if it is not a finite real number.
     """
-    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and scale.dtype != torch.bool and not scale.is_complex():
-        scale = scale.item()
-    if isinstance(scale, (bool, numpy.bool_)) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+    value = finite_number(scale)
+    if value is None:
         raise SvdtuneError(f"scale={scale!r} must be a finite number (1.0 applies the deltas as trained).")
-    return float(scale)
+    return value

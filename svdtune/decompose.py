@@ -37,12 +37,15 @@ class Decomposition:
         sigma: (k,) singular values, descending, float32 (float64 for float64 weights).
         Vh: (k, n) right singular vectors, in the weight's dtype and device.
         full_rank: k == min(m, n), so U diag(sigma) Vh reproduces the whole matrix.
+        next_sigma: the largest singular value left out (sigma_k), None at full rank; it tells
+            whether the last kept singular value is repeated by one without a delta.
     """
 
     U: Tensor
     sigma: Tensor
     Vh: Tensor
     full_rank: bool
+    next_sigma: float | None = None
 
 
 def weight_matrix(weight: Tensor) -> Tensor:
@@ -84,6 +87,7 @@ def decompose(weight: Tensor, rank: int | None) -> Decomposition:
         raise SvdtuneError("the weight contains NaN or infinity, so it has no SVD; fix or reload the weights first.")
     U, sigma, Vh = torch.linalg.svd(matrix, full_matrices=False, driver=svd_driver(matrix.device))
     k = sigma.numel() if rank is None else min(rank, sigma.numel())
+    next_sigma = float(sigma[k]) if k < sigma.numel() else None
     U, sigma, Vh = U[:, :k], sigma[:k], Vh[:k]
     sign = _column_signs(U)
     U, Vh = U * sign, Vh * sign[:, None]
@@ -92,6 +96,7 @@ def decompose(weight: Tensor, rank: int | None) -> Decomposition:
         sigma=sigma.contiguous(),
         Vh=Vh.to(weight.dtype).contiguous(),
         full_rank=k == min(matrix.shape),
+        next_sigma=next_sigma,
     )
 
 

@@ -45,13 +45,13 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @dataclass(frozen=True)
 class Basis:
-    """The singular vectors of repeated singular values that got different deltas.
+    """The singular vectors of one run of repeated singular values that got different deltas.
 
     Within such a subspace any rotation of the vectors is a valid SVD, and the deltas
     only mean what they meant in training along the very vectors training used.
 
     Attributes:
-        columns: the indices of those singular vectors, ascending.
+        columns: the indices of those singular vectors (consecutive, ascending, all tuned).
         sha256: hex SHA-256 of U's columns then Vh's rows at ``columns``, as float32.
     """
 
@@ -67,13 +67,14 @@ class Fingerprint:
         sha256: hex SHA-256 of the weight converted to float32, little-endian, C order.
         top_sigma: its largest singular values (up to 4), descending.
         dtype: the weight's dtype when it was fingerprinted, e.g. "float32".
-        basis: the training SVD's vectors where the result depends on them (`Basis`), or None.
+        basis: the training SVD's vectors where the result depends on them, one `Basis` per run
+            of repeated singular values (ascending, disjoint); empty if there are none.
     """
 
     sha256: str
     top_sigma: tuple[float, ...]
     dtype: str
-    basis: Basis | None = None
+    basis: tuple[Basis, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -180,19 +181,34 @@ def basis_sha256(U: Tensor, Vh: Tensor, columns: tuple[int, ...]) -> str:
     return digest.hexdigest()
 
 
-def basis_of(U: Tensor, Vh: Tensor, pairs: list[int]) -> Basis | None:
-    """The `Basis` to record for the repeated pairs ``pairs`` among U's k columns, or None."""
-    columns = tuple(sorted({j for i in pairs for j in (i, i + 1) if j < U.shape[1]}))
-    return Basis(columns, basis_sha256(U, Vh, columns)) if columns else None
+def repeated_runs(pairs: list[int], k: int) -> list[tuple[int, ...]]:
+    """The tuned columns that ``pairs`` (from `repeated_pairs`) join, as runs of consecutive indices.
+
+    E.g. pairs [1, 2, 5] with k = 7 give [(1, 2, 3), (5, 6)]; a pair (k-1, k) across the
+    last tuned value gives (k-1,), since only tuned vectors enter the merged weight.
+    """
+    runs: list[list[int]] = []
+    for i in pairs:
+        columns = [j for j in (i, i + 1) if j < k]
+        if runs and runs[-1][-1] >= i:
+            runs[-1].extend(j for j in columns if j > runs[-1][-1])
+        else:
+            runs.append(columns)
+    return [tuple(run) for run in runs]
 
 
-def same_basis(recorded: Fingerprint, U: Tensor, Vh: Tensor, pairs: list[int]) -> bool:
-    """True if the recorded training vectors cover ``pairs`` and equal U's and Vh's bit for bit."""
-    basis = recorded.basis
-    needed = {j for i in pairs for j in (i, i + 1)}
-    if basis is None or not needed <= set(basis.columns) or max(basis.columns) >= U.shape[1]:
-        return False
-    return basis_sha256(U, Vh, basis.columns) == basis.sha256
+def basis_of(U: Tensor, Vh: Tensor, pairs: list[int]) -> tuple[Basis, ...]:
+    """The `Basis` runs to record for the repeated pairs ``pairs`` of a decomposition with U (m, k)."""
+    return tuple(Basis(run, basis_sha256(U, Vh, run)) for run in repeated_runs(pairs, U.shape[1]))
+
+
+def basis_changes(recorded: Fingerprint, U: Tensor, Vh: Tensor, pairs: list[int]) -> list[tuple[int, ...]]:
+    """The runs of tuned singular vectors that may differ from training's: recorded runs whose
+    vectors differ now (bit for bit), and runs of repeated values no recorded run covers."""
+    k = U.shape[1]
+    changed = [b.columns for b in recorded.basis if b.columns[-1] >= k or basis_sha256(U, Vh, b.columns) != b.sha256]
+    covered = {c for b in recorded.basis for c in b.columns}
+    return changed + [run for run in repeated_runs(pairs, k) if not set(run) <= covered]
 
 
 def fingerprint_mismatch(expected: Fingerprint, weight: Tensor, top_sigma) -> str | None:
@@ -336,7 +352,7 @@ def as_delta_file(source: str | os.PathLike | DeltaFile) -> DeltaFile:
 
 def format_version(delta: DeltaFile) -> int:
     """The lowest version that holds ``delta``, so that older svdtune reads what it can."""
-    if any(layer.fingerprint.basis is not None for layer in delta.layers.values()):
+    if any(layer.fingerprint.basis for layer in delta.layers.values()):
         return 3
     return 2 if delta.buffers else 1
 
@@ -374,7 +390,7 @@ def _record(layer: LayerDelta) -> dict:
         "mode": layer.mode,
         "scale": float(layer.scale),
         "fingerprint": {"sha256": fp.sha256, "top_sigma": list(fp.top_sigma), "dtype": fp.dtype,
-                        **({"basis": {"columns": list(fp.basis.columns), "sha256": fp.basis.sha256}} if fp.basis else {})},
+                        **({"basis": [{"columns": list(b.columns), "sha256": b.sha256} for b in fp.basis]} if fp.basis else {})},
     }
 
 
@@ -472,7 +488,13 @@ def _fingerprint(fp: object, rank: int, bad) -> Fingerprint:
         isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s >= 0 for s in top)
     if not (_is_sha256(sha) and valid_top and dtype in {str(d).removeprefix("torch.") for d in FLOATS}):
         raise bad("has a malformed fingerprint")
-    basis = _basis(fp["basis"], rank, bad) if "basis" in fp else None
+    runs = fp.get("basis", [])
+    if "basis" in fp and not (isinstance(runs, list) and runs):
+        raise bad("has a malformed fingerprint basis")
+    basis = tuple(_basis(run, rank, bad) for run in runs)
+    columns = [c for run in basis for c in run.columns]
+    if columns != sorted(set(columns)):
+        raise bad(f"has fingerprint basis runs that overlap or are out of order ({[list(run.columns) for run in basis]})")
     return Fingerprint(sha, tuple(float(s) for s in top), dtype, basis)
 
 
@@ -480,8 +502,9 @@ def _basis(basis: object, rank: int, bad) -> Basis:
     columns = basis.get("columns") if isinstance(basis, dict) and set(basis) == {"columns", "sha256"} else None
     if not (isinstance(columns, list) and columns and all(_natural(c) for c in columns)):
         raise bad("has a malformed fingerprint basis")
-    if columns != sorted(set(columns)) or columns[-1] >= rank or not _is_sha256(basis["sha256"]):
-        raise bad(f"has a fingerprint basis with columns {columns} not ascending below rank {rank}, or a bad hash")
+    consecutive = columns == list(range(columns[0], columns[0] + len(columns)))
+    if not consecutive or columns[-1] >= rank or not _is_sha256(basis["sha256"]):
+        raise bad(f"has a fingerprint basis with columns {columns} not consecutive below rank {rank}, or a bad hash")
     return Basis(tuple(columns), basis["sha256"])
 
 

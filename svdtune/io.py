@@ -86,7 +86,8 @@ def _layer_delta(name: str, layer: SpectralLayer) -> LayerDelta:
         raise SvdtuneError(f"layer {name!r} has non-finite deltas; training diverged: lower the learning rate.")
     class_name = layer._spectral.original_class.__name__
     factors = layer._factors()
-    pairs = repeated_pairs(factors.sigma, spectrum_shift(factors.sigma, delta.to(factors.sigma), config.scale, config.mode))
+    shift = spectrum_shift(factors.sigma, delta.to(factors.sigma), config.scale, config.mode)
+    pairs = repeated_pairs(factors.sigma, shift, factors.next_sigma)
     stamp = dataclasses.replace(fingerprint(layer.base_weight, factors.sigma), basis=basis_of(factors.U, factors.Vh, pairs))
     return LayerDelta(class_name, tuple(layer.base_weight.shape), config.mode, config.scale, stamp, delta)
 
@@ -223,7 +224,7 @@ def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool,
         record, factors = delta.layers[name], _factors(name, step, cache_dir)
         with torch.no_grad():
             shift = spectrum_shift(factors.sigma, record.delta.to(factors.sigma), record.scale, record.mode)
-        warn_if_basis_dependent(name, factors, shift, None, record.fingerprint)
+        warn_if_basis_dependent(name, factors, shift, factors.next_sigma, record.fingerprint)
 
 
 def _factors(name: str, step: _Step, cache_dir: str | None) -> Decomposition:

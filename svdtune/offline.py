@@ -11,9 +11,9 @@ that is detected and warned about.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import math
 import os
 import re
 import warnings
@@ -25,8 +25,10 @@ from torch import Tensor
 from svdtune import container
 from svdtune.cache import decompose_named
 from svdtune.decompose import Decomposition
-from svdtune.config import as_scale
-from svdtune.delta import DeltaFile, Fingerprint, LayerDelta, as_delta_file, check_base, repeated_pairs, same_basis
+from svdtune.config import as_scale, finite_number
+from svdtune.delta import (
+    Basis, DeltaFile, Fingerprint, LayerDelta, as_delta_file, basis_changes, check_base, repeated_pairs,
+)
 from svdtune.errors import SvdtuneError
 from svdtune.layers import check_finite_merge, merged_weight, spectrum_shift
 
@@ -37,8 +39,8 @@ ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal styling, e.g. the
 def warn_if_basis_dependent(
     name: str, factors: Decomposition, shift: Tensor, next_sigma: float | None, recorded: Fingerprint
 ) -> None:
-    """Warn if (nearly) equal singular values of a layer get different shifts, unless the file
-    recorded the training SVD's vectors there and this SVD gave the same ones (see `Basis`).
+    """Warn if the deltas of (nearly) repeated singular values may meet other singular vectors
+    than in training: see `basis_changes`.
 
     Args:
         name: the layer, for the message.
@@ -49,17 +51,15 @@ def warn_if_basis_dependent(
     """
     k = shift.numel()
     pairs = repeated_pairs(factors.sigma[:k], shift, next_sigma)
-    if not pairs or same_basis(recorded, factors.U[:, :k], factors.Vh[:k], pairs):
-        return
-    i = pairs[0]
-    pair = factors.sigma[i].item(), factors.sigma[i + 1].item() if i + 1 < factors.sigma.numel() else next_sigma
-    warnings.warn(
-        f"layer {name!r}: singular values {i} and {i + 1} ({pair[0]:.6g}, {pair[1]:.6g}) are repeated but "
-        "get different deltas, and this SVD may have picked other singular vectors for them than training did, "
-        "so the result can differ from the trained model; merge on the training machine (svdtune.merge) for an "
-        "exact result.",
-        RuntimeWarning, stacklevel=4,
-    )
+    changes = basis_changes(recorded, factors.U[:, :k], factors.Vh[:k], pairs)
+    if changes:
+        warnings.warn(
+            f"layer {name!r}: singular values {list(changes[0])} are repeated in training or here and get different "
+            "deltas, and this SVD may have picked other singular vectors for them than training did (another "
+            "dtype, library or machine), so the result can differ from the trained model; merge on the training "
+            "machine (svdtune.merge) for an exact result.",
+            RuntimeWarning, stacklevel=4,
+        )
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -225,12 +225,13 @@ def combine(deltas: Iterable[str | os.PathLike | DeltaFile], weights: Iterable[f
     labels = [f"delta {i} ({os.fspath(d) if not isinstance(d, DeltaFile) else 'in memory'})" for i, d in enumerate(deltas)]
     if not files or len(weights) != len(files):
         raise SvdtuneError(f"combine needs one weight per delta, got {len(files)} deltas and {len(weights)} weights.")
-    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+    numbers = [finite_number(w) for w in weights]
+    if None in numbers:
         raise SvdtuneError(f"weights={weights!r} must be finite numbers.")
     for label, file in zip(labels, files):
         _check_compatible(files[0], file, labels[0], label)
-    layers = {name: _combined_layer([f.layers[name] for f in files], weights) for name in files[0].layers}
-    sources = [[label, w] for label, w in zip(labels, weights)]
+    layers = {name: _combined_layer(name, [f.layers[name] for f in files], numbers) for name in files[0].layers}
+    sources = [[label, w] for label, w in zip(labels, numbers)]
     return DeltaFile(layers, {}, {"combined_from": json.dumps(sources)})
 
 
@@ -250,7 +251,7 @@ def _check_compatible(first: DeltaFile, other: DeltaFile, first_label: str, labe
                                "base weights); combine only deltas trained with the same settings on the same base model.")
 
 
-def _combined_layer(layers: list[LayerDelta], weights: list[float]) -> LayerDelta:
+def _combined_layer(name: str, layers: list[LayerDelta], weights: list[float]) -> LayerDelta:
     scales = {layer.scale for layer in layers}
     keep = len(scales) == 1
     total = torch.zeros(layers[0].rank, dtype=torch.float64)
@@ -259,5 +260,24 @@ def _combined_layer(layers: list[LayerDelta], weights: list[float]) -> LayerDelt
     first = layers[0]
     if not bool(torch.isfinite(total.to(first.delta.dtype)).all()):
         raise SvdtuneError(f"the combined deltas overflow {first.delta.dtype}; use smaller weights.")
+    fingerprint = dataclasses.replace(first.fingerprint, basis=_combined_basis(name, layers))
     return LayerDelta(first.layer_class, first.weight_shape, first.mode, first.scale if keep else 1.0,
-                      first.fingerprint, total.to(first.delta.dtype))
+                      fingerprint, total.to(first.delta.dtype))
+
+
+def _combined_basis(name: str, layers: list[LayerDelta]) -> tuple[Basis, ...]:
+    """Every input's recorded runs; where two inputs recorded other vectors for the same
+    columns (trained with another SVD), the first input's are kept, with a warning."""
+    kept: list[Basis] = []
+    for layer in layers:
+        for run in layer.fingerprint.basis:
+            clash = [b for b in kept if b != run and set(b.columns) & set(run.columns)]
+            if clash:
+                warnings.warn(
+                    f"layer {name!r}: the deltas were trained with different singular vectors for the repeated "
+                    f"singular values {list(run.columns)}, so their sum mixes directions there; the combined file "
+                    "records the first delta's vectors.", RuntimeWarning, stacklevel=4,
+                )
+            elif run not in kept:
+                kept.append(run)
+    return tuple(sorted(kept, key=lambda run: run.columns))

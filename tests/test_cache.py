@@ -59,7 +59,22 @@ def test_cached_result_equals_direct_decomposition(tmp_path):
     direct = decompose(weight, 3)
     assert stored.U.dtype == torch.float64 and stored.sigma.dtype == torch.float64
     assert torch.equal(stored.U, direct.U) and torch.equal(stored.sigma, direct.sigma) and torch.equal(stored.Vh, direct.Vh)
-    assert not stored.full_rank
+    assert not stored.full_rank and stored.next_sigma == direct.next_sigma == float(torch.linalg.svdvals(weight)[3])
+    full = cache.decompose_cached(weight, None, tmp_path), cache.decompose_cached(weight, None, tmp_path)
+    assert full[0].next_sigma is None and full[1].next_sigma is None
+
+
+@pytest.mark.parametrize("value", ["", "nan", "-1", "abc"])
+def test_an_entry_with_a_bad_next_sigma_is_recomputed(value, tmp_path):
+    weight = torch.randn(9, 5)
+    expected = cache.decompose_cached(weight, 2, tmp_path)
+    (entry,) = _entries(tmp_path)
+    tensors, metadata = svdtune.container.read(tmp_path / entry)
+    metadata["next_sigma"] = value
+    svdtune.container.atomic_write(tmp_path / entry, svdtune.container.encode(tensors, metadata))
+    with pytest.warns(RuntimeWarning, match="next_sigma"):
+        again = cache.decompose_cached(weight, 2, tmp_path)
+    assert again.next_sigma == expected.next_sigma
 
 
 def _one_ulp_up(weight: torch.Tensor) -> torch.Tensor:

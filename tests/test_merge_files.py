@@ -9,6 +9,7 @@ import math
 import warnings
 from collections import OrderedDict
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -158,7 +159,7 @@ def test_repeated_singular_values_warn_only_when_the_svd_picked_other_vectors(wh
     safetensors.torch.save_file(base.state_dict(), tmp_path / "base.safetensors")
     svdtune.save_delta(model, tmp_path / "d.safetensors")
     basis = svdtune.read_delta(tmp_path / "d.safetensors").layers["0"].fingerprint.basis
-    assert basis is not None and basis.columns == (0, 1, 2, 3)
+    assert [run.columns for run in basis] == [(0, 1, 2, 3)]
 
     def act():
         if where == "merge_files":
@@ -179,7 +180,7 @@ def test_a_file_without_a_recorded_basis_warns_on_repeated_values(tmp_path):
     svdtune.save_delta(model, tmp_path / "d.safetensors")
     record = svdtune.read_delta(tmp_path / "d.safetensors")
     layer = record.layers["0"]
-    old = dataclasses.replace(layer, fingerprint=dataclasses.replace(layer.fingerprint, basis=None))
+    old = dataclasses.replace(layer, fingerprint=dataclasses.replace(layer.fingerprint, basis=()))
     dataclasses.replace(record, layers={"0": old}).save(tmp_path / "old.safetensors")
     merge = lambda: svdtune.merge_files(tmp_path / "base.safetensors", tmp_path / "old.safetensors", tmp_path / "m.safetensors")
     assert repeated_warnings(merge) == 1
@@ -190,7 +191,7 @@ def test_equal_deltas_on_repeated_values_record_no_basis_and_stay_version_1(tmp_
     svdtune.save_delta(model, tmp_path / "d.safetensors")
     _, metadata = svdtune.container.read(tmp_path / "d.safetensors")
     assert metadata["format_version"] == "1"
-    assert svdtune.read_delta(tmp_path / "d.safetensors").layers["0"].fingerprint.basis is None
+    assert svdtune.read_delta(tmp_path / "d.safetensors").layers["0"].fingerprint.basis == ()
 
 
 def test_combine_with_weights_one_zero_is_the_first_delta(files, tmp_path):
@@ -348,19 +349,91 @@ def test_mapped_tensors_are_private_writable_copies(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda record, md: record["fingerprint"]["basis"].update(columns=[0, 4]), "columns \\[0, 4\\] not ascending below rank 4"),
-    (lambda record, md: record["fingerprint"]["basis"].update(columns=[1, 0]), "not ascending"),
-    (lambda record, md: record["fingerprint"]["basis"].update(columns=[True]), "malformed fingerprint basis"),
-    (lambda record, md: record["fingerprint"]["basis"].update(sha256="xyz"), "bad hash"),
-    (lambda record, md: md.update(format_version="2"), "records a singular basis, which format version 2 does not have"),
-], ids=["beyond rank", "unordered", "bool column", "bad hash", "old version"])
+    (lambda fp, md: fp["basis"][0].update(columns=[3, 4]), "columns \\[3, 4\\] not consecutive below rank 4"),
+    (lambda fp, md: fp["basis"][0].update(columns=[1, 0]), "not consecutive"),
+    (lambda fp, md: fp["basis"][0].update(columns=[True]), "malformed fingerprint basis"),
+    (lambda fp, md: fp["basis"][0].update(sha256="xyz"), "bad hash"),
+    (lambda fp, md: fp.update(basis=[]), "malformed fingerprint basis"),
+    (lambda fp, md: fp["basis"].append(dict(fp["basis"][0])), "overlap or are out of order"),
+    (lambda fp, md: md.update(format_version="2"), "records a singular basis, which format version 2 does not have"),
+], ids=["beyond rank", "unordered", "bool column", "bad hash", "empty list", "overlapping runs", "old version"])
 def test_a_malformed_basis_is_refused(edit, message, tmp_path):
     _, model = degenerate_model([0.5, -0.2, 0.1, 0.0])
     svdtune.save_delta(model, tmp_path / "d.safetensors")
     tensors, metadata = svdtune.container.read(tmp_path / "d.safetensors")
     records = json.loads(metadata["layers"])
-    edit(records["0"], metadata)
+    edit(records["0"]["fingerprint"], metadata)
     metadata["layers"] = json.dumps(records)
     svdtune.container.atomic_write(tmp_path / "d.safetensors", svdtune.container.encode(tensors, metadata))
     with pytest.raises(svdtune.SvdtuneError, match=message):
         svdtune.read_delta(tmp_path / "d.safetensors")
+
+
+def model_with_spectrum(sigma: list[float], rank: int | None = None, deltas: list[float] | None = None):
+    """(base, adapted) Linear with singular values ``sigma`` (repeated ones stay repeated up to
+    float32 rounding) in random singular bases, and the given deltas."""
+    generator = torch.Generator().manual_seed(3)
+    n = len(sigma)
+    q1, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(n, n, generator=generator, dtype=torch.float64))
+    base = nn.Sequential(nn.Linear(n, n, bias=False))
+    with torch.no_grad():
+        base[0].weight.copy_((q1 * torch.tensor(sigma, dtype=torch.float64)) @ q2.T)
+    model = svdtune.apply(copy.deepcopy(base), ["0"], rank=rank)
+    with torch.no_grad():
+        model[0].svd_delta.copy_(torch.tensor(deltas))
+    return base, model
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_recorded_basis_is_checked_in_another_dtype_too(dtype, tmp_path):
+    base, model = model_with_spectrum([3, 2, 2, 1, 0.5, 0.25], deltas=[0, 0.5, -0.5, 0, 0, 0])
+    svdtune.save_delta(model, tmp_path / "d.safetensors")
+    assert [run.columns for run in svdtune.read_delta(tmp_path / "d.safetensors").layers["0"].fingerprint.basis] == [(1, 2)]
+    other = copy.deepcopy(base).to(dtype)
+    assert repeated_warnings(lambda: svdtune.load_delta(other, tmp_path / "d.safetensors")) == 1
+
+
+def test_a_repeated_pair_across_the_last_tuned_value_is_recorded_and_checked(tmp_path, monkeypatch):
+    base, model = model_with_spectrum([3, 2, 2, 1], rank=2, deltas=[0, 0.5])  # sigma_1 tuned, sigma_2 not
+    safetensors.torch.save_file(base.state_dict(), tmp_path / "base.safetensors")
+    svdtune.save_delta(model, tmp_path / "d.safetensors")
+    assert [run.columns for run in svdtune.read_delta(tmp_path / "d.safetensors").layers["0"].fingerprint.basis] == [(1,)]
+    merge = lambda: svdtune.merge_files(tmp_path / "base.safetensors", tmp_path / "d.safetensors", tmp_path / "m.safetensors")
+    load = lambda: svdtune.load_delta(copy.deepcopy(base), tmp_path / "d.safetensors")
+    assert repeated_warnings(merge) == 0 and repeated_warnings(load) == 0
+    decompose = svdtune.io.decompose_named
+
+    def flipped(*args):  # another valid SVD: vector 1 with the other sign
+        factors = decompose(*args)
+        U, Vh = factors.U.clone(), factors.Vh.clone()
+        U[:, 1], Vh[1] = -U[:, 1], -Vh[1]
+        return dataclasses.replace(factors, U=U, Vh=Vh)
+
+    monkeypatch.setattr(svdtune.io, "decompose_named", flipped)
+    assert repeated_warnings(load) == 1
+
+
+def test_combine_keeps_every_recorded_run_and_warns_on_conflicting_ones(tmp_path):
+    sigma = [3, 3, 2, 2, 1, 0.5]
+    _, a = model_with_spectrum(sigma, deltas=[0.5, -0.5, 0, 0, 0, 0])
+    base, b = model_with_spectrum(sigma, deltas=[0, 0, 0.3, -0.3, 0, 0])
+    svdtune.save_delta(a, tmp_path / "a.safetensors")
+    svdtune.save_delta(b, tmp_path / "b.safetensors")
+    mix = svdtune.combine([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], [1.0, 1.0])
+    assert [run.columns for run in mix.layers["0"].fingerprint.basis] == [(0, 1), (2, 3)]
+    assert repeated_warnings(lambda: svdtune.load_delta(copy.deepcopy(base), mix)) == 0
+    layer = svdtune.read_delta(tmp_path / "a.safetensors").layers["0"]
+    other_vectors = dataclasses.replace(layer.fingerprint.basis[0], sha256="0" * 64)
+    foreign = dataclasses.replace(layer, fingerprint=dataclasses.replace(layer.fingerprint, basis=(other_vectors,)))
+    with pytest.warns(RuntimeWarning, match=r"different singular vectors for the repeated singular values \[0, 1\]"):
+        svdtune.combine([tmp_path / "a.safetensors", svdtune.DeltaFile({"0": foreign})], [0.5, 0.5])
+
+
+@pytest.mark.parametrize("weights", [[np.float32(0.5), torch.tensor(0.5)], [np.array(0.5), np.array([0.5])]], ids=["scalars", "arrays"])
+def test_combine_takes_numpy_and_tensor_weights(weights, files, tmp_path):
+    _, _, _, delta_path = files
+    mix = svdtune.combine([delta_path, delta_path], weights)
+    first = svdtune.read_delta(delta_path)
+    for name, layer in mix.layers.items():
+        torch.testing.assert_close(layer.delta, first.layers[name].delta)
