@@ -24,7 +24,8 @@ from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, spectrum_shift
 from svdtune.offline import warn_if_basis_dependent
 from svdtune.model import (
-    _check_adaptable, adapt_layers, adapted_layers, check_not_shared, unwrap, warn_if_buffers_changed,
+    _check_adaptable, adapt_layers, adapted_layers, check_not_shared, root_record, trainable_modules, unwrap,
+    warn_if_buffers_changed,
 )
 
 
@@ -69,9 +70,10 @@ def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
 
 
 def _trained_buffers(model: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The persistent buffers of the modules whose parameters are saved (e.g. BatchNorm running stats)."""
+    """The persistent buffers of the modules whose parameters are saved and of every module inside
+    a ``trainable`` module (e.g. BatchNorm running statistics, also of a BatchNorm without affine)."""
     modules = dict(model.named_modules())
-    owners = sorted({name.rpartition(".")[0] for name in params})
+    owners = sorted({name.rpartition(".")[0] for name in params} | trainable_modules(model))
     return {f"{owner}.{name}" if owner else name: buffer.detach().to("cpu", copy=True)
             for owner in owners for name, buffer in modules[owner]._buffers.items()
             if buffer is not None and name not in modules[owner]._non_persistent_buffers_set}
@@ -152,8 +154,9 @@ def load_delta(
     params = _param_targets(model, delta)
     buffers = _targets("buffer", dict(model.named_buffers()), delta.buffers)
     _check_fingerprints(delta, steps, strict, cache_dir)  # hashes first, then the SVDs
+    record = {} if adapted else root_record(model)
     # Nothing above changed the model; nothing below can fail.
-    _apply_steps(model, steps, cache_dir)
+    _apply_steps(model, steps, cache_dir, record)
     with torch.no_grad():
         for name, value in delta.params.items():
             params[name].copy_(value)
@@ -255,11 +258,11 @@ def _targets(kind: str, found: dict[str, Tensor], values: dict[str, Tensor]) -> 
     return {name: found[name] for name in values}
 
 
-def _apply_steps(model: nn.Module, steps: dict[str, _Step], cache_dir: str | None) -> None:
+def _apply_steps(model: nn.Module, steps: dict[str, _Step], cache_dir: str | None, record: dict[str, object]) -> None:
     """Adapt the plain layers as `svdtune.apply` would, then set every layer's deltas and config."""
     plan = [(step.layer, step.factors, step.config) for step in steps.values() if not step.adapted]
     if plan:
-        adapt_layers(model, plan, cache_dir)
+        adapt_layers(model, plan, cache_dir, record)
     for step in steps.values():
         step.layer._spectral.config = step.config
         with torch.no_grad():  # the copy bumps the delta's version: a cached W' is rebuilt

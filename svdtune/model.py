@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import sys
 import warnings
@@ -11,6 +12,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
+from svdtune import container
 from svdtune.config import SpectralConfig
 from svdtune.cache import decompose_named
 from svdtune.decompose import SUPPORTED_TYPES, Decomposition
@@ -19,22 +21,30 @@ from svdtune.layers import DELTA, SpectralLayer, adapt, check_finite_merge, unad
 from svdtune.report import Report, build_report
 from svdtune.targets import as_patterns, select
 
-_FLAGS = "_svdtune_requires_grad"  # on the root model: requires_grad of every parameter before apply
-_BUFFERS = "_svdtune_buffers"  # on the root model: its persistent buffers at apply, on the CPU
+# What the first apply records on the root model (its __dict__), for merge, restore and save_delta:
+_FLAGS = "_svdtune_requires_grad"  # {parameter name: requires_grad before apply}
+_BUFFERS = "_svdtune_buffers"  # {persistent buffer name: (dtype, sha256 of its bytes)} at apply
+_TRAINABLE = "_svdtune_trainable"  # names of the modules apply(trainable=...) keeps fully trainable
 _PARALLEL = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside ``torch.compile``, ``DistributedDataParallel`` and ``DataParallel`` wrappers,
     so that layer names carry no ``_orig_mod.``/``module.`` prefix (a delta then fits the plain model)."""
+    return _wrapper_chain(model)[-1]
+
+
+def _wrapper_chain(model: nn.Module) -> list[nn.Module]:
+    """[model, the module it wraps, ..., the innermost module that is no wrapper]."""
+    chain = [model]
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # imported once anything was compiled
     while True:
-        if eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
-            model = model._orig_mod
-        elif isinstance(model, _PARALLEL):
-            model = model.module
+        if eval_frame is not None and isinstance(chain[-1], eval_frame.OptimizedModule):
+            chain.append(chain[-1]._orig_mod)
+        elif isinstance(chain[-1], _PARALLEL):
+            chain.append(chain[-1].module)
         else:
-            return model
+            return chain
 
 
 def apply(
@@ -82,9 +92,10 @@ def apply(
         >>> model = svdtune.apply(model, targets=["0", "2"])
         >>> optimizer = torch.optim.AdamW(svdtune.trainable_parameters(model), lr=1e-3)
     """
-    if isinstance(model, _PARALLEL):
-        raise SvdtuneError(f"apply got a {type(model).__name__}: it records its parameters when built, so deltas "
-                           "added now would not be synchronised; call apply on the model first, then wrap it.")
+    parallel = [type(m).__name__ for m in _wrapper_chain(model) if isinstance(m, _PARALLEL)]
+    if parallel:
+        raise SvdtuneError(f"apply got a model wrapped in {parallel[0]}, which records its parameters when built, so "
+                           "deltas added now would not be synchronised; call apply on the model first, then wrap it.")
     wrapper, model = model, unwrap(model)
     config = SpectralConfig(mode=mode, rank=rank)
     targets, exclude = as_patterns(targets, "targets"), as_patterns(exclude, "exclude")
@@ -95,6 +106,7 @@ def apply(
             "name at least one layer, e.g. targets=['fc*']."
         )
     free = _select_trainable(model, as_patterns(trainable, "trainable"), layers)
+    record = root_record(model)
     for name, layer in layers.items():
         _check_adaptable(name, layer)
     check_not_shared(model, layers)
@@ -102,33 +114,48 @@ def apply(
     weights = {name: layer._parameters["weight"] for name, layer in layers.items()}
     factors = {name: decompose_named(name, weight, rank, cache_dir) for name, weight in weights.items()}
     # Nothing above changed the model; nothing below can fail.
-    adapt_layers(model, [(layer, factors[name], config) for name, layer in layers.items()], cache_dir)
-    for module in free:
+    adapt_layers(model, [(layer, factors[name], config) for name, layer in layers.items()], cache_dir, record)
+    for module in free.values():
         module.requires_grad_(True)
+    model.__dict__[_TRAINABLE] = sorted({*model.__dict__.get(_TRAINABLE, ()), *free})
     return wrapper
 
 
+def root_record(model: nn.Module) -> dict[str, object]:
+    """What the first `apply` on ``model`` records on it, computed before anything changes;
+    {} if it was adapted before (then later calls freeze only the layers they adapt)."""
+    if _FLAGS in model.__dict__:
+        return {}
+    return {
+        _FLAGS: {name: p.requires_grad for name, p in model.named_parameters()},
+        _BUFFERS: {name: _digest(b) for name, b in persistent_buffers(model) if b.device.type != "meta"},
+        _TRAINABLE: [],
+    }
+
+
+def _digest(tensor: Tensor) -> tuple[str, str]:
+    return str(tensor.dtype), hashlib.sha256(container.tensor_bytes(tensor)).hexdigest()
+
+
 def adapt_layers(
-    model: nn.Module, plan: list[tuple[nn.Module, Decomposition, SpectralConfig]], cache_dir: str | None
+    model: nn.Module, plan: list[tuple[nn.Module, Decomposition, SpectralConfig]], cache_dir: str | None,
+    record: dict[str, object],
 ) -> None:
     """Adapt layers already checked and decomposed: the part of `apply` that cannot fail.
 
-    The first time a model is adapted, every parameter's requires_grad is recorded
-    (for `merge`/`restore`) and the whole model is frozen; later calls freeze only
-    the layers they adapt.
+    With a `root_record` (the first time), it is stored on the model and the whole model is frozen.
     """
-    if _FLAGS not in model.__dict__:
-        model.__dict__[_FLAGS] = {name: p.requires_grad for name, p in model.named_parameters()}
-        model.__dict__[_BUFFERS] = {name: b.detach().to("cpu", copy=True) for name, b in persistent_buffers(model)}
+    if record:
+        model.__dict__.update(record)
         model.requires_grad_(False)
     for layer, factors, config in plan:
         layer.requires_grad_(False)
         adapt(layer, factors, config, cache_dir)
 
 
-def _select_trainable(model: nn.Module, patterns: tuple[str, ...], layers: dict[str, nn.Module]) -> list[nn.Module]:
+def _select_trainable(model: nn.Module, patterns: tuple[str, ...], layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
     if not patterns:
-        return []
+        return {}
     modules = select(model, patterns, (), (nn.Module,), "trainable")
     for name, module in modules.items():
         clash = [n for n, m in module.named_modules(prefix=name) if n in layers or isinstance(m, SpectralLayer)]
@@ -137,7 +164,7 @@ def _select_trainable(model: nn.Module, patterns: tuple[str, ...], layers: dict[
                 f"{clash[0]!r} is both a target and inside trainable module {name!r}; "
                 "a layer is either spectrally tuned or fully trained: drop it from one list."
             )
-    return list(modules.values())
+    return modules
 
 
 def _check_adaptable(name: str, layer: nn.Module) -> None:
@@ -192,14 +219,29 @@ def persistent_buffers(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
                 yield f"{module_name}.{name}" if module_name else name, buffer
 
 
+def trainable_modules(model: nn.Module) -> set[str]:
+    """The names of the modules `apply(trainable=...)` keeps trainable, and of all modules inside them."""
+    names = set()
+    for prefix, root in model.named_modules():
+        for name in root.__dict__.get(_TRAINABLE, ()):
+            top = _join(prefix, name)
+            names.update(_join(top, inner) for inner, _ in model.get_submodule(top).named_modules())
+    return names
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
 def warn_if_buffers_changed(model: nn.Module, saved: set[str]) -> None:
     """Warn if persistent buffers outside ``saved`` changed since `apply` (BatchNorm statistics
-    updated in train mode): the delta file does not hold them, so a reload would differ."""
+    updated in train mode): the delta file does not hold them, so a reload would differ.
+    A buffer whose dtype changed since (``model.to(dtype)``) cannot be compared and is skipped."""
     for prefix, root in model.named_modules():
         before = root.__dict__.get(_BUFFERS, {})
-        changed = [name for name, buffer in persistent_buffers(root)
-                   if f"{prefix}.{name}".lstrip(".") not in saved and name in before
-                   and not torch.equal(before[name].to(buffer.dtype), buffer.detach().cpu())]
+        changed = [_join(prefix, name) for name, buffer in persistent_buffers(root)
+                   if _join(prefix, name) not in saved and name in before
+                   and before[name][0] == str(buffer.dtype) and before[name] != _digest(buffer)]
         if changed:
             warnings.warn(
                 f"buffers {changed[:3]} changed since svdtune.apply (e.g. BatchNorm running statistics updated in "
@@ -362,6 +404,7 @@ def _restore_flags(model: nn.Module) -> None:
     """Give back the requires_grad recorded by `apply`, wherever in the tree it was called."""
     for root in list(model.modules()):
         root.__dict__.pop(_BUFFERS, None)
+        root.__dict__.pop(_TRAINABLE, None)
         flags = root.__dict__.pop(_FLAGS, None)
         for name, param in root.named_parameters() if flags is not None else ():
             param.requires_grad_(flags.get(name, param.requires_grad))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -81,4 +82,49 @@ def test_no_warning_when_the_delta_holds_everything_that_changed(setup, tmp_path
         train_steps(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        svdtune.save_delta(model, tmp_path / "task.safetensors")
+
+
+@pytest.mark.parametrize("wrap", [lambda m: torch.compile(nn.DataParallel(m), backend="eager"),
+                                  lambda m: nn.DataParallel(torch.compile(m, backend="eager"))],
+                         ids=["compile(DataParallel)", "DataParallel(compile)"])
+def test_apply_refuses_data_parallel_anywhere_in_the_wrappers(wrap):
+    inner = mlp()
+    with pytest.raises(svdtune.SvdtuneError, match="wrapped in DataParallel"):
+        svdtune.apply(wrap(inner), targets=["0"])
+    assert all(p.requires_grad for p in inner.parameters()) and not hasattr(inner[0], "svd_delta")
+
+
+def test_a_model_with_a_meta_buffer_can_be_adapted_and_saved(tmp_path):
+    model = mlp()
+    model.register_buffer("placeholder", torch.empty(10, device="meta"))
+    svdtune.apply(model, targets=["0"])
+    assert [name for name, p in model.named_parameters() if p.requires_grad] == ["0.svd_delta"]
+    svdtune.save_delta(model, tmp_path / "task.safetensors")
+
+
+def test_the_statistics_of_a_batchnorm_without_affine_inside_a_trainable_head_are_saved(tmp_path):
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4, affine=False))
+    base = nn.Sequential(OrderedDict(body=nn.Linear(6, 8), act=nn.ReLU(), head=head))
+    model = svdtune.apply(copy.deepcopy(base), targets=["body"], trainable=["head"])
+    model.train()
+    model(torch.randn(16, 6)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        svdtune.save_delta(model, tmp_path / "task.safetensors")
+    assert "head.1.running_mean" in svdtune.read_delta(tmp_path / "task.safetensors").buffers
+    reloaded = svdtune.load_delta(copy.deepcopy(base), tmp_path / "task.safetensors")
+    assert torch.equal(reloaded.head[1].running_mean, model.head[1].running_mean)
+
+
+def test_buffer_warnings_name_the_buffer_from_the_saved_model_and_ignore_unchanged_nan(tmp_path):
+    model = nn.Sequential(nn.Identity(), bn_model())
+    model[1].register_buffer("missing", torch.tensor([float("nan")]))
+    svdtune.apply(model[1], targets=["0", "4"])  # adapted as a submodule, saved from the parent
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        svdtune.save_delta(model, tmp_path / "task.safetensors")  # NaN == NaN here: nothing changed
+    train_steps(model.train())
+    with pytest.warns(RuntimeWarning, match=r"\['1\.1\.running_mean'"):
         svdtune.save_delta(model, tmp_path / "task.safetensors")
