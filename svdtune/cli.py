@@ -115,6 +115,9 @@ def describe(delta: DeltaFile, path: str) -> list[str]:
         for name, layer in delta.layers.items()
     ]
     lines += table_lines(header, rows)
+    recorded = [f"{name} {list(run.columns)}" for name, layer in delta.layers.items() for run in layer.fingerprint.basis]
+    if recorded:
+        lines += ["", "singular vectors recorded for repeated singular values: " + ", ".join(recorded)]
     for title, kind, tensors in (("fully trained parameters:", "parameter", delta.params),
                                  ("buffers of their modules:", "buffer", delta.buffers)):
         if tensors:

@@ -437,3 +437,13 @@ def test_combine_takes_numpy_and_tensor_weights(weights, files, tmp_path):
     first = svdtune.read_delta(delta_path)
     for name, layer in mix.layers.items():
         torch.testing.assert_close(layer.delta, first.layers[name].delta)
+
+
+def test_inspect_lists_the_recorded_singular_vectors(tmp_path, capsys):
+    _, model = model_with_spectrum([3, 2, 2, 1, 0.5, 0.25], deltas=[0, 0.5, -0.5, 0, 0, 0])
+    svdtune.save_delta(model, tmp_path / "d.safetensors")
+    from svdtune.cli import main
+
+    assert main(["inspect", str(tmp_path / "d.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "svdtune delta v3" in out and "recorded for repeated singular values: 0 [1, 2]" in out
