@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from svdtune import container
+from svdtune.basis import Basis
 from svdtune.config import MODES
 from svdtune.errors import SvdtuneError
 
@@ -37,26 +38,9 @@ FORMAT = "svdtune.delta"
 FORMAT_VERSION = 3  # the newest: 2 adds "buffers", 3 a fingerprint's "basis"; each file gets the lowest it needs
 READ_VERSIONS = (1, 2, 3)
 TOP_SIGMA = 4  # singular values kept in a fingerprint
-DEGENERATE_ULPS = 32  # singular values closer than 32 * eps * sigma_max count as repeated (SVD noise level)
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 TORCH_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's legacy format: a pickled magic number first
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclass(frozen=True)
-class Basis:
-    """The singular vectors of one run of repeated singular values that got different deltas.
-
-    Within such a subspace any rotation of the vectors is a valid SVD, and the deltas
-    only mean what they meant in training along the very vectors training used.
-
-    Attributes:
-        columns: the indices of those singular vectors (consecutive, ascending, all tuned).
-        sha256: hex SHA-256 of U's columns then Vh's rows at ``columns``, as float32.
-    """
-
-    columns: tuple[int, ...]
-    sha256: str
 
 
 @dataclass(frozen=True)
@@ -151,64 +135,6 @@ def fingerprint(weight: Tensor, sigma: Tensor) -> Fingerprint:
     """The Fingerprint of a base weight, given its (top) singular values."""
     top = tuple(float(s) for s in sigma[:TOP_SIGMA].to(torch.float32).tolist())
     return Fingerprint(weight_sha256(weight), top, str(weight.dtype).removeprefix("torch."))
-
-
-def repeated_pairs(sigma: Tensor, shift: Tensor, next_sigma: float | None = None) -> list[int]:
-    """The i where singular values i and i+1 are equal up to SVD noise but get different shifts.
-
-    Args:
-        sigma: (k,) descending singular values that get a shift.
-        shift: (k,) sigma' - sigma.
-        next_sigma: the largest singular value that gets no shift (k < min(m, n)), or None.
-    """
-    values, shifts = sigma.detach().double().cpu(), shift.detach().double().cpu()
-    if next_sigma is not None:
-        values = torch.cat([values, values.new_tensor([float(next_sigma)])])
-        shifts = torch.cat([shifts, shifts.new_tensor([0.0])])
-    if values.numel() < 2:
-        return []
-    top = float(values[0]) if float(values[0]) > 0 else 1.0
-    close = (values[:-1] - values[1:]) <= DEGENERATE_ULPS * torch.finfo(sigma.dtype).eps * top
-    differ = (shifts[:-1] - shifts[1:]).abs() > 1e-6 * top
-    return torch.nonzero(close & differ).flatten().tolist()
-
-
-def basis_sha256(U: Tensor, Vh: Tensor, columns: tuple[int, ...]) -> str:
-    """Hex SHA-256 of U[:, columns] then Vh[columns], as float32 (see `Basis`)."""
-    index = torch.tensor(columns, dtype=torch.long, device=U.device)
-    digest = hashlib.sha256(container.tensor_bytes(U.detach().index_select(1, index).to(torch.float32)))
-    digest.update(container.tensor_bytes(Vh.detach().index_select(0, index).to(torch.float32)))
-    return digest.hexdigest()
-
-
-def repeated_runs(pairs: list[int], k: int) -> list[tuple[int, ...]]:
-    """The tuned columns that ``pairs`` (from `repeated_pairs`) join, as runs of consecutive indices.
-
-    E.g. pairs [1, 2, 5] with k = 7 give [(1, 2, 3), (5, 6)]; a pair (k-1, k) across the
-    last tuned value gives (k-1,), since only tuned vectors enter the merged weight.
-    """
-    runs: list[list[int]] = []
-    for i in pairs:
-        columns = [j for j in (i, i + 1) if j < k]
-        if runs and runs[-1][-1] >= i:
-            runs[-1].extend(j for j in columns if j > runs[-1][-1])
-        else:
-            runs.append(columns)
-    return [tuple(run) for run in runs]
-
-
-def basis_of(U: Tensor, Vh: Tensor, pairs: list[int]) -> tuple[Basis, ...]:
-    """The `Basis` runs to record for the repeated pairs ``pairs`` of a decomposition with U (m, k)."""
-    return tuple(Basis(run, basis_sha256(U, Vh, run)) for run in repeated_runs(pairs, U.shape[1]))
-
-
-def basis_changes(recorded: Fingerprint, U: Tensor, Vh: Tensor, pairs: list[int]) -> list[tuple[int, ...]]:
-    """The runs of tuned singular vectors that may differ from training's: recorded runs whose
-    vectors differ now (bit for bit), and runs of repeated values no recorded run covers."""
-    k = U.shape[1]
-    changed = [b.columns for b in recorded.basis if b.columns[-1] >= k or basis_sha256(U, Vh, b.columns) != b.sha256]
-    covered = {c for b in recorded.basis for c in b.columns}
-    return changed + [run for run in repeated_runs(pairs, k) if not set(run) <= covered]
 
 
 def fingerprint_mismatch(expected: Fingerprint, weight: Tensor, top_sigma) -> str | None:

@@ -19,7 +19,8 @@ from svdtune import container
 from svdtune.cache import decompose_named
 from svdtune.config import SpectralConfig
 from svdtune.decompose import SUPPORTED_TYPES, Decomposition
-from svdtune.delta import DeltaFile, LayerDelta, as_delta_file, basis_of, check_base, fingerprint, repeated_pairs
+from svdtune.basis import basis_of, repeated_pairs
+from svdtune.delta import DeltaFile, LayerDelta, as_delta_file, check_base, fingerprint
 from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, spectrum_shift
 from svdtune.offline import warn_if_basis_dependent

@@ -26,9 +26,8 @@ from svdtune import container
 from svdtune.cache import decompose_named
 from svdtune.decompose import Decomposition
 from svdtune.config import as_scale, finite_number
-from svdtune.delta import (
-    Basis, DeltaFile, Fingerprint, LayerDelta, as_delta_file, basis_changes, check_base, repeated_pairs,
-)
+from svdtune.basis import Basis, basis_changes, repeated_pairs
+from svdtune.delta import DeltaFile, Fingerprint, LayerDelta, as_delta_file, check_base
 from svdtune.errors import SvdtuneError
 from svdtune.layers import check_finite_merge, merged_weight, spectrum_shift
 
@@ -40,7 +39,7 @@ def warn_if_basis_dependent(
     name: str, factors: Decomposition, shift: Tensor, next_sigma: float | None, recorded: Fingerprint
 ) -> None:
     """Warn if the deltas of (nearly) repeated singular values may meet other singular vectors
-    than in training: see `basis_changes`.
+    than in training (see `svdtune.basis`), saying by how much the merged weight can differ.
 
     Args:
         name: the layer, for the message.
@@ -51,15 +50,19 @@ def warn_if_basis_dependent(
     """
     k = shift.numel()
     pairs = repeated_pairs(factors.sigma[:k], shift, next_sigma)
-    changes = basis_changes(recorded, factors.U[:, :k], factors.Vh[:k], pairs)
-    if changes:
-        warnings.warn(
-            f"layer {name!r}: singular values {list(changes[0])} are repeated in training or here and get different "
-            "deltas, and this SVD may have picked other singular vectors for them than training did (another "
-            "dtype, library or machine), so the result can differ from the trained model; merge on the training "
-            "machine (svdtune.merge) for an exact result.",
-            RuntimeWarning, stacklevel=4,
-        )
+    top = float(factors.sigma[0])
+    changes = basis_changes(recorded.basis, factors.U[:, :k], factors.Vh[:k], shift, pairs, top, next_sigma is not None)
+    if not changes:
+        return
+    run, spread = changes[0]
+    warnings.warn(
+        f"layer {name!r}: singular values {list(run)} are repeated and get different deltas, and this SVD may have "
+        "picked other singular vectors for them than training did (another dtype, library, thread count or "
+        f"machine), so the merged weight can differ from the trained one by up to {spread:.3g} in spectral norm "
+        f"({spread / top:.2%} of its largest singular value); merge on the training machine (svdtune.merge) for "
+        "an exact result.",
+        RuntimeWarning, stacklevel=4,
+    )
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:

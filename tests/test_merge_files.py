@@ -447,3 +447,12 @@ def test_inspect_lists_the_recorded_singular_vectors(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "d.safetensors")]) == 0
     out = capsys.readouterr().out
     assert "svdtune delta v3" in out and "recorded for repeated singular values: 0 [1, 2]" in out
+
+
+def test_repeated_values_whose_shifts_differ_immaterially_never_warn(tmp_path, monkeypatch):
+    base, model = degenerate_model([0.5, 0.5 + 1e-5, 0.5, 0.5])  # 1e-5 < 1e-4 * sigma_max = 2e-4
+    svdtune.save_delta(model, tmp_path / "d.safetensors")
+    assert svdtune.read_delta(tmp_path / "d.safetensors").layers["0"].fingerprint.basis == ()
+    decompose = svdtune.io.decompose_named
+    monkeypatch.setattr(svdtune.io, "decompose_named", lambda *args: rotated(decompose(*args)))
+    assert repeated_warnings(lambda: svdtune.load_delta(copy.deepcopy(base), tmp_path / "d.safetensors")) == 0
