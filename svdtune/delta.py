@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from svdtune import container
-from svdtune.basis import Basis
+from svdtune.basis import PROBES, Basis
 from svdtune.config import MODES
 from svdtune.errors import SvdtuneError
 
@@ -316,8 +316,12 @@ def _record(layer: LayerDelta) -> dict:
         "mode": layer.mode,
         "scale": float(layer.scale),
         "fingerprint": {"sha256": fp.sha256, "top_sigma": list(fp.top_sigma), "dtype": fp.dtype,
-                        **({"basis": [{"columns": list(b.columns), "sha256": b.sha256} for b in fp.basis]} if fp.basis else {})},
+                        **({"basis": [_basis_record(b) for b in fp.basis]} if fp.basis else {})},
     }
+
+
+def _basis_record(basis: Basis) -> dict:
+    return {"columns": list(basis.columns), "sha256": basis.sha256, "probes": list(basis.probes)}
 
 
 def from_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], what: str) -> DeltaFile:
@@ -425,13 +429,17 @@ def _fingerprint(fp: object, rank: int, bad) -> Fingerprint:
 
 
 def _basis(basis: object, rank: int, bad) -> Basis:
-    columns = basis.get("columns") if isinstance(basis, dict) and set(basis) == {"columns", "sha256"} else None
-    if not (isinstance(columns, list) and columns and all(_natural(c) for c in columns)):
+    fields = isinstance(basis, dict) and set(basis) == {"columns", "sha256", "probes"}
+    columns, probes = (basis.get("columns"), basis.get("probes")) if fields else (None, None)
+    if not (isinstance(columns, list) and columns and all(_natural(c) for c in columns) and isinstance(probes, list)):
         raise bad("has a malformed fingerprint basis")
     consecutive = columns == list(range(columns[0], columns[0] + len(columns)))
     if not consecutive or columns[-1] >= rank or not _is_sha256(basis["sha256"]):
         raise bad(f"has a fingerprint basis with columns {columns} not consecutive below rank {rank}, or a bad hash")
-    return Basis(tuple(columns), basis["sha256"])
+    finite = all(isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) for p in probes)
+    if not finite or len(probes) != 2 * PROBES * len(columns):
+        raise bad(f"has a fingerprint basis whose probes are not {2 * PROBES * len(columns)} finite numbers")
+    return Basis(tuple(columns), basis["sha256"], tuple(float(p) for p in probes))
 
 
 def _is_sha256(value: object) -> bool:

@@ -356,7 +356,10 @@ def test_mapped_tensors_are_private_writable_copies(tmp_path):
     (lambda fp, md: fp.update(basis=[]), "malformed fingerprint basis"),
     (lambda fp, md: fp["basis"].append(dict(fp["basis"][0])), "overlap or are out of order"),
     (lambda fp, md: md.update(format_version="2"), "records a singular basis, which format version 2 does not have"),
-], ids=["beyond rank", "unordered", "bool column", "bad hash", "empty list", "overlapping runs", "old version"])
+    (lambda fp, md: fp["basis"][0].update(probes=[0.1]), "probes are not 16 finite numbers"),
+    (lambda fp, md: fp["basis"][0].pop("probes"), "malformed fingerprint basis"),
+], ids=["beyond rank", "unordered", "bool column", "bad hash", "empty list", "overlapping runs", "old version",
+        "short probes", "no probes"])
 def test_a_malformed_basis_is_refused(edit, message, tmp_path):
     _, model = degenerate_model([0.5, -0.2, 0.1, 0.0])
     svdtune.save_delta(model, tmp_path / "d.safetensors")
@@ -450,9 +453,32 @@ def test_inspect_lists_the_recorded_singular_vectors(tmp_path, capsys):
 
 
 def test_repeated_values_whose_shifts_differ_immaterially_never_warn(tmp_path, monkeypatch):
-    base, model = degenerate_model([0.5, 0.5 + 1e-5, 0.5, 0.5])  # 1e-5 < 1e-4 * sigma_max = 2e-4
+    base, model = degenerate_model([0.5, 0.5 + 1e-4, 0.5, 0.5])  # 1e-4 < 1e-3 * sigma_max = 2e-3
     svdtune.save_delta(model, tmp_path / "d.safetensors")
     assert svdtune.read_delta(tmp_path / "d.safetensors").layers["0"].fingerprint.basis == ()
     decompose = svdtune.io.decompose_named
     monkeypatch.setattr(svdtune.io, "decompose_named", lambda *args: rotated(decompose(*args)))
     assert repeated_warnings(lambda: svdtune.load_delta(copy.deepcopy(base), tmp_path / "d.safetensors")) == 0
+
+
+@pytest.mark.parametrize("angle, warns", [(1e-4, False), (0.05, True)])
+def test_the_warning_weighs_how_far_the_vectors_turned(angle, warns, tmp_path, monkeypatch):
+    base, model = degenerate_model([0.5, -0.2, 0.1, 0.0])  # shifts spread 0.7 around sigma_max = 2
+    svdtune.save_delta(model, tmp_path / "d.safetensors")
+    decompose = svdtune.io.decompose_named
+    monkeypatch.setattr(svdtune.io, "decompose_named", lambda *args: rotated(decompose(*args), angle))
+    # a turn of t moves W' by up to 0.7 sin(t): 7e-5 is float noise, 0.035 is not (the limit is 1e-3 * 2)
+    assert repeated_warnings(lambda: svdtune.load_delta(copy.deepcopy(base), tmp_path / "d.safetensors")) == warns
+
+
+@pytest.mark.parametrize("angle", [1e-5, 1e-3, 0.1, 0.7, 1.2])
+def test_turn_angle_recovers_a_rotation_from_the_probes(angle):
+    from svdtune.basis import _probes, turn_angle
+
+    generator = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(50, 2, generator=generator, dtype=torch.float64))
+    Vh = torch.linalg.qr(torch.randn(40, 2, generator=generator, dtype=torch.float64))[0].T
+    c, s = math.cos(angle), math.sin(angle)
+    R = torch.tensor([[c, -s], [s, c]], dtype=torch.float64)
+    estimate = turn_angle(_probes(U, Vh, (0, 1)), _probes(U @ R, (Vh.T @ R).T, (0, 1)))
+    assert estimate == pytest.approx(min(angle, math.pi / 2), rel=1e-6, abs=1e-9)
