@@ -4,6 +4,7 @@ Each selected Linear/Conv weight is decomposed once, W = U diag(sigma) V^T, and
 only one number per singular value is trained (a spectral shift, SVDiff).
 """
 
+from svdtune.basis import Basis
 from svdtune.delta import DeltaFile, Fingerprint, LayerDelta, read_delta
 from svdtune.errors import SvdtuneError
 from svdtune.io import load_delta, save_delta
@@ -22,6 +23,7 @@ from svdtune.model import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "Basis",
     "DeltaFile",
     "Fingerprint",
     "LayerDelta",
