@@ -16,7 +16,8 @@ Forms:
   full-onednn full fine-tuning with svdtune's oneDNN products in forward and backward:
               the baseline on equal kernels, so svdtune / full-onednn is the ratio of the
               algorithms alone (CPU float32 only)
-Then one conv case shaped like CNNIQA's conv1: full fine-tuning of the conv against svdtune on it.
+Then a small stack (64 wide, batch 32), whose products are too small for the oneDNN kernel,
+and one conv case shaped like CNNIQA's conv1: full fine-tuning of the conv against svdtune on it.
 
 Run: python benchmarks/train_step.py [--quick] [--device cuda] [--dtype bfloat16]
 """
@@ -216,6 +217,11 @@ def main() -> None:
     print(f"{'geomean':>13} {'1.00x':>9}  " + "  ".join(f"{g:>11.2f}x" for g in geomean.values()))
     if "full-onednn" in geomean:
         print(f"on equal kernels, svdtune / full-onednn: {geomean['svdtune'] / geomean['full-onednn']:.2f}x (geomean)")
+    small = make_stack(64, args.depth, device, dtype)  # products below kernels.MIN_MULTIPLY_ADDS
+    x, y = (torch.randn(32, 64, device=device, dtype=dtype) for _ in range(2))
+    forms = {"full": copy.deepcopy(small), "svdtune": svdtune.apply(copy.deepcopy(small), targets=["*"])}
+    result = measure({n: step_fn(m, x, y) for n, m in forms.items()}, device, repeats, inner * 10)
+    print(f"small stack 64 wide, batch 32: full {1e3 * result['full']:.3f} ms, svdtune {result['svdtune'] / result['full']:.2f}x")
     x = torch.rand(16 if args.quick else 32, 3, 112, 112, device=device, dtype=dtype)
     y = torch.rand(x.shape[0], 1, device=device, dtype=dtype)
     result = measure({n: step_fn(m, x, y) for n, m in conv_forms(device, dtype).items()}, device, repeats, inner)

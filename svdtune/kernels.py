@@ -35,6 +35,7 @@ _state: dict[str, bool | None] = {"usable": None}  # None: not checked yet
 # project's CPU) outweighs the faster kernel: the forward and backward of one product break
 # even at about rows x 256 x 256 with 64 rows, and F.linear is 2-3x faster on 64-wide layers.
 MIN_MULTIPLY_ADDS = 1 << 22
+_PLAIN = (Tensor, nn.Parameter)
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -50,16 +51,16 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
 
 def _use_onednn(input: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    # cheapest tests first: this runs for every product, and most small ones stop at the second
+    if type(input) not in _PLAIN or type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
+        return False  # tensor subclasses and tracing proxies go through F.linear
+    products = input.numel() * weight.shape[0] if weight.dim() == 2 else 0
+    if products == 0 or products < MIN_MULTIPLY_ADDS:
+        return False  # empty or small products: F.linear's lower fixed cost wins
     tensors = (input, weight) if bias is None else (input, weight, bias)
-    if any(type(t) not in (Tensor, nn.Parameter) for t in tensors) or _tracing_or_transforming():
-        return False  # tensor subclasses, tracing proxies and dispatch modes go through F.linear
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return False
-    if not _plain_shapes(input, weight, bias) or input.numel() == 0 or weight.numel() == 0:
-        return False  # F.linear broadcasts or raises its own message for these
-    if input.numel() * weight.shape[0] < MIN_MULTIPLY_ADDS:
-        return False  # small products: F.linear's lower fixed cost wins
-    if torch.is_autocast_enabled("cpu") or not torch.backends.mkldnn.enabled:
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors) or not _plain_shapes(input, weight, bias):
+        return False  # F.linear broadcasts or raises its own message for other shapes
+    if _tracing_or_transforming() or torch.is_autocast_enabled("cpu") or not torch.backends.mkldnn.enabled:
         return False  # autocast decides the dtype of F.linear's inputs; oneDNN switched off by the user
     if _state["usable"] is None:
         _state["usable"] = _onednn_works()
@@ -67,8 +68,8 @@ def _use_onednn(input: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 
 
 def _plain_shapes(input: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """input (..., n), weight (m, n), bias (m,) or None: the shapes the kernel takes."""
-    if input.dim() < 1 or weight.dim() != 2 or input.shape[-1] != weight.shape[1]:
+    """input (..., n) with n > 0, weight (m, n) with m > 0, bias (m,) or None: the shapes the kernel takes."""
+    if input.dim() < 1 or input.shape[-1] != weight.shape[1] or weight.numel() == 0:
         return False
     return bias is None or tuple(bias.shape) == (weight.shape[0],)
 
