@@ -54,6 +54,8 @@ def _use_onednn(input: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     # cheapest tests first: this runs for every product, and most small ones stop at the second
     if type(input) not in _PLAIN or type(weight) not in _PLAIN or (bias is not None and type(bias) not in _PLAIN):
         return False  # tensor subclasses and tracing proxies go through F.linear
+    if torch.jit.is_tracing():
+        return False  # (before reading shapes, which jit.trace would record as constants, with a warning)
     products = input.numel() * weight.shape[0] if weight.dim() == 2 else 0
     if products == 0 or products < MIN_MULTIPLY_ADDS:
         return False  # empty or small products: F.linear's lower fixed cost wins
