@@ -115,9 +115,13 @@ def basis_changes(
     """
     k, changes = U.shape[1], []
     for run in recorded:
-        if run.columns[-1] >= k or _sha256(U, Vh, run.columns) != run.sha256:
-            angle = math.pi / 2 if run.columns[-1] >= k else turn_angle(run.probes, _probes(U, Vh, run.columns))
-            changes.append((run.columns, _spread(run.columns, shift, untuned_next) * math.sin(angle)))
+        if run.columns[-1] >= k:  # this decomposition does not tune those vectors: any angle
+            angle = math.pi / 2
+        elif _sha256(U, Vh, run.columns) == run.sha256:
+            continue
+        else:
+            angle = turn_angle(run.probes, _probes(U, Vh, run.columns))
+        changes.append((run.columns, _spread(run.columns, shift, untuned_next) * math.sin(angle)))
     covered = {c for run in recorded for c in run.columns}
     for columns in repeated_runs(pairs, k):
         if not set(columns) <= covered:

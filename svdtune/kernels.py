@@ -70,19 +70,18 @@ def _use_onednn(input: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
 
 
 def _plain_shapes(input: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
-    """input (..., n) with n > 0, weight (m, n) with m > 0, bias (m,) or None: the shapes the kernel takes."""
-    if input.dim() < 1 or input.shape[-1] != weight.shape[1] or weight.numel() == 0:
+    """input (..., n), weight (m, n), bias (m,) or None: the shapes the kernel takes."""
+    if input.dim() < 1 or input.shape[-1] != weight.shape[1]:
         return False
     return bias is None or tuple(bias.shape) == (weight.shape[0],)
 
 
 def _tracing_or_transforming() -> bool:
-    """torch.compile, torch.jit tracing, torch.func transforms (grad, vmap, jvp), forward-mode
-    AD and Python dispatch modes (FlopCounterMode, FakeTensorMode...): they need F.linear's
-    registered formulas, which a custom autograd.Function lacks."""
+    """torch.compile, torch.func transforms (grad, vmap, jvp), forward-mode AD and Python dispatch
+    modes (FlopCounterMode, FakeTensorMode...): they need F.linear's registered formulas, which a
+    custom autograd.Function lacks (jit tracing is checked earlier, in `_use_onednn`)."""
     return (
         torch.compiler.is_compiling()
-        or torch.jit.is_tracing()
         or torch._C._functorch.peek_interpreter_stack() is not None
         or forward_ad._current_level >= 0
         or _python_dispatch._get_current_dispatch_mode() is not None
