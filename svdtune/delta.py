@@ -31,7 +31,7 @@ from torch import Tensor
 
 from svdtune import container
 from svdtune.basis import PROBES, Basis
-from svdtune.config import MODES
+from svdtune.config import MODES, finite_number
 from svdtune.errors import SvdtuneError
 
 FORMAT = "svdtune.delta"
@@ -393,7 +393,7 @@ def _layer(name: str, record: object, delta: Tensor, what: str) -> LayerDelta:
         raise bad(f"has rank {rank!r}, impossible for a weight of shape {shape}")
     if record["mode"] not in MODES or not isinstance(record["class"], str):
         raise bad(f"has mode {record['mode']!r} or class {record['class']!r}, which svdtune does not know")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if finite_number(scale) is None:
         raise bad(f"has scale {scale!r}, not a finite number")
     if delta.dtype not in FLOATS or tuple(delta.shape) != (rank,):
         raise bad(f"has a delta tensor of shape {tuple(delta.shape)} and dtype {delta.dtype}, expected ({rank},) float")
@@ -414,8 +414,7 @@ def _fingerprint(fp: object, rank: int, bad) -> Fingerprint:
     if not isinstance(fp, dict) or set(fp) - {"basis"} != {"sha256", "top_sigma", "dtype"}:
         raise bad("has a malformed fingerprint")
     sha, top, dtype = fp["sha256"], fp["top_sigma"], fp["dtype"]
-    valid_top = isinstance(top, list) and len(top) <= TOP_SIGMA and all(
-        isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) and s >= 0 for s in top)
+    valid_top = isinstance(top, list) and len(top) <= TOP_SIGMA and all(finite_number(s) is not None and s >= 0 for s in top)
     if not (_is_sha256(sha) and valid_top and dtype in {str(d).removeprefix("torch.") for d in FLOATS}):
         raise bad("has a malformed fingerprint")
     runs = fp.get("basis", [])
@@ -436,8 +435,7 @@ def _basis(basis: object, rank: int, bad) -> Basis:
     consecutive = columns == list(range(columns[0], columns[0] + len(columns)))
     if not consecutive or columns[-1] >= rank or not _is_sha256(basis["sha256"]):
         raise bad(f"has a fingerprint basis with columns {columns} not consecutive below rank {rank}, or a bad hash")
-    finite = all(isinstance(p, (int, float)) and not isinstance(p, bool) and math.isfinite(p) for p in probes)
-    if not finite or len(probes) != 2 * PROBES * len(columns):
+    if not all(finite_number(p) is not None for p in probes) or len(probes) != 2 * PROBES * len(columns):
         raise bad(f"has a fingerprint basis whose probes are not {2 * PROBES * len(columns)} finite numbers")
     return Basis(tuple(columns), basis["sha256"], tuple(float(p) for p in probes))
 

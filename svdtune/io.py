@@ -25,8 +25,8 @@ from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, spectrum_shift
 from svdtune.offline import warn_if_basis_dependent
 from svdtune.model import (
-    _check_adaptable, adapt_layers, adapted_layers, check_not_shared, root_record, trainable_modules, unwrap,
-    warn_if_buffers_changed,
+    _check_adaptable, adapt_layers, adapted_layers, check_not_shared, join_name, own_persistent_buffers, root_record,
+    trainable_modules, unwrap, warn_if_buffers_changed,
 )
 
 
@@ -75,9 +75,8 @@ def _trained_buffers(model: nn.Module, params: dict[str, Tensor]) -> dict[str, T
     a ``trainable`` module (e.g. BatchNorm running statistics, also of a BatchNorm without affine)."""
     modules = dict(model.named_modules())
     owners = sorted({name.rpartition(".")[0] for name in params} | trainable_modules(model))
-    return {f"{owner}.{name}" if owner else name: buffer.detach().to("cpu", copy=True)
-            for owner in owners for name, buffer in modules[owner]._buffers.items()
-            if buffer is not None and name not in modules[owner]._non_persistent_buffers_set}
+    return {join_name(owner, name): buffer.detach().to("cpu", copy=True)
+            for owner in owners for name, buffer in own_persistent_buffers(modules[owner])}
 
 
 def _layer_delta(name: str, layer: SpectralLayer) -> LayerDelta:
@@ -89,8 +88,7 @@ def _layer_delta(name: str, layer: SpectralLayer) -> LayerDelta:
         raise SvdtuneError(f"layer {name!r} has non-finite deltas; training diverged: lower the learning rate.")
     class_name = layer._spectral.original_class.__name__
     factors = layer._factors()
-    shift = spectrum_shift(factors.sigma, delta.to(factors.sigma), config.scale, config.mode)
-    pairs = repeated_pairs(factors.sigma, shift, factors.next_sigma)
+    pairs = repeated_pairs(factors.sigma, layer._shift(factors), factors.next_sigma)
     stamp = dataclasses.replace(fingerprint(layer.base_weight, factors.sigma), basis=basis_of(factors.U, factors.Vh, pairs))
     return LayerDelta(class_name, tuple(layer.base_weight.shape), config.mode, config.scale, stamp, delta)
 
@@ -228,7 +226,7 @@ def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool,
         record, factors = delta.layers[name], _factors(name, step, cache_dir)
         with torch.no_grad():
             shift = spectrum_shift(factors.sigma, record.delta.to(factors.sigma), record.scale, record.mode)
-        warn_if_basis_dependent(name, factors, shift, factors.next_sigma, record.fingerprint)
+        warn_if_basis_dependent(name, factors, shift, record.fingerprint)
 
 
 def _factors(name: str, step: _Step, cache_dir: str | None) -> Decomposition:

@@ -214,9 +214,15 @@ def check_not_shared(model: nn.Module, layers: dict[str, nn.Module]) -> None:
 def persistent_buffers(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
     """(qualified name, buffer) for every buffer that goes into the state dict."""
     for module_name, module in model.named_modules():
-        for name, buffer in module._buffers.items():
-            if buffer is not None and name not in module._non_persistent_buffers_set:
-                yield f"{module_name}.{name}" if module_name else name, buffer
+        for name, buffer in own_persistent_buffers(module):
+            yield join_name(module_name, name), buffer
+
+
+def own_persistent_buffers(module: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(name, buffer) for the module's own buffers (not its children's) that go into the state dict."""
+    for name, buffer in module._buffers.items():
+        if buffer is not None and name not in module._non_persistent_buffers_set:
+            yield name, buffer
 
 
 def trainable_modules(model: nn.Module) -> set[str]:
@@ -224,12 +230,13 @@ def trainable_modules(model: nn.Module) -> set[str]:
     names = set()
     for prefix, root in model.named_modules():
         for name in root.__dict__.get(_TRAINABLE, ()):
-            top = _join(prefix, name)
-            names.update(_join(top, inner) for inner, _ in model.get_submodule(top).named_modules())
+            top = join_name(prefix, name)
+            names.update(join_name(top, inner) for inner, _ in model.get_submodule(top).named_modules())
     return names
 
 
-def _join(prefix: str, name: str) -> str:
+def join_name(prefix: str, name: str) -> str:
+    """A qualified name: "head" + "0" -> "head.0"; either may be "" (the root)."""
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
@@ -239,8 +246,8 @@ def warn_if_buffers_changed(model: nn.Module, saved: set[str]) -> None:
     A buffer whose dtype changed since (``model.to(dtype)``) cannot be compared and is skipped."""
     for prefix, root in model.named_modules():
         before = root.__dict__.get(_BUFFERS, {})
-        changed = [_join(prefix, name) for name, buffer in persistent_buffers(root)
-                   if _join(prefix, name) not in saved and name in before
+        named = ((join_name(prefix, name), name, buffer) for name, buffer in persistent_buffers(root))
+        changed = [full for full, name, buffer in named if full not in saved and name in before
                    and before[name][0] == str(buffer.dtype) and before[name] != _digest(buffer)]
         if changed:
             warnings.warn(

@@ -35,9 +35,7 @@ BASE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # matched in a
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal styling, e.g. the bold in torch.load's messages
 
 
-def warn_if_basis_dependent(
-    name: str, factors: Decomposition, shift: Tensor, next_sigma: float | None, recorded: Fingerprint
-) -> None:
+def warn_if_basis_dependent(name: str, factors: Decomposition, shift: Tensor, recorded: Fingerprint) -> None:
     """Warn if the deltas of (nearly) repeated singular values may meet other singular vectors
     than in training (see `svdtune.basis`), saying by how much the merged weight can differ.
 
@@ -45,10 +43,10 @@ def warn_if_basis_dependent(
         name: the layer, for the message.
         factors: this decomposition, with the k singular values that get a shift (or more).
         shift: (k,) sigma' - sigma.
-        next_sigma: the largest singular value that gets no shift (k < min(m, n)), or None.
         recorded: the layer's fingerprint from the delta file.
     """
     k = shift.numel()
+    next_sigma = float(factors.sigma[k]) if k < factors.sigma.numel() else factors.next_sigma  # first untuned
     pairs = repeated_pairs(factors.sigma[:k], shift, next_sigma)
     top = float(factors.sigma[0])
     changes = basis_changes(recorded.basis, factors.U[:, :k], factors.Vh[:k], shift, pairs, top, next_sigma is not None)
@@ -196,7 +194,7 @@ def _merged_weight(name: str, weight: Tensor, factors: Decomposition, layer: Lay
     """
     k, sigma = layer.rank, factors.sigma
     shift = spectrum_shift(sigma[:k], layer.delta.to(sigma.dtype), layer.scale * scale, layer.mode)
-    warn_if_basis_dependent(name, factors, shift, float(sigma[k]) if k < sigma.numel() else None, layer.fingerprint)
+    warn_if_basis_dependent(name, factors, shift, layer.fingerprint)
     result = merged_weight(weight, factors.U[:, :k], factors.Vh[:k], shift)
     check_finite_merge(name, result)
     return result
