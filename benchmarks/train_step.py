@@ -16,6 +16,7 @@ Forms:
   full-onednn full fine-tuning with svdtune's oneDNN products in forward and backward:
               the baseline on equal kernels, so svdtune / full-onednn is the ratio of the
               algorithms alone (CPU float32 only)
+  lora-r16    PEFT LoRA r=16 on the same layers (if peft is installed), to compare with svdtune-r16
 Then a small stack (64 wide, batch 32), whose products are too small for the oneDNN kernel,
 and one conv case shaped like CNNIQA's conv1: full fine-tuning of the conv against svdtune on it.
 
@@ -139,7 +140,21 @@ def build_forms(base: nn.Sequential, quick: bool) -> dict[str, nn.Module]:
     forms["floor"] = copy.deepcopy(base).requires_grad_(False)
     if cpu32:
         forms["full-onednn"] = replace_linears(base, lambda layer: retype(layer, SameKernelLinear))
+    lora = peft_lora(base, rank=16)
+    if lora is not None:
+        forms["lora-r16"] = lora
     return forms
+
+
+def peft_lora(base: nn.Sequential, rank: int) -> nn.Module | None:
+    """PEFT LoRA of the given rank on every Linear of a copy of ``base``, or None without peft."""
+    try:
+        import peft
+    except ImportError:
+        return None
+    names = [str(i) for i, layer in enumerate(base) if isinstance(layer, nn.Linear)]
+    config = peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=names, lora_dropout=0.0)
+    return peft.get_peft_model(copy.deepcopy(base), config)
 
 
 def retype(layer: nn.Linear, cls: type[nn.Linear]) -> nn.Linear:
