@@ -104,7 +104,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
             hint = "; merge takes one DELTA: to merge several, svdtune combine them into one first"
         command.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
     if args.command == "combine":
-        args.deltas += args.deltas_after_weights
+        args.deltas = args.delta_files
         if not args.deltas:
             command.error("the following arguments are required: DELTA")
     return args
@@ -134,19 +134,26 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                               description="Write the weighted sum of several delta files trained on the same base "
                                           "model with the same layers, ranks and modes. The options may come first: "
                                           "--weights 0.5 0.5 a.safetensors b.safetensors -o m.safetensors.")
-    mix.add_argument("deltas", nargs="*", metavar="DELTA", help="the delta files")
+    mix.add_argument("deltas", nargs="*", metavar="DELTA", action=_DeltaFiles, help="the delta files")
     mix.add_argument("--weights", nargs="+", required=True, action=_Weights, metavar="W",
                      help="one weight per delta file, in their order (also as one comma list: 0.5,0.5)")
     mix.add_argument("-o", "--out", required=True, help="the combined .safetensors delta file to write")
-    mix.set_defaults(run=_combine, deltas_after_weights=[])
+    mix.set_defaults(run=_combine, delta_files=[])
     return parser, {"inspect": inspect, "merge": merge, "combine": mix}
+
+
+class _DeltaFiles(argparse.Action):
+    """combine's DELTA files, collected in command-line order (with those that follow ``--weights``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.delta_files = [*namespace.delta_files, *values]
 
 
 class _Weights(argparse.Action):
     """``--weights``: numbers, or comma lists of them; what follows the numbers are delta files.
 
     argparse hands ``--weights 0.5 0.5 a.safetensors b.safetensors`` all four values, so the
-    first one that is not a number starts the delta files (``deltas_after_weights``).
+    first one that is not a number starts the delta files (added to ``delta_files`` in order).
     """
 
     def __call__(self, parser, namespace, values, option_string=None):
@@ -160,7 +167,7 @@ class _Weights(argparse.Action):
         if not weights:
             parser.error(f"argument {option_string}: expected numbers, got {printable(values[0])!r}")
         namespace.weights = weights
-        namespace.deltas_after_weights = namespace.deltas_after_weights + files
+        namespace.delta_files = [*namespace.delta_files, *files]
 
 
 def _numbers(value: str) -> list[float] | None:
@@ -216,8 +223,8 @@ def file_kind(path: str) -> str | None:
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
-            start = handle.read(9)
-            header_size = struct.unpack("<Q", start[:8])[0] if len(start) == 9 else 0
+            start = handle.read(512)
+            header_size = struct.unpack("<Q", start[:8])[0] if len(start) >= 9 else 0
             if start[8:9] != b"{" or header_size >= 2**40:  # no JSON header follows, or a length no file has
                 return _not_safetensors(start, size)
             if header_size > min(MAX_HEADER, size - 8):  # safetensors cut short or damaged: the library says so
@@ -236,8 +243,11 @@ def file_kind(path: str) -> str | None:
 def _not_safetensors(start: bytes, size: int) -> str:
     if size == 0:
         return "is empty, not a delta file"
-    if start.startswith(ZIP_MAGIC):
-        return "is a zip archive (a torch.save checkpoint?), not a delta file"
+    if start.startswith(ZIP_MAGIC):  # a torch.save checkpoint is a zip whose first member is .../data.pkl
+        first = start[30:30 + int.from_bytes(start[26:28], "little")]
+        if first.endswith(b"data.pkl"):
+            return "is a torch.save checkpoint, not a delta file (svdtune merge takes it as BASE)"
+        return "is a zip archive, not a delta file"
     if start.startswith(b"\x80"):
         return "is a pickle file (an old torch.save checkpoint?), not a delta file"
     return "is not a safetensors file, so not a delta file"

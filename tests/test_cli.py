@@ -161,6 +161,25 @@ def test_options_may_come_before_the_delta_files(files, tmp_path):
     torch.testing.assert_close(svdtune.read_delta(documented).layers["0"].delta, expected_sum)
 
 
+def test_weights_pair_with_the_delta_files_in_command_line_order(files, tmp_path):
+    base, first = files
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    model.load_state_dict(torch.load(base, weights_only=True)["params"])
+    svdtune.apply(model, ["0", "2"], rank=4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, layer in adapted_layers(model):
+            layer.svd_delta.normal_(0, 0.2)
+    second = tmp_path / "second.safetensors"
+    svdtune.save_delta(model, second)
+    out = tmp_path / "mix.safetensors"
+    for argv, expected in ((["--weights", "1", "0", str(first), "-o", str(out), str(second)], first),
+                           (["--weights", "1,0", str(second), str(first), "-o", str(out)], second)):
+        assert main(["combine", *argv]) == 0
+        mixed, original = svdtune.read_delta(out), svdtune.read_delta(expected)
+        assert all(torch.equal(mixed.layers[n].delta, original.layers[n].delta) for n in original.layers)
+
+
 def test_combine_usage_errors_name_the_combine_command(files, tmp_path, capsys):
     _, delta = files
     for argv in (["combine", "--weights", "1", "-o", str(tmp_path / "m.safetensors")],
