@@ -181,6 +181,7 @@ def _numbers(value: str) -> list[float] | None:
 def _merge(args: argparse.Namespace) -> None:
     from svdtune.offline import merge_files
 
+    _check_is_delta(args.delta)
     merge_files(args.base, args.delta, args.out, scale=args.scale, strict=not args.force)
     print(f"wrote {printable(args.out)} ({os.path.getsize(args.out):,} bytes)")
 
@@ -188,30 +189,30 @@ def _merge(args: argparse.Namespace) -> None:
 def _combine(args: argparse.Namespace) -> None:
     from svdtune.offline import combine
 
+    for path in args.deltas:
+        _check_is_delta(path)
     combine(args.deltas, args.weights).save(args.out)
     print(f"wrote {printable(args.out)} ({os.path.getsize(args.out):,} bytes)")
 
 
 def _inspect(args: argparse.Namespace) -> None:
-    for i, path in enumerate(args.files):
-        print("\n".join(([""] if i else []) + describe(_read_for_inspect(path), path)))
-
-
-def _read_for_inspect(path: str) -> DeltaFile:
-    """The delta file at ``path``; a file of another kind is refused saying what it is."""
     from svdtune.delta import read_delta
+
+    for i, path in enumerate(args.files):
+        _check_is_delta(path)
+        print("\n".join(([""] if i else []) + describe(read_delta(path), path)))
+
+
+def _check_is_delta(path: str) -> None:
+    """Refuse, in plain words and before the library reads it, a DELTA that is recognisably another kind of file."""
     from svdtune.errors import SvdtuneError
 
     what = printable(repr(path))
-    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
+    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):  # opening a FIFO would block
         raise SvdtuneError(f"{what} is not a regular file (a FIFO, socket or device); pass a delta file.")
-    try:
-        return read_delta(path)
-    except SvdtuneError:
-        kind = file_kind(path)
-        if kind is None:  # a damaged delta file, or unreadable: the library's message says which
-            raise
-    raise SvdtuneError(f"{what} {kind}; svdtune inspect shows delta files, written by svdtune.save_delta.")
+    kind = file_kind(path)
+    if kind is not None:
+        raise SvdtuneError(f"{what} {kind}; pass a delta file (written by svdtune.save_delta).")
 
 
 def file_kind(path: str) -> str | None:

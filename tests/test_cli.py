@@ -259,9 +259,19 @@ def test_inspect_says_what_another_file_is(files, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err and "BASE and DELTA" not in err and "format=" not in err, err
         assert not any(len(token) > 12 and token.strip(",.").isdigit() for token in err.split()), err
+    out = str(tmp_path / "out.safetensors")
+    for argv in (["merge", str(base), str(tmp_path / "config.json"), "-o", out],
+                 ["combine", str(tmp_path / "config.json"), "--weights", "1", "-o", out]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "config.json' is not a safetensors file" in err and err.count("\n") == 1, err
+    assert main(["merge", str(base), str(tmp_path / "plain.safetensors"), "-o", out]) == 1
+    assert "is a safetensors state dict (2 tensors), not a delta file (svdtune merge takes it as BASE)" in capsys.readouterr().err
     os.mkfifo(tmp_path / "fifo")
-    assert main(["inspect", str(tmp_path / "fifo")]) == 1  # refused before it is opened (which would block)
-    assert "not a regular file" in capsys.readouterr().err
+    for argv in (["inspect", str(tmp_path / "fifo")], ["merge", str(base), str(tmp_path / "fifo"), "-o", out]):
+        assert main(argv) == 1  # refused before it is opened (which would block)
+        assert "not a regular file" in capsys.readouterr().err
+    assert not os.path.exists(out)
 
 
 def test_a_damaged_delta_file_keeps_the_librarys_reason(files, tmp_path, capsys):
