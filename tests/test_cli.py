@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import safetensors.torch
 import torch
 from torch import nn
@@ -330,3 +332,16 @@ def test_error_lines_escape_what_they_quote(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "missing\x1b[2J\n.safetensors")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "\x1b" not in err and "missing\\x1b[2J" in err
+
+
+@given(st.text())
+@settings(max_examples=300, deadline=None)
+def test_printable_escapes_exactly_the_non_printable_characters(text):
+    from svdtune.cli import printable
+
+    escaped = printable(text)
+    assert escaped.isprintable()
+    assert (escaped == text) == text.isprintable()
+    assert printable(escaped) == escaped
+    if "\\" not in text:  # then the escapes decode back to the text (Python's own unicode_escape reading)
+        assert escaped.encode("ascii", "backslashreplace").decode("unicode_escape") == text
