@@ -16,13 +16,14 @@ time Python takes to start (``python benchmarks/cli_startup.py`` measures it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import stat
 import struct
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from svdtune._version import __version__
@@ -181,17 +182,16 @@ def _numbers(value: str) -> list[float] | None:
 def _merge(args: argparse.Namespace) -> None:
     from svdtune.offline import merge_files
 
-    _check_is_delta(args.delta)
-    merge_files(args.base, args.delta, args.out, scale=args.scale, strict=not args.force)
+    with _deltas_in_plain_words([args.delta]):
+        merge_files(args.base, args.delta, args.out, scale=args.scale, strict=not args.force)
     print(f"wrote {printable(args.out)} ({os.path.getsize(args.out):,} bytes)")
 
 
 def _combine(args: argparse.Namespace) -> None:
     from svdtune.offline import combine
 
-    for path in args.deltas:
-        _check_is_delta(path)
-    combine(args.deltas, args.weights).save(args.out)
+    with _deltas_in_plain_words(args.deltas):
+        combine(args.deltas, args.weights).save(args.out)
     print(f"wrote {printable(args.out)} ({os.path.getsize(args.out):,} bytes)")
 
 
@@ -199,20 +199,30 @@ def _inspect(args: argparse.Namespace) -> None:
     from svdtune.delta import read_delta
 
     for i, path in enumerate(args.files):
-        _check_is_delta(path)
-        print("\n".join(([""] if i else []) + describe(read_delta(path), path)))
+        with _deltas_in_plain_words([path]):
+            delta = read_delta(path)
+        print("\n".join(([""] if i else []) + describe(delta, path)))
 
 
-def _check_is_delta(path: str) -> None:
-    """Refuse, in plain words and before the library reads it, a DELTA that is recognisably another kind of file."""
+@contextlib.contextmanager
+def _deltas_in_plain_words(paths: Sequence[str]) -> Iterator[None]:
+    """Around a command's work on the DELTA files ``paths``: one that is not a regular file is refused before
+    (opening a FIFO would block); if the work fails, one that is recognisably another kind of file is refused
+    saying what it is, instead of the library's reason (checked only then: a good file's header is read once)."""
     from svdtune.errors import SvdtuneError
 
-    what = printable(repr(path))
-    if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):  # opening a FIFO would block
-        raise SvdtuneError(f"{what} is not a regular file (a FIFO, socket or device); pass a delta file.")
-    kind = file_kind(path)
-    if kind is not None:
-        raise SvdtuneError(f"{what} {kind}; pass a delta file (written by svdtune.save_delta).")
+    for path in paths:
+        if os.path.exists(path) and not (os.path.isfile(path) or os.path.isdir(path)):
+            raise SvdtuneError(f"{printable(repr(path))} is not a regular file (a FIFO, socket or device); "
+                               "pass a delta file.")
+    try:
+        yield
+    except SvdtuneError:
+        for path in paths:
+            kind = file_kind(path)
+            if kind is not None:
+                raise SvdtuneError(f"{printable(repr(path))} {kind}; pass a delta file (written by svdtune.save_delta).") from None
+        raise
 
 
 def file_kind(path: str) -> str | None:
