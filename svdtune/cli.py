@@ -32,7 +32,9 @@ if TYPE_CHECKING:
     from svdtune.delta import DeltaFile
 
 MAX_HEADER = 100 * 1024 * 1024  # bytes of a safetensors header read to tell what a file is (as container.MAX_HEADER)
-ZIP_MAGIC = b"PK\x03\x04"
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+TORCH_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's legacy format: a pickled magic number first
+NOT_A_DELTA = "not an svdtune delta file"
 # The library's messages speak Python; on the command line its strict=False is --force.
 _CLI_WORDING = ((" (or --force on the command line)", ""), ("strict=False", "--force"))
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -182,7 +184,8 @@ def _numbers(value: str) -> list[float] | None:
 def _merge(args: argparse.Namespace) -> None:
     from svdtune.offline import merge_files
 
-    with _deltas_in_plain_words([args.delta]):
+    with _deltas_in_plain_words([args.delta], "pass the delta file (written by svdtune.save_delta) as DELTA: did you "
+                                              "swap BASE and DELTA?"):
         merge_files(args.base, args.delta, args.out, scale=args.scale, strict=not args.force)
     print(f"wrote {printable(args.out)} ({os.path.getsize(args.out):,} bytes)")
 
@@ -190,7 +193,7 @@ def _merge(args: argparse.Namespace) -> None:
 def _combine(args: argparse.Namespace) -> None:
     from svdtune.offline import combine
 
-    with _deltas_in_plain_words(args.deltas):
+    with _deltas_in_plain_words(args.deltas, "combine takes delta files, written by svdtune.save_delta."):
         combine(args.deltas, args.weights).save(args.out)
     print(f"wrote {printable(args.out)} ({os.path.getsize(args.out):,} bytes)")
 
@@ -199,16 +202,17 @@ def _inspect(args: argparse.Namespace) -> None:
     from svdtune.delta import read_delta
 
     for i, path in enumerate(args.files):
-        with _deltas_in_plain_words([path]):
+        with _deltas_in_plain_words([path], "svdtune inspect shows delta files, written by svdtune.save_delta."):
             delta = read_delta(path)
         print("\n".join(([""] if i else []) + describe(delta, path)))
 
 
 @contextlib.contextmanager
-def _deltas_in_plain_words(paths: Sequence[str]) -> Iterator[None]:
+def _deltas_in_plain_words(paths: Sequence[str], advice: str) -> Iterator[None]:
     """Around a command's work on the DELTA files ``paths``: one that is not a regular file is refused before
     (opening a FIFO would block); if the work fails, one that is recognisably another kind of file is refused
-    saying what it is, instead of the library's reason (checked only then: a good file's header is read once)."""
+    saying what it is, then ``advice``, instead of the library's reason (checked only then: a good file's
+    header is read once)."""
     from svdtune.errors import SvdtuneError
 
     for path in paths:
@@ -221,7 +225,7 @@ def _deltas_in_plain_words(paths: Sequence[str]) -> Iterator[None]:
         for path in paths:
             kind = file_kind(path)
             if kind is not None:
-                raise SvdtuneError(f"{printable(repr(path))} {kind}; pass a delta file (written by svdtune.save_delta).") from None
+                raise SvdtuneError(f"{printable(repr(path))} {kind}; {advice}") from None
         raise
 
 
@@ -248,20 +252,19 @@ def file_kind(path: str) -> str | None:
     if not isinstance(header, dict) or (isinstance(metadata, dict) and metadata.get("format") == "svdtune.delta"):
         return None
     tensors = sum(key != "__metadata__" for key in header)
-    return f"is a safetensors state dict ({tensors:,} tensors), not a delta file (svdtune merge takes it as BASE)"
+    return f"is a safetensors state dict ({tensors:,} tensors), {NOT_A_DELTA}"
 
 
 def _not_safetensors(start: bytes, size: int) -> str:
     if size == 0:
-        return "is empty, not a delta file"
+        return f"is empty, {NOT_A_DELTA}"
     if start.startswith(ZIP_MAGIC):  # a torch.save checkpoint is a zip whose first member is .../data.pkl
         first = start[30:30 + int.from_bytes(start[26:28], "little")]
-        if first.endswith(b"data.pkl"):
-            return "is a torch.save checkpoint, not a delta file (svdtune merge takes it as BASE)"
-        return "is a zip archive, not a delta file"
-    if start.startswith(b"\x80"):
-        return "is a pickle file (an old torch.save checkpoint?), not a delta file"
-    return "is not a safetensors file, so not a delta file"
+        return f"is a torch.save checkpoint, {NOT_A_DELTA}" if first.endswith(b"data.pkl") else f"is a zip archive, {NOT_A_DELTA}"
+    if start.startswith(b"\x80"):  # a pickle; torch's magic number at byte 2, or 11 after a protocol 4+ frame
+        legacy = TORCH_LEGACY_MAGIC in start[:32]
+        return f"is a torch.save checkpoint (legacy format), {NOT_A_DELTA}" if legacy else f"is a pickle file, {NOT_A_DELTA}"
+    return f"is not a safetensors file, so {NOT_A_DELTA}"
 
 
 def describe(delta: DeltaFile, path: str) -> list[str]:

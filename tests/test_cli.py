@@ -253,7 +253,7 @@ def test_inspect_says_what_another_file_is(files, tmp_path, capsys):
     safetensors.torch.save_file(state, tmp_path / "plain.safetensors", metadata={"format": "pt"})
     (tmp_path / "config.json").write_text('{"hidden_size": 768, "layers": [1, 2, 3]}')
     (tmp_path / "empty.safetensors").write_bytes(b"")
-    expected = {"plain.safetensors": "is a safetensors state dict (2 tensors), not a delta file",
+    expected = {"plain.safetensors": "is a safetensors state dict (2 tensors), not an svdtune delta file",
                 "config.json": "is not a safetensors file", "empty.safetensors": "is empty",
                 "base.pth": "torch.save checkpoint"}
     for name, words in expected.items():
@@ -268,7 +268,8 @@ def test_inspect_says_what_another_file_is(files, tmp_path, capsys):
         err = capsys.readouterr().err
         assert "config.json' is not a safetensors file" in err and err.count("\n") == 1, err
     assert main(["merge", str(base), str(tmp_path / "plain.safetensors"), "-o", out]) == 1
-    assert "is a safetensors state dict (2 tensors), not a delta file (svdtune merge takes it as BASE)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is a safetensors state dict (2 tensors), not an svdtune delta file" in err and "swap BASE and DELTA" in err
     os.mkfifo(tmp_path / "fifo")
     for argv in (["inspect", str(tmp_path / "fifo")], ["merge", str(base), str(tmp_path / "fifo"), "-o", out]):
         assert main(argv) == 1  # refused before it is opened (which would block)
