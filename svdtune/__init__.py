@@ -2,43 +2,62 @@
 
 Each selected Linear/Conv weight is decomposed once, W = U diag(sigma) V^T, and
 only one number per singular value is trained (a spectral shift, SVDiff).
+
+The public names are imported on first use (PEP 562), so that ``import svdtune``,
+``svdtune --help`` and ``svdtune --version`` do not pay for importing torch.
 """
 
-from svdtune.basis import Basis
-from svdtune.delta import DeltaFile, Fingerprint, LayerDelta, read_delta
-from svdtune.errors import SvdtuneError
-from svdtune.io import load_delta, save_delta
-from svdtune.offline import combine, merge_files
-from svdtune.report import Report
-from svdtune.model import (
-    apply,
-    merge,
-    report,
-    restore,
-    set_scale,
-    singular_values,
-    trainable_parameters,
-)
+import importlib
+import importlib.util
+import sys
+import types
 
-__version__ = "0.1.0"
+from svdtune._version import __version__
 
-__all__ = [
-    "Basis",
-    "DeltaFile",
-    "Fingerprint",
-    "LayerDelta",
-    "Report",
-    "SvdtuneError",
-    "apply",
-    "combine",
-    "load_delta",
-    "merge",
-    "merge_files",
-    "read_delta",
-    "report",
-    "restore",
-    "save_delta",
-    "set_scale",
-    "singular_values",
-    "trainable_parameters",
-]
+# Public name -> the module that defines it. Add new public names here; they form __all__.
+_EXPORTS = {
+    "Basis": "svdtune.basis",
+    "DeltaFile": "svdtune.delta",
+    "Fingerprint": "svdtune.delta",
+    "LayerDelta": "svdtune.delta",
+    "read_delta": "svdtune.delta",
+    "SvdtuneError": "svdtune.errors",
+    "load_delta": "svdtune.io",
+    "save_delta": "svdtune.io",
+    "combine": "svdtune.offline",
+    "merge_files": "svdtune.offline",
+    "Report": "svdtune.report",
+    "apply": "svdtune.model",
+    "merge": "svdtune.model",
+    "report": "svdtune.model",
+    "restore": "svdtune.model",
+    "set_scale": "svdtune.model",
+    "singular_values": "svdtune.model",
+    "trainable_parameters": "svdtune.model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name in _EXPORTS:
+        value = globals()[name] = getattr(importlib.import_module(_EXPORTS[name]), name)
+        return value
+    if not name.startswith("__") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f"{__name__}.{name}")  # svdtune.container, as the eager import gave
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value: object) -> None:
+        # Importing the submodule svdtune.report must not hide the public function svdtune.report.
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
