@@ -225,9 +225,10 @@ def as_delta_file(source: str | os.PathLike | DeltaFile) -> DeltaFile:
 def format_version(delta: DeltaFile) -> int:
     """The lowest version that holds ``delta``, so that older svdtune reads what it can."""
     layers = delta.layers.values()
-    if any(layer.part is not None or layer.svd is not None or layer.layer_class in VERSION_4_CLASSES for layer in layers):
+    if any(layer.part is not None or layer.svd is not None or layer.layer_class in VERSION_4_CLASSES
+           for layer in layers if isinstance(layer.layer_class, str)):
         return 4
-    if any(layer.fingerprint.basis for layer in layers):
+    if any(isinstance(layer.fingerprint, Fingerprint) and layer.fingerprint.basis for layer in layers):
         return 3
     return 2 if delta.buffers else 1
 

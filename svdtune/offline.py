@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from svdtune import container
+from svdtune.arguments import as_path
 from svdtune.cache import decompose_named
 from svdtune.decompose import Decomposition
 from svdtune.config import as_scale, finite_number
@@ -149,6 +150,7 @@ def merge_files(
     Example:
         >>> svdtune.merge_files("base.pth", "task.safetensors", "merged.safetensors", scale=0.8)
     """
+    base, out = as_path(base, "base"), as_path(out, "out")
     container.check_destination(out)  # before any work
     scale = as_scale(scale)
     record = as_delta_file(delta)
@@ -221,7 +223,11 @@ def combine(deltas: Iterable[str | os.PathLike | DeltaFile], weights: Iterable[f
     Example:
         >>> svdtune.combine(["sharp.safetensors", "warm.safetensors"], [0.7, 0.3]).save("mix.safetensors")
     """
-    deltas, weights = list(deltas), list(weights)  # iterated more than once below
+    try:
+        deltas, weights = list(deltas), list(weights)  # iterated more than once below
+    except TypeError:
+        raise SvdtuneError(f"combine needs a list of deltas and a list of weights, got {type(deltas).__name__} and "
+                           f"{type(weights).__name__}.") from None
     files = [as_delta_file(d) for d in deltas]
     labels = [f"delta {i} ({os.fspath(d) if not isinstance(d, DeltaFile) else 'in memory'})" for i, d in enumerate(deltas)]
     if not files or len(weights) != len(files):
