@@ -35,7 +35,7 @@ from svdtune.errors import SvdtuneError
 
 PROBE_COLUMNS = 4  # random vectors x in the reconstruction probe
 SPOT_COLUMNS = 8  # singular vectors in the orthonormality spot check
-TOLERANCE = 16  # in units of the rounding scale (see check_factors); honest entries measure below 2
+TOLERANCE = 16  # in units of the rounding scale r (see check_factors): a wide margin over honest rounding
 CACHE_VERSION = "2"  # bump when decompose() changes what it returns for the same input (2: next_sigma)
 FORMAT = "svdtune.svd-cache"
 
