@@ -252,7 +252,8 @@ def _check_compatible(first: DeltaFile, other: DeltaFile, first_label: str, labe
         raise SvdtuneError(f"layer {name!r} is in only one of {first_label} and {label}; combine deltas of the same layers.")
     for name, layer in other.layers.items():
         ref = first.layers[name]
-        same = (layer.layer_class, layer.weight_shape, layer.rank, layer.mode) == (ref.layer_class, ref.weight_shape, ref.rank, ref.mode)
+        same = ((layer.layer_class, layer.weight_shape, layer.rank, layer.mode, layer.part, layer.svd)
+                == (ref.layer_class, ref.weight_shape, ref.rank, ref.mode, ref.part, ref.svd))
         if not same or layer.fingerprint.sha256 != ref.fingerprint.sha256:
             raise SvdtuneError(f"layer {name!r} differs between {first_label} and {label} (class, shape, rank, mode or "
                                "base weights); combine only deltas trained with the same settings on the same base model.")
@@ -269,7 +270,7 @@ def _combined_layer(name: str, layers: list[LayerDelta], weights: list[float]) -
         raise SvdtuneError(f"the combined deltas overflow {first.delta.dtype}; use smaller weights.")
     fingerprint = dataclasses.replace(first.fingerprint, basis=_combined_basis(name, layers))
     return LayerDelta(first.layer_class, first.weight_shape, first.mode, first.scale if keep else 1.0,
-                      fingerprint, total.to(first.delta.dtype))
+                      fingerprint, total.to(first.delta.dtype), first.part, first.svd)
 
 
 def _combined_basis(name: str, layers: list[LayerDelta]) -> tuple[Basis, ...]:

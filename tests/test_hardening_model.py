@@ -543,3 +543,13 @@ def test_wrong_argument_types_are_svdtune_errors(saved, tmp_path):
             call()
     svdtune.save_delta(model, os.fsencode(tmp_path / "bytes.safetensors"))  # bytes paths work
     assert svdtune.read_delta(os.fsencode(tmp_path / "bytes.safetensors")).layers.keys() == {"0", "3", "5"}
+
+
+def test_combine_keeps_version_4_keys_and_refuses_mixing_them(saved, tmp_path):
+    record = svdtune.read_delta(saved[1]).layers["5"]
+    svd = {"method": "randomized", "oversample": 10, "iterations": 2, "seed": 7}
+    with_svd = svdtune.DeltaFile({"5": dataclasses.replace(record, svd=svd)})
+    combined = svdtune.combine([with_svd, with_svd], [0.5, 0.5])
+    assert combined.layers["5"].svd == svd
+    with pytest.raises(svdtune.SvdtuneError, match="layer '5' differs"):
+        svdtune.combine([with_svd, svdtune.DeltaFile({"5": record})], [0.5, 0.5])
