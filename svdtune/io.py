@@ -1,9 +1,11 @@
 """Saving a model's deltas to a file and loading them back: `save_delta`, `load_delta`.
 
 `load_delta` checks the whole file against the model first (layers, classes,
-shapes, ranks, modes, base-weight fingerprints, parameters) and computes every
-decomposition it needs; only then does it change the model, in steps that
-cannot fail. So when it raises, the model is exactly as it was.
+shapes, ranks, modes, base-weight fingerprints, parameters, and every value in
+the model's dtype) and computes every decomposition it needs; only then does it
+change the model, in steps meant not to fail, inside one `all_or_nothing`
+transaction that rolls the model back if one does. So when it raises, the model
+is exactly as it was.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from svdtune.cache import decompose_named
 from svdtune.config import SpectralConfig
 from svdtune.decompose import SUPPORTED_TYPES, Decomposition
 from svdtune.basis import basis_of, repeated_pairs
-from svdtune.delta import DeltaFile, LayerDelta, as_delta_file, check_base, fingerprint
+from svdtune.delta import DeltaFile, LayerDelta, as_delta_file
+from svdtune.fingerprint import check_base, fingerprint
 from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, merged_weight, spectrum_shift
 from svdtune.offline import warn_if_basis_dependent
@@ -29,7 +32,7 @@ from svdtune.model import (
     _check_adaptable, adapt_layers, adapted_layers, check_not_shared, join_name, own_persistent_buffers, root_record,
     trainable_modules, unwrap, warn_if_buffers_changed,
 )
-from svdtune.transaction import all_or_nothing, writable
+from svdtune.transaction import Progress, all_or_nothing, writable
 
 
 def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
@@ -134,8 +137,11 @@ def load_delta(
     Raises:
         SvdtuneError: the file is damaged or from an unknown version; a layer is
             missing or has another class or shape; a base weight differs (strict);
-            the model holds different adapters; a parameter or buffer is missing or
-            has another shape. The model is unchanged when it is raised.
+            the model holds different adapters; a parameter or buffer is missing,
+            has another shape, is on the meta device or cannot hold the file's values
+            (overflow, NaN, a fraction into an integer); the deltas make a weight
+            non-finite; an argument has the wrong type. The model is unchanged when
+            it is raised. A model built under ``torch.inference_mode()`` loads too.
 
     Example:
         >>> model = load_my_pretrained_model()
@@ -236,7 +242,8 @@ def _check_shape(name: str, shape: tuple[int, ...], record: LayerDelta) -> None:
 
 
 def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool, cache_dir: str | None) -> None:
-    """Check every base weight's hash before any SVD (a wrong base fails fast), then decompose."""
+    """Check every base weight's hash before any SVD (a wrong base fails fast), then decompose, and refuse
+    deltas that make the adapted weight non-finite in the weight's dtype (as `merge_files` does)."""
     for name, step in steps.items():
         check_base(name, delta.layers[name].fingerprint, step.layer._parameters["weight"],
                    lambda: _factors(name, step, cache_dir).sigma, strict,
@@ -307,7 +314,7 @@ def _value(model: nn.Module, kind: str, name: str, target: Tensor, value: Tensor
 
 
 def _apply_steps(model: nn.Module, steps: dict[str, _Step], cache_dir: str | None, record: dict[str, object],
-                 progress) -> None:
+                 progress: Progress) -> None:
     """Adapt the plain layers as `svdtune.apply` would, then set every layer's deltas and config."""
     plan = [(name, step.layer, step.factors, step.config) for name, step in steps.items() if not step.adapted]
     if plan:

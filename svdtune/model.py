@@ -85,9 +85,11 @@ def apply(
 
     Raises:
         SvdtuneError: a pattern selects nothing (the message lists similar names),
-            a layer is already adapted or cannot be (lazy, parametrized, non-finite
-            weight), a layer is both a target and trainable, or bad rank/mode. The
-            model is unchanged when it is raised.
+            a layer is already adapted or cannot be (lazy, parametrized, empty, non-finite
+            weight, an attribute named svd_delta, inference tensors), a layer is both a
+            target and trainable, or bad rank/mode/argument types. The model is
+            unchanged when it is raised (the changes run in one `all_or_nothing`
+            transaction, rolled back on any failure).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))

@@ -98,11 +98,8 @@ def test_merge_equals_adapted_and_restore_is_bit_exact(case, rank, mode, seed):
 
 import inspect  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
 import time  # noqa: E402
 
-import pytest  # noqa: E402
 from hypothesis import HealthCheck  # noqa: E402
 
 from svdtune import container  # noqa: E402
