@@ -254,11 +254,23 @@ def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool,
             shift = spectrum_shift(factors.sigma, record.delta.to(factors.sigma), record.scale, record.mode)
         warn_if_basis_dependent(name, factors, shift, record.fingerprint)
         weight = step.layer._parameters["weight"]
-        with torch.no_grad():
-            finite = bool(torch.isfinite(merged_weight(weight, factors.U, factors.Vh, shift)).all())
-        if not finite:  # as merge_files refuses the same file
+        if not _stays_finite(weight, factors, shift):  # as merge_files refuses the same file
             raise SvdtuneError(f"layer {name!r}: its deltas at scale {record.scale:g} make the weight non-finite in "
                                f"{weight.dtype}; check the delta file's deltas and scale.")
+
+
+def _stays_finite(weight: Tensor, factors: Decomposition, shift: Tensor) -> bool:
+    """Whether W' = W + U_k diag(shift) Vh_k is finite in the weight's dtype.
+
+    Cheap first: each entry of U_k diag(shift) Vh_k is at most max|shift| in size (rows of U_k and
+    columns of Vh_k have norm <= 1), so max|W| + max|shift| below the dtype's largest value (with a
+    margin far above rounding) decides without building W'; only otherwise is W' built.
+    """
+    with torch.no_grad():
+        bound = float(weight.detach().abs().max()) + float(shift.abs().max())
+        if bound < torch.finfo(weight.dtype).max * (1 - 1e-3):
+            return True
+        return bool(torch.isfinite(merged_weight(weight, factors.U[:, :shift.numel()], factors.Vh[:shift.numel()], shift)).all())
 
 
 def _factors(name: str, step: _Step, cache_dir: str | None) -> Decomposition:

@@ -553,3 +553,15 @@ def test_combine_keeps_version_4_keys_and_refuses_mixing_them(saved, tmp_path):
     assert combined.layers["5"].svd == svd
     with pytest.raises(svdtune.SvdtuneError, match="layer '5' differs"):
         svdtune.combine([with_svd, svdtune.DeltaFile({"5": record})], [0.5, 0.5])
+
+
+def test_a_weight_near_its_dtypes_largest_value_still_loads(tmp_path):
+    half = nn.Sequential(nn.Linear(3, 2)).half()
+    with torch.no_grad():
+        half[0].weight.copy_(torch.tensor([[65500.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    source = svdtune.apply(copy.deepcopy(half), ["0"])
+    with torch.no_grad():
+        source[0].svd_delta.copy_(torch.tensor([0.0, 0.5]))  # the cheap bound cannot decide; W' is finite
+    svdtune.save_delta(source, tmp_path / "near.safetensors")
+    svdtune.load_delta(half, tmp_path / "near.safetensors")
+    torch.testing.assert_close(half[0].merged_weight(), source[0].merged_weight())
