@@ -21,7 +21,7 @@ from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, adapt, check_finite_merge, unadapt
 from svdtune.report import Report, build_report
 from svdtune.targets import as_patterns, select
-from svdtune.transaction import Progress, all_or_nothing
+from svdtune.transaction import Progress, all_or_nothing, writable
 
 # What the first apply records on the root model (its __dict__), for merge, restore and save_delta:
 _FLAGS = "_svdtune_requires_grad"  # {parameter name: requires_grad before apply}
@@ -443,4 +443,5 @@ def _restore_flags(model: nn.Module) -> None:
         root.__dict__.pop(_TRAINABLE, None)
         flags = root.__dict__.pop(_FLAGS, None)
         for name, param in root.named_parameters() if flags is not None else ():
-            param.requires_grad_(flags.get(name, param.requires_grad))
+            with writable(param):  # an inference tensor's flag can be set only inside inference_mode
+                param.requires_grad_(flags.get(name, param.requires_grad))

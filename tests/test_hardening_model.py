@@ -170,6 +170,13 @@ def test_load_delta_serves_an_inference_mode_model(saved):
         expected = trained_model(x)
     with torch.inference_mode():
         torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    svdtune.merge(model)  # and back to plain layers, with the flags they had
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    assert all(p.requires_grad for p in model.parameters())
+    served = inference_base(base)
+    svdtune.restore(svdtune.load_delta(served, path))
+    assert all(p.requires_grad for p in served.parameters()) and type(served[0]) is nn.Linear
 
 
 def test_a_file_parameter_aimed_at_an_integer_parameter_changes_nothing(tmp_path):
