@@ -572,3 +572,28 @@ def test_a_weight_near_its_dtypes_largest_value_still_loads(tmp_path):
     svdtune.save_delta(source, tmp_path / "near.safetensors")
     svdtune.load_delta(half, tmp_path / "near.safetensors")
     torch.testing.assert_close(half[0].merged_weight(), source[0].merged_weight())
+
+
+def test_all_or_nothing_puts_back_everything_a_change_can_touch():
+    from svdtune.transaction import all_or_nothing
+
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    weight, bias = model[0].weight, model[0].bias
+    before = full_state(model)
+    with pytest.raises(svdtune.SvdtuneError, match="tests failed at layer '0': boom; the model was rolled back"):
+        with all_or_nothing(model, "tests", written=[weight, model[1].running_mean]) as progress:
+            progress.current = "layer '0'"
+            model.__dict__["_svdtune_requires_grad"] = {}
+            model[0].__class__ = nn.LazyLinear
+            model[0].register_buffer("extra", torch.zeros(1), persistent=False)
+            model[0].add_module("child", nn.ReLU())
+            model[0].bias = nn.Parameter(torch.ones(3))
+            model[1].note = "attribute"
+            model.requires_grad_(False)
+            with torch.no_grad():
+                weight.fill_(7.0)
+                model[1].running_mean.fill_(3.0)
+            raise Failure("boom")
+    assert_same_state(model, before)
+    assert model[0].weight is weight and model[0].bias is bias and type(model[0]) is nn.Linear
+    assert "extra" not in model[0]._non_persistent_buffers_set and not hasattr(model[1], "note")
