@@ -192,7 +192,7 @@ def test_structured_hostile_headers_are_refused_cleanly_or_read_back(tmp_path, c
     except svdtune.SvdtuneError:
         return
     finally:
-        assert time.perf_counter() - start < 1.0
+        assert time.perf_counter() - start < 5.0  # no hang (tiny files; generous for loaded machines)
     delta.save(out)  # what svdtune accepts it can write, and reads back the same
     again = svdtune.read_delta(out)
     assert list(again.layers) == list(delta.layers)
