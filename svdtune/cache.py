@@ -12,6 +12,11 @@ fill the same folder at once; at worst two compute the same entry and the last
 rename wins with identical content. A damaged entry is detected by its checksum,
 recomputed and rewritten, with a warning. A folder that cannot be written only
 costs the caching (a warning), never the decomposition.
+
+A valid checksum proves only that the entry is intact, not that it belongs to this
+weight (an entry copied or renamed from another weight has a valid one too). So every
+entry is also checked against the weight it is used for, at the cost of a few
+matrix-vector products (`check_factors`); a failed check recomputes, with a warning.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from svdtune import container
 from svdtune.decompose import Decomposition, decompose, svd_driver, svd_dtype, weight_matrix
 from svdtune.errors import SvdtuneError
 
+PROBE_COLUMNS = 4  # random vectors x in the reconstruction probe
+SPOT_COLUMNS = 8  # singular vectors in the orthonormality spot check
+TOLERANCE = 16  # in units of the rounding scale r (see check_factors): a wide margin over honest rounding
 CACHE_VERSION = "2"  # bump when decompose() changes what it returns for the same input (2: next_sigma)
 FORMAT = "svdtune.svd-cache"
 
@@ -70,7 +78,7 @@ def decompose_cached(weight: Tensor, rank: int | None, cache_dir: str | os.PathL
     key = cache_key(weight.detach(), rank)
     path = os.path.join(folder, f"{key}.safetensors")
     if os.path.exists(path):
-        factors = _read_entry(path, key, weight)
+        factors = _read_entry(path, key, weight, rank)
         if factors is not None:
             return factors
     factors = decompose(weight, rank)
@@ -86,18 +94,19 @@ def decompose_named(name: str, weight: Tensor, rank: int | None, cache_dir: str 
         raise SvdtuneError(f"layer {name!r}: {error}") from None
 
 
-def _read_entry(path: str, key: str, weight: Tensor) -> Decomposition | None:
-    """The stored decomposition, or None (with a warning) if the entry is damaged."""
+def _read_entry(path: str, key: str, weight: Tensor, rank: int | None) -> Decomposition | None:
+    """The stored decomposition, or None (with a warning) if the entry is damaged or not of this weight."""
     try:
         tensors, metadata = container.read(path, f"SVD cache entry {path!r}")
-        factors = _check_entry(tensors, metadata, key, weight)
+        factors = _check_entry(tensors, metadata, key, weight, rank)
     except SvdtuneError as error:
         warnings.warn(f"{error} Recomputing this SVD and replacing the entry.", RuntimeWarning, stacklevel=4)
         return None
     return factors
 
 
-def _check_entry(tensors: dict[str, Tensor], metadata: dict[str, str], key: str, weight: Tensor) -> Decomposition:
+def _check_entry(tensors: dict[str, Tensor], metadata: dict[str, str], key: str, weight: Tensor,
+                 rank: int | None) -> Decomposition:
     m, n = weight_matrix(weight).shape
     U, sigma, Vh = tensors.get("U"), tensors.get("sigma"), tensors.get("Vh")
     if metadata.get("format") != FORMAT or metadata.get("key") != key or U is None or sigma is None or Vh is None:
@@ -107,10 +116,56 @@ def _check_entry(tensors: dict[str, Tensor], metadata: dict[str, str], key: str,
     dtypes_ok = U.dtype == Vh.dtype == weight.dtype and sigma.dtype == svd_dtype(weight.dtype)
     if not (shapes_ok and dtypes_ok):
         raise SvdtuneError(f"SVD cache entry for key {key[:12]} holds tensors of the wrong shape or dtype.")
+    expected = min(m, n) if rank is None else min(rank, m, n)
+    if k != expected:
+        raise SvdtuneError(f"SVD cache entry for key {key[:12]} holds {k} singular triplets where rank={rank} needs {expected}.")
     next_sigma = _next_sigma(metadata.get("next_sigma"), k == min(m, n), key)
     device = weight.device
-    return Decomposition(U=U.to(device), sigma=sigma.to(device), Vh=Vh.to(device), full_rank=k == min(m, n),
-                         next_sigma=next_sigma)
+    factors = Decomposition(U=U.to(device), sigma=sigma.to(device), Vh=Vh.to(device), full_rank=k == min(m, n),
+                            next_sigma=next_sigma)
+    why = check_factors(factors, weight, seed=int(key[:15], 16))
+    if why:
+        raise SvdtuneError(f"SVD cache entry for key {key[:12]} is not a decomposition of this weight: {why}.")
+    return factors
+
+
+def check_factors(factors: Decomposition, weight: Tensor, seed: int = 0) -> str | None:
+    """Why ``factors`` are not the top-k SVD of ``weight``, or None if the cheap checks pass.
+
+    Checked, in the SVD's dtype (float32, float64 for float64 weights) on the weight's device:
+    every value finite; sigma >= 0, descending, and next_sigma <= sigma[-1]; for up to 8 of the
+    singular vector pairs, U^T U and Vh Vh^T equal the identity within TOLERANCE * r; and for
+    4 random vectors X (n, 4), seeded by ``seed``: U^T W X = diag(sigma) Vh X (the triplets are
+    singular triplets of W) and ||W X - U diag(sigma) Vh X|| <= next_sigma ||X|| (what is left
+    out is no larger than next_sigma; = 0 at full rank), within TOLERANCE * r * sigma_max * ||X||.
+    r = eps(the weight's dtype, in which U and Vh are stored) + sqrt(max(m, n)) * eps(SVD dtype):
+    storing U, Vh rounds them by eps/2 per entry, and products of length m or n round by about
+    sqrt(length) * eps. Cost: 3 products of W with 4 vectors, against an SVD's min(m, n) times m n.
+    """
+    U, sigma, Vh = factors.U, factors.sigma, factors.Vh
+    work = sigma.dtype
+    if not all(bool(torch.isfinite(t).all()) for t in (U, sigma, Vh)):
+        return "it holds NaN or infinity"
+    next_sigma = factors.next_sigma or 0.0
+    if bool((sigma < 0).any()) or bool((sigma[:-1] < sigma[1:]).any()) or next_sigma > float(sigma[-1]):
+        return "its singular values are not non-negative and descending"
+    matrix = weight_matrix(weight.detach()).to(work)
+    (m, n), k = matrix.shape, sigma.numel()
+    r = torch.finfo(U.dtype).eps + math.sqrt(max(m, n)) * torch.finfo(work).eps
+    spot = torch.linspace(0, k - 1, min(k, SPOT_COLUMNS), device=U.device).round().long()
+    u, v = U.to(work)[:, spot], Vh.to(work)[spot]
+    eye = torch.eye(spot.numel(), dtype=work, device=U.device)
+    if max(float((u.T @ u - eye).abs().max()), float((v @ v.T - eye).abs().max())) > TOLERANCE * r:
+        return "its singular vectors are not orthonormal"
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, PROBE_COLUMNS, generator=generator, dtype=work).to(U.device)
+    wx, vx = matrix @ x, Vh.to(work) @ x  # (m, 4), (k, 4)
+    bound = TOLERANCE * r * float(sigma[0]) * float(x.norm())
+    if float((U.to(work).T @ wx - sigma[:, None] * vx).norm()) > bound:
+        return "U^T W x differs from diag(sigma) Vh x for random x"
+    if float((wx - U.to(work) @ (sigma[:, None] * vx)).norm()) > next_sigma * float(x.norm()) + bound:
+        return "W x differs from U diag(sigma) Vh x for random x by more than the singular values left out allow"
+    return None
 
 
 def _next_sigma(text: str | None, full_rank: bool, key: str) -> float | None:

@@ -41,15 +41,22 @@ def finite_number(value: object) -> float | None:
     """``value`` as a float if it is a finite real number, else None.
 
     Accepted: int, float, NumPy scalars, and one-element NumPy arrays or tensors of an
-    integer or floating dtype. Refused: bools, complex numbers, strings, None, NaN, infinity.
+    integer or floating dtype. Refused: bools, complex numbers, strings, None, NaN, infinity,
+    integers beyond the float range (e.g. 10**400), meta tensors.
     """
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex() or value.is_meta:
+            return None  # a meta tensor has no value to read
         value = value.item()
     elif isinstance(value, numpy.ndarray) and value.size == 1 and value.dtype.kind in "iuf":
         value = value.item()
-    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    if isinstance(value, (bool, numpy.bool_)) or not isinstance(value, numbers.Real):
         return None
-    return float(value)
+    try:
+        number = float(value)  # an int beyond float range (10**400) overflows: not a finite number
+    except (OverflowError, ValueError, TypeError):
+        return None
+    return number if math.isfinite(number) else None
 
 
 def as_scale(scale: object) -> float:

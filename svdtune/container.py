@@ -39,6 +39,7 @@ from svdtune.errors import SvdtuneError
 
 CHECKSUM = "checksum"  # the __metadata__ key svdtune adds
 MAX_HEADER = 100 * 1024 * 1024  # bytes; larger headers are refused (as safetensors does)
+MAX_DIMS = 64  # torch's limit on a tensor's number of dimensions
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -53,6 +54,20 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names a key twice (JSON parsers keep the last one, unseen by the checksum)."""
+
+
+def unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A ``json.loads`` object_pairs_hook that refuses duplicate keys with DuplicateKeyError."""
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise DuplicateKeyError(f"the key {repeated!r} appears twice in one JSON object")
+    return result
 
 
 def canonical_json(value: object) -> bytes:
@@ -173,7 +188,9 @@ def _split(raw: bytes, what: str) -> tuple[dict, memoryview]:
     if size > min(MAX_HEADER, len(raw) - 8):
         raise _damaged(what, f"its header claims {size} bytes but the file has {len(raw) - 8} after the length")
     try:
-        header = json.loads(raw[8:8 + size].decode("utf-8"))
+        header = json.loads(raw[8:8 + size].decode("utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKeyError as error:
+        raise _damaged(what, f"its header is ambiguous: {error}") from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise _damaged(what, "its header is not JSON") from None
     if not isinstance(header, dict):
@@ -190,6 +207,8 @@ def _entry(name: str, info: object, what: str) -> tuple[torch.dtype, tuple[int, 
         raise _damaged(what, f"tensor {name!r} has unknown dtype {info['dtype']!r}")
     if not _ints(shape) or not _ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
         raise _damaged(what, f"tensor {name!r} has a malformed shape or data_offsets")
+    if len(shape) > MAX_DIMS or math.prod(max(d, 1) for d in shape) >= 2**63:  # torch's limits, even for 0 elements
+        raise _damaged(what, f"tensor {name!r} has a shape torch cannot hold ({len(shape)} dimensions, sizes {shape[:4]}...)")
     itemsize = torch.empty((), dtype=dtype).element_size()
     if (offsets[1] - offsets[0]) != math.prod(shape) * itemsize:
         raise _damaged(what, f"tensor {name!r} has {offsets[1] - offsets[0]} bytes for shape {shape} of {info['dtype']}")

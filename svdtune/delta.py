@@ -1,95 +1,43 @@
-"""Delta files in memory and on disk: `DeltaFile`, `read_delta`, base-weight fingerprints.
+"""Delta files in memory and on disk: `DeltaFile`, `read_delta`, and the one validator of their content.
 
 A delta file is a checksummed safetensors file (see `svdtune.container` and
 docs/format.md): one tensor per adapted layer, keyed by the layer's qualified
 module name, holding its k deltas; optionally one tensor per fully trained
 parameter, keyed by the parameter's qualified name, and per persistent buffer
 of those parameters' modules (format version 2); and a header that says which
-base weights the deltas belong to.
+base weights the deltas belong to (see `svdtune.fingerprint`); each layer's
+record and its rules are in `svdtune.records`.
 
-Fingerprint rule: a base weight is identified by the SHA-256 of its values
-converted to float32 (little-endian, C order) and by its top singular values.
-Moving a model to another device, or to a wider dtype (bf16/fp16 -> fp32 -> fp64),
-keeps the hash. If the hash differs *and* the weight's dtype differs from the one
-recorded (e.g. fp32 -> fp16), the weights match when each recorded top singular
-value is within 4 * eps(coarser dtype) * sigma_max of the current one.
+`from_tensors` is the one validator: reading a file, checking an in-memory
+`DeltaFile` and writing one (`DeltaFile.save`) all go through it, so svdtune never
+writes a file it would refuse. Its limits are listed in docs/format.md ("Limits").
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import struct
-import warnings
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from svdtune import container
-from svdtune.basis import PROBES, Basis
-from svdtune.config import MODES, finite_number
+from svdtune.arguments import as_metadata, as_path
 from svdtune.errors import SvdtuneError
+from svdtune.fingerprint import (  # noqa: F401  (re-exported: svdtune.delta.check_base etc.)
+    FLOATS, TOP_SIGMA, Fingerprint, check_base, fingerprint, fingerprint_mismatch, weight_sha256,
+)
+from svdtune.records import MAX_NAME, VERSION_4_CLASSES, LayerDelta, layer_from_record, record_of
 
 FORMAT = "svdtune.delta"
-FORMAT_VERSION = 3  # the newest: 2 adds "buffers", 3 a fingerprint's "basis"; each file gets the lowest it needs
-READ_VERSIONS = (1, 2, 3)
-TOP_SIGMA = 4  # singular values kept in a fingerprint
+FORMAT_VERSION = 4  # the newest: 2 adds "buffers", 3 a fingerprint's "basis", 4 "part", "svd" and new layer kinds
+READ_VERSIONS = (1, 2, 3, 4)  # each file is written with the lowest version that holds it
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 TORCH_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's legacy format: a pickled magic number first
-FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-@dataclass(frozen=True)
-class Fingerprint:
-    """What identifies the base weight a delta was trained on.
-
-    Attributes:
-        sha256: hex SHA-256 of the weight converted to float32, little-endian, C order.
-        top_sigma: its largest singular values (up to 4), descending.
-        dtype: the weight's dtype when it was fingerprinted, e.g. "float32".
-        basis: the training SVD's vectors where the result depends on them, one `Basis` per run
-            of repeated singular values (ascending, disjoint); empty if there are none.
-    """
-
-    sha256: str
-    top_sigma: tuple[float, ...]
-    dtype: str
-    basis: tuple[Basis, ...] = ()
-
-
-@dataclass(frozen=True)
-class LayerDelta:
-    """The deltas of one layer and what they were trained on.
-
-    Attributes:
-        layer_class: the layer's original class name, e.g. "Linear", "Conv2d".
-        weight_shape: the base weight's shape.
-        mode: "shift" or "scale" (see `SpectralConfig`).
-        scale: the strength the deltas are applied with (1.0 = as trained).
-        fingerprint: the base weight's `Fingerprint`.
-        delta: (k,) the deltas of the top k singular values, a float tensor.
-    """
-
-    layer_class: str
-    weight_shape: tuple[int, ...]
-    mode: str
-    scale: float
-    fingerprint: Fingerprint
-    delta: Tensor = field(repr=False)
-
-    @property
-    def rank(self) -> int:
-        """k, the number of tuned singular values."""
-        return self.delta.numel()
-
-    @property
-    def max_rank(self) -> int:
-        """min(m, n) of the weight viewed as a matrix (shape[0], rest)."""
-        return min(self.weight_shape[0], math.prod(self.weight_shape[1:]))
+REWRITE = "the file is damaged or hand-edited: write it again"
 
 
 @dataclass(frozen=True)
@@ -114,78 +62,27 @@ class DeltaFile:
     def save(self, path: str | os.PathLike) -> None:
         """Write this delta to ``path`` (atomically: the old file or the new one, never half).
 
+        The content is checked first by the same rules `read_delta` applies, so the file
+        written always reads back.
+
         Raises:
-            SvdtuneError: ``path`` does not end with ``.safetensors``, a layer and a parameter
-                share a name, or metadata is not str -> str.
+            SvdtuneError: ``path`` does not end with ``.safetensors``, or the content breaks a
+                rule of the format (a non-finite delta or scale, an unknown mode, a rank larger
+                than the layer, a layer and a parameter sharing a name, metadata not str -> str...).
             OSError: the file cannot be written (e.g. its folder does not exist).
 
         Example:
             >>> svdtune.combine(["a.safetensors", "b.safetensors"], [0.5, 0.5]).save("ab.safetensors")
         """
+        path = as_path(path, "path")
         container.check_destination(path)
-        container.atomic_write(path, container.encode(*to_tensors(self)))
-
-
-def weight_sha256(weight: Tensor) -> str:
-    """Hex SHA-256 of ``weight`` as float32 bytes (device- and upcast-independent)."""
-    return hashlib.sha256(container.tensor_bytes(weight.detach().to(torch.float32))).hexdigest()
-
-
-def fingerprint(weight: Tensor, sigma: Tensor) -> Fingerprint:
-    """The Fingerprint of a base weight, given its (top) singular values."""
-    top = tuple(float(s) for s in sigma[:TOP_SIGMA].to(torch.float32).tolist())
-    return Fingerprint(weight_sha256(weight), top, str(weight.dtype).removeprefix("torch."))
-
-
-def fingerprint_mismatch(expected: Fingerprint, weight: Tensor, top_sigma) -> str | None:
-    """Why ``weight`` is not the base weight of ``expected``, or None if it is.
-
-    Args:
-        expected: the recorded fingerprint.
-        weight: the candidate base weight.
-        top_sigma: a callable returning its descending singular values (called only
-            when the dtype differs and the hash cannot decide).
-    """
-    digest = weight_sha256(weight)
-    if digest == expected.sha256:
-        return None
-    now = str(weight.dtype).removeprefix("torch.")
-    reason = f"its base weight differs from the one the delta was trained on (sha256 {digest[:12]} != {expected.sha256[:12]})"
-    if now == expected.dtype or not expected.top_sigma:
-        return reason
-    sigma = top_sigma()[: len(expected.top_sigma)].to(torch.float64).cpu()
-    recorded = torch.tensor(expected.top_sigma, dtype=torch.float64)
-    eps = max(_eps(now), _eps(expected.dtype))
-    if sigma.shape == recorded.shape and bool(((sigma - recorded).abs() <= 4 * eps * recorded[0]).all()):
-        return None
-    return f"{reason}, and its top singular values differ beyond {expected.dtype}->{now} rounding"
-
-
-def check_base(name: str, expected: Fingerprint, weight: Tensor, top_sigma: Callable[[], Tensor], strict: bool,
-               use: str, action: str) -> None:
-    """Raise (strict) or warn if ``weight`` is not the base weight the layer's delta was trained on.
-
-    Args:
-        name: the layer, for the message.
-        expected: the fingerprint recorded in the delta file.
-        weight: the candidate base weight.
-        top_sigma: a callable returning its descending singular values, called only when
-            the hash cannot decide alone (the dtype differs): so a wrong base costs no SVD.
-        strict: raise SvdtuneError; else warn and go on.
-        use: what to do instead, e.g. "load the delta into the base model it was trained on".
-        action: what strict=False goes on with, e.g. "loading".
-    """
-    reason = fingerprint_mismatch(expected, weight, top_sigma)
-    if reason is None:
-        return
-    if strict:
-        raise SvdtuneError(f"layer {name!r}: {reason}; {use}, or pass strict=False to go on anyway.")
-    warnings.warn(f"layer {name!r}: {reason}; {action} anyway (strict=False).", UserWarning, stacklevel=4)
-
-
-def _eps(dtype_name: str) -> float:
-    dtype = {str(d).removeprefix("torch."): d for d in FLOATS}.get(dtype_name, torch.float32)
-    return torch.finfo(dtype).eps
+        tensors, metadata = to_tensors(self)
+        from_tensors(tensors, metadata, f"the delta to write to {path!r}", "svdtune does not write such a file")
+        chunks = container.encode(tensors, metadata)
+        if len(chunks[1]) > container.MAX_HEADER:
+            raise SvdtuneError(f"the delta to write to {path!r} needs a {len(chunks[1])}-byte header, over the "
+                               f"{container.MAX_HEADER}-byte limit; save fewer or shorter names and metadata.")
+        container.atomic_write(path, chunks)
 
 
 def read_delta(path: str | os.PathLike) -> DeltaFile:
@@ -205,7 +102,8 @@ def read_delta(path: str | os.PathLike) -> DeltaFile:
         >>> delta = svdtune.read_delta("task.safetensors")
         >>> {name: layer.rank for name, layer in delta.layers.items()}
     """
-    what = repr(os.fspath(path))
+    path = as_path(path, "the delta file path")  # never an int: open(5) would read file descriptor 5
+    what = repr(path)
     try:
         tensors, metadata = container.read(path, what)
     except SvdtuneError:
@@ -272,86 +170,129 @@ def as_delta_file(source: str | os.PathLike | DeltaFile) -> DeltaFile:
         SvdtuneError: as `read_delta`, naming the layer or entry that is wrong.
     """
     if isinstance(source, DeltaFile):
-        return from_tensors(*to_tensors(source), "the in-memory DeltaFile")
+        return from_tensors(*to_tensors(source), "the in-memory DeltaFile", "fix the DeltaFile")
     return read_delta(source)
 
 
 def format_version(delta: DeltaFile) -> int:
     """The lowest version that holds ``delta``, so that older svdtune reads what it can."""
-    if any(layer.fingerprint.basis for layer in delta.layers.values()):
+    layers = delta.layers.values()
+    if any(layer.part is not None or layer.svd is not None or layer.layer_class in VERSION_4_CLASSES
+           for layer in layers if isinstance(layer.layer_class, str)):
+        return 4
+    if any(isinstance(layer.fingerprint, Fingerprint) and layer.fingerprint.basis for layer in layers):
         return 3
     return 2 if delta.buffers else 1
 
 
 def to_tensors(delta: DeltaFile) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The (tensors, metadata) that represent ``delta`` in a file."""
-    clash = _repeated([*delta.layers, *delta.params, *delta.buffers])
+    """The (tensors, metadata) that represent ``delta`` in a file (unchecked: see `from_tensors`).
+
+    Raises:
+        SvdtuneError: a field of ``delta`` has the wrong type, or two entries share a name.
+    """
+    layers, params, buffers = (_table(getattr(delta, kind), kind, kind_type)
+                               for kind, kind_type in (("layers", LayerDelta), ("params", Tensor), ("buffers", Tensor)))
+    for name, layer in layers.items():
+        if not isinstance(layer.delta, Tensor):
+            raise SvdtuneError(f"layer {name!r}: LayerDelta.delta must be a tensor, got {type(layer.delta).__name__}.")
+    clash = _repeated([*layers, *params, *buffers])
     if clash:
         raise SvdtuneError(f"{clash[0]!r} names two of a layer, a parameter and a buffer; a delta file needs distinct keys.")
-    container.check_metadata(delta.metadata)
-    records = {name: _record(layer) for name, layer in delta.layers.items()}
+    user = as_metadata(delta.metadata)
+    version = format_version(delta)
     from svdtune import __version__
 
     metadata = {
         "format": FORMAT,
-        "format_version": str(format_version(delta)),
-        "svdtune_version": delta.svdtune_version or __version__,
-        "layers": json.dumps(records, separators=(",", ":")),
-        "params": json.dumps(sorted(delta.params)),
-        "metadata": json.dumps(dict(delta.metadata), sort_keys=True),
+        "format_version": str(version),
+        "svdtune_version": delta.svdtune_version if isinstance(delta.svdtune_version, str) and delta.svdtune_version
+        else __version__,
+        "layers": _json_text({name: record_of(layer) for name, layer in layers.items()}),
+        "params": _json_text(sorted(params)),
+        "metadata": json.dumps(user, sort_keys=True),
     }
-    if int(metadata["format_version"]) >= 2:
-        metadata["buffers"] = json.dumps(sorted(delta.buffers))
-    tensors = {name: layer.delta.detach() for name, layer in delta.layers.items()}
-    tensors.update({name: value.detach() for name, value in {**delta.params, **delta.buffers}.items()})
+    if version >= 2:
+        metadata["buffers"] = _json_text(sorted(buffers))
+    tensors = {name: layer.delta.detach() for name, layer in layers.items()}
+    tensors.update({name: value.detach() for name, value in {**params, **buffers}.items()})
     return tensors, metadata
 
 
-def _record(layer: LayerDelta) -> dict:
-    fp = layer.fingerprint
-    return {
-        "class": layer.layer_class,
-        "weight_shape": list(layer.weight_shape),
-        "rank": layer.rank,
-        "mode": layer.mode,
-        "scale": float(layer.scale),
-        "fingerprint": {"sha256": fp.sha256, "top_sigma": list(fp.top_sigma), "dtype": fp.dtype,
-                        **({"basis": [_basis_record(b) for b in fp.basis]} if fp.basis else {})},
-    }
+def _table(value: object, kind: str, kind_type: type) -> dict:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, kind_type) for k, v in value.items()):
+        raise SvdtuneError(f"DeltaFile.{kind} must map names (str) to {kind_type.__name__} objects.")
+    return dict(value)
 
 
-def _basis_record(basis: Basis) -> dict:
-    return {"columns": list(basis.columns), "sha256": basis.sha256, "probes": list(basis.probes)}
+def _json_text(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
-def from_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], what: str) -> DeltaFile:
-    """Check the content of a decoded file and build its `DeltaFile`.
+def from_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], what: str, fix: str = REWRITE) -> DeltaFile:
+    """The one validator: check the content of a delta file (read or to be written) and build its `DeltaFile`.
+
+    Args:
+        tensors: name -> tensor, as decoded from the file (or to be encoded).
+        metadata: the ``__metadata__`` strings.
+        what: how to name the file in messages.
+        fix: what the user should do, ending each message.
 
     Raises:
         SvdtuneError: naming the layer or entry that is wrong.
     """
+    def bad(why: str) -> SvdtuneError:
+        return SvdtuneError(f"{what}: {why}; {fix}.")
+
     if metadata.get("format") != FORMAT:
-        raise _not_a_delta(what, f"a safetensors file (format={metadata.get('format')!r})")
+        raise _not_a_delta(what, f"a safetensors file (format={metadata.get('format')!r:.80})")
     version = metadata.get("format_version", "")
-    if not version.isdigit() or int(version) not in READ_VERSIONS:
-        raise SvdtuneError(f"{what} uses delta format version {version!r} (svdtune {metadata.get('svdtune_version', '?')}); "
+    if version not in {str(v) for v in READ_VERSIONS}:  # "03", "³" or "1e3" are not versions
+        raise SvdtuneError(f"{what} uses delta format version {version!r:.40} (svdtune {metadata.get('svdtune_version', '?')!r:.40}); "
                            f"this svdtune reads versions {READ_VERSIONS[0]} to {READ_VERSIONS[-1]}: "
                            "install the svdtune version that wrote it.")
-    records, params, user = (_json(metadata, key, what) for key in ("layers", "params", "metadata"))
-    buffers = _json(metadata, "buffers", what) if int(version) >= 2 else []  # version 1 has no buffers
+    version = int(version)
+    records, params, user = (_json(metadata, key, bad) for key in ("layers", "params", "metadata"))
+    buffers = _json(metadata, "buffers", bad) if version >= 2 else []  # version 1 has no buffers
     if not isinstance(records, dict) or not _names(params) or not _names(buffers) or not isinstance(user, dict):
-        raise SvdtuneError(f"{what} has malformed layers/params/buffers/metadata entries; write the file again.")
+        raise bad("it has malformed layers/params/buffers/metadata entries")
     if not container.is_str_map(user):
-        raise SvdtuneError(f"{what} has user metadata that is not str -> str; write the file again.")
+        raise bad("it has user metadata that is not str -> str")
+    _check_names([*records, *params, *buffers], bad)
     _check_tensor_names(set(tensors), [*records, *params, *buffers], what)
-    layers = {name: _layer(name, record, tensors[name], what) for name, record in records.items()}
-    if int(version) < 3 and any(layer.fingerprint.basis for layer in layers.values()):
-        raise SvdtuneError(f"{what} records a singular basis, which format version {version} does not have; write the file again.")
-    for name in params:
-        if tensors[name].dtype not in FLOATS:
-            raise SvdtuneError(f"{what}: parameter {name!r} has dtype {tensors[name].dtype}, not a float; write the file again.")
+    layers = {name: layer_from_record(name, record, tensors[name], version, bad) for name, record in records.items()}
+    _check_version(layers, version, bad)
+    for kind, names in (("parameter", params), ("buffer", buffers)):
+        for name in names:
+            _check_values(kind, name, tensors[name], bad)
     return DeltaFile(layers, {n: tensors[n] for n in params}, user, metadata.get("svdtune_version", ""),
                      {n: tensors[n] for n in buffers})
+
+
+def _check_version(layers: dict[str, LayerDelta], version: int, bad) -> None:
+    """A file says the version its content needs (older readers would misread it)."""
+    for name, layer in layers.items():
+        if version < 3 and layer.fingerprint.basis:
+            raise bad(f"layer {name!r} records a singular basis, which format version {version} does not have")
+        if version < 4 and layer.layer_class in VERSION_4_CLASSES:
+            raise bad(f"layer {name!r} is a {layer.layer_class}, a layer kind of format version 4, in a version {version} file")
+
+
+def _check_values(kind: str, name: str, tensor: Tensor, bad) -> None:
+    """Parameters are floats; every float value in a delta file is finite."""
+    if kind == "parameter" and tensor.dtype not in FLOATS:
+        raise bad(f"parameter {name!r} has dtype {tensor.dtype}, not a float")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise bad(f"{kind} {name!r} holds NaN or infinity")
+
+
+def _check_names(names: list[str], bad) -> None:
+    """Names are what ``named_modules()``/``named_parameters()`` give: dotted parts, printable, bounded."""
+    for name in names:
+        if not (0 < len(name) <= MAX_NAME and name.isprintable() and name != "__metadata__"
+                and "" not in name.split(".")):
+            raise bad(f"the name {name[:80]!r} is not a module, parameter or buffer name (non-empty dotted parts "
+                      f"of printable characters, at most {MAX_NAME} characters, not '__metadata__')")
 
 
 def _names(value: object) -> bool:
@@ -372,73 +313,10 @@ def _check_tensor_names(tensors: set[str], names: list[str], what: str) -> None:
                            "lists of the header; write the file again.")
 
 
-def _json(metadata: dict[str, str], key: str, what: str):
+def _json(metadata: dict[str, str], key: str, bad):
     try:
-        return json.loads(metadata.get(key, ""))
-    except (ValueError, RecursionError):
-        raise SvdtuneError(f"{what}: header entry {key!r} is missing or not JSON; write the file again.") from None
-
-
-def _layer(name: str, record: object, delta: Tensor, what: str) -> LayerDelta:
-    def bad(why: str) -> SvdtuneError:
-        return SvdtuneError(f"{what}: layer {name!r} {why}; the file is damaged or hand-edited: write it again.")
-
-    keys = {"class", "weight_shape", "rank", "mode", "scale", "fingerprint"}
-    if not isinstance(record, dict) or set(record) != keys:
-        raise bad(f"has a malformed record (expected the keys {sorted(keys)})")
-    shape, rank, scale, fp = record["weight_shape"], record["rank"], record["scale"], record["fingerprint"]
-    if not (isinstance(shape, list) and len(shape) >= 2 and all(_positive(s) for s in shape)):
-        raise bad(f"has an invalid weight shape {shape!r}")
-    if not (_positive(rank) and rank <= min(shape[0], math.prod(shape[1:]))):
-        raise bad(f"has rank {rank!r}, impossible for a weight of shape {shape}")
-    if record["mode"] not in MODES or not isinstance(record["class"], str):
-        raise bad(f"has mode {record['mode']!r} or class {record['class']!r}, which svdtune does not know")
-    if finite_number(scale) is None:
-        raise bad(f"has scale {scale!r}, not a finite number")
-    if delta.dtype not in FLOATS or tuple(delta.shape) != (rank,):
-        raise bad(f"has a delta tensor of shape {tuple(delta.shape)} and dtype {delta.dtype}, expected ({rank},) float")
-    if not bool(torch.isfinite(delta).all()):
-        raise bad("has non-finite deltas (NaN or infinity)")
-    return LayerDelta(record["class"], tuple(shape), record["mode"], float(scale), _fingerprint(fp, rank, bad), delta)
-
-
-def _positive(value: object) -> bool:
-    return _natural(value) and value >= 1
-
-
-def _natural(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _fingerprint(fp: object, rank: int, bad) -> Fingerprint:
-    if not isinstance(fp, dict) or set(fp) - {"basis"} != {"sha256", "top_sigma", "dtype"}:
-        raise bad("has a malformed fingerprint")
-    sha, top, dtype = fp["sha256"], fp["top_sigma"], fp["dtype"]
-    valid_top = isinstance(top, list) and len(top) <= TOP_SIGMA and all(finite_number(s) is not None and s >= 0 for s in top)
-    if not (_is_sha256(sha) and valid_top and dtype in {str(d).removeprefix("torch.") for d in FLOATS}):
-        raise bad("has a malformed fingerprint")
-    runs = fp.get("basis", [])
-    if "basis" in fp and not (isinstance(runs, list) and runs):
-        raise bad("has a malformed fingerprint basis")
-    basis = tuple(_basis(run, rank, bad) for run in runs)
-    columns = [c for run in basis for c in run.columns]
-    if columns != sorted(set(columns)):
-        raise bad(f"has fingerprint basis runs that overlap or are out of order ({[list(run.columns) for run in basis]})")
-    return Fingerprint(sha, tuple(float(s) for s in top), dtype, basis)
-
-
-def _basis(basis: object, rank: int, bad) -> Basis:
-    fields = isinstance(basis, dict) and set(basis) == {"columns", "sha256", "probes"}
-    columns, probes = (basis.get("columns"), basis.get("probes")) if fields else (None, None)
-    if not (isinstance(columns, list) and columns and all(_natural(c) for c in columns) and isinstance(probes, list)):
-        raise bad("has a malformed fingerprint basis")
-    consecutive = columns == list(range(columns[0], columns[0] + len(columns)))
-    if not consecutive or columns[-1] >= rank or not _is_sha256(basis["sha256"]):
-        raise bad(f"has a fingerprint basis with columns {columns} not consecutive below rank {rank}, or a bad hash")
-    if not all(finite_number(p) is not None for p in probes) or len(probes) != 2 * PROBES * len(columns):
-        raise bad(f"has a fingerprint basis whose probes are not {2 * PROBES * len(columns)} finite numbers")
-    return Basis(tuple(columns), basis["sha256"], tuple(float(p) for p in probes))
-
-
-def _is_sha256(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+        return json.loads(metadata.get(key, ""), object_pairs_hook=container.unique_keys)
+    except container.DuplicateKeyError as error:
+        raise bad(f"header entry {key!r} is ambiguous: {error}") from None
+    except (ValueError, RecursionError):  # also an integer of more than 4300 digits
+        raise bad(f"header entry {key!r} is missing or not JSON") from None

@@ -1,9 +1,11 @@
 """Saving a model's deltas to a file and loading them back: `save_delta`, `load_delta`.
 
 `load_delta` checks the whole file against the model first (layers, classes,
-shapes, ranks, modes, base-weight fingerprints, parameters) and computes every
-decomposition it needs; only then does it change the model, in steps that
-cannot fail. So when it raises, the model is exactly as it was.
+shapes, ranks, modes, base-weight fingerprints, parameters, and every value in
+the model's dtype) and computes every decomposition it needs; only then does it
+change the model, in steps meant not to fail, inside one `all_or_nothing`
+transaction that rolls the model back if one does. So when it raises, the model
+is exactly as it was.
 """
 
 from __future__ import annotations
@@ -16,18 +18,21 @@ import torch
 from torch import Tensor, nn
 
 from svdtune import container
+from svdtune.arguments import as_metadata, as_optional_path, as_path
 from svdtune.cache import decompose_named
 from svdtune.config import SpectralConfig
 from svdtune.decompose import SUPPORTED_TYPES, Decomposition
 from svdtune.basis import basis_of, repeated_pairs
-from svdtune.delta import DeltaFile, LayerDelta, as_delta_file, check_base, fingerprint
+from svdtune.delta import DeltaFile, LayerDelta, as_delta_file
+from svdtune.fingerprint import check_base, fingerprint
 from svdtune.errors import SvdtuneError
-from svdtune.layers import DELTA, SpectralLayer, spectrum_shift
+from svdtune.layers import DELTA, SpectralLayer, merged_weight, spectrum_shift
 from svdtune.offline import warn_if_basis_dependent
 from svdtune.model import (
     _check_adaptable, adapt_layers, adapted_layers, check_not_shared, join_name, own_persistent_buffers, root_record,
     trainable_modules, unwrap, warn_if_buffers_changed,
 )
+from svdtune.transaction import Progress, all_or_nothing, writable
 
 
 def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
@@ -53,12 +58,11 @@ def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
     Example:
         >>> svdtune.save_delta(model, "task.safetensors", metadata={"dataset": "koniq10k"})
     """
-    model = unwrap(model)
+    model, path = unwrap(model), as_path(path, "path")
     adapted = list(adapted_layers(model))
     if not adapted:
         raise SvdtuneError("the model has no svdtune layers to save; call svdtune.apply(model, targets=...) and train first.")
-    metadata = dict(metadata or {})
-    container.check_metadata(metadata)  # before any work
+    metadata = as_metadata(metadata)  # before any work
     container.check_destination(path)
     with torch.no_grad():
         layers = {name: _layer_delta(name, layer) for name, layer in adapted}
@@ -133,35 +137,42 @@ def load_delta(
     Raises:
         SvdtuneError: the file is damaged or from an unknown version; a layer is
             missing or has another class or shape; a base weight differs (strict);
-            the model holds different adapters; a parameter or buffer is missing or
-            has another shape. The model is unchanged when it is raised.
+            the model holds different adapters; a parameter or buffer is missing,
+            has another shape, is on the meta device or cannot hold the file's values
+            (overflow, NaN, a fraction into an integer); the deltas make a weight
+            non-finite; an argument has the wrong type. The model is unchanged when
+            it is raised. A model built under ``torch.inference_mode()`` loads too.
 
     Example:
         >>> model = load_my_pretrained_model()
         >>> svdtune.load_delta(model, "task.safetensors")
     """
     wrapper, model = model, unwrap(model)
+    cache_dir = as_optional_path(cache_dir, "cache_dir")
     delta = as_delta_file(source)
     adapted = dict(adapted_layers(model))
-    cache_dir = None if cache_dir is None else os.fspath(cache_dir)
     if adapted:
         steps = {name: _adapted_step(name, record, adapted, set(delta.layers)) for name, record in delta.layers.items()}
     else:
         modules = dict(model.named_modules())
         steps = {name: _plain_step(name, record, modules) for name, record in delta.layers.items()}
         check_not_shared(model, {name: step.layer for name, step in steps.items()})
-    params = _param_targets(model, delta)
-    buffers = _targets("buffer", dict(model.named_buffers()), delta.buffers)
+    params = _targets(model, "parameter", _param_candidates(model, delta), delta.params)
+    buffers = _targets(model, "buffer", dict(model.named_buffers()), delta.buffers)
     _check_fingerprints(delta, steps, strict, cache_dir)  # hashes first, then the SVDs
     record = {} if adapted else root_record(model)
-    # Nothing above changed the model; nothing below can fail.
-    _apply_steps(model, steps, cache_dir, record)
-    with torch.no_grad():
-        for name, value in delta.params.items():
-            params[name].copy_(value)
-            params[name].requires_grad_(True)
-        for name, value in delta.buffers.items():
-            buffers[name].copy_(value)
+    written = [target for target, _ in (*params.values(), *buffers.values())]
+    written += [step.layer._parameters[DELTA] for step in steps.values() if step.adapted]
+    # Nothing above changed the model; nothing below is meant to fail, and if it does, it is undone.
+    with all_or_nothing(model, "svdtune.load_delta", written) as progress:
+        _apply_steps(model, steps, cache_dir, record, progress)
+        for kind, targets in (("parameter", params), ("buffer", buffers)):
+            for name, (target, value) in targets.items():
+                progress.current = f"{kind} {name!r}"
+                with writable(target):
+                    target.copy_(value)
+                    if kind == "parameter" and not target.requires_grad:
+                        target.requires_grad_(True)
     return wrapper
 
 
@@ -177,7 +188,8 @@ def _plain_step(name: str, record: LayerDelta, modules: dict[str, nn.Module]) ->
     _check_shape(name, tuple(layer._parameters["weight"].shape), record)
     rank = None if record.rank == record.max_rank else record.rank
     config = SpectralConfig(mode=record.mode, rank=rank, scale=record.scale)
-    return _Step(layer, config, record.delta, adapted=False)
+    weight = layer._parameters["weight"]
+    return _Step(layer, config, _delta_value(name, record, weight.dtype, weight.device), adapted=False)
 
 
 def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, SpectralLayer], wanted: set[str]) -> _Step:
@@ -200,7 +212,20 @@ def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, SpectralLaye
             f"rank {record.rank}, mode {record.mode}); call svdtune.restore(model) first, or load into a fresh base model."
         )
     config = dataclasses.replace(config, scale=record.scale)
-    return _Step(layer, config, record.delta, adapted=True, factors=layer._factors())
+    current = layer._parameters[DELTA]
+    if current.is_meta:
+        raise SvdtuneError(f"layer {name!r} is on the meta device; materialize the model first (model.to_empty(...)).")
+    return _Step(layer, config, _delta_value(name, record, current.dtype, current.device), adapted=True,
+                 factors=layer._factors())
+
+
+def _delta_value(name: str, record: LayerDelta, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The file's deltas as the model will hold them, refused if they overflow its dtype (1e39 in float32)."""
+    value = record.delta.to(device=device, dtype=dtype)
+    if not bool(torch.isfinite(value).all()):
+        raise SvdtuneError(f"layer {name!r}: the delta file's deltas do not fit the model's {dtype} (they overflow to "
+                           "infinity); load the delta into a model of the dtype it was trained in.")
+    return value
 
 
 def _check_class(name: str, cls: type | None, shown: str, record: LayerDelta) -> None:
@@ -217,7 +242,8 @@ def _check_shape(name: str, shape: tuple[int, ...], record: LayerDelta) -> None:
 
 
 def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool, cache_dir: str | None) -> None:
-    """Check every base weight's hash before any SVD (a wrong base fails fast), then decompose."""
+    """Check every base weight's hash before any SVD (a wrong base fails fast), then decompose, and refuse
+    deltas that make the adapted weight non-finite in the weight's dtype (as `merge_files` does)."""
     for name, step in steps.items():
         check_base(name, delta.layers[name].fingerprint, step.layer._parameters["weight"],
                    lambda: _factors(name, step, cache_dir).sigma, strict,
@@ -227,6 +253,24 @@ def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool,
         with torch.no_grad():
             shift = spectrum_shift(factors.sigma, record.delta.to(factors.sigma), record.scale, record.mode)
         warn_if_basis_dependent(name, factors, shift, record.fingerprint)
+        weight = step.layer._parameters["weight"]
+        if not _stays_finite(weight, factors, shift):  # as merge_files refuses the same file
+            raise SvdtuneError(f"layer {name!r}: its deltas at scale {record.scale:g} make the weight non-finite in "
+                               f"{weight.dtype}; check the delta file's deltas and scale.")
+
+
+def _stays_finite(weight: Tensor, factors: Decomposition, shift: Tensor) -> bool:
+    """Whether W' = W + U_k diag(shift) Vh_k is finite in the weight's dtype.
+
+    Cheap first: each entry of U_k diag(shift) Vh_k is at most max|shift| in size (rows of U_k and
+    columns of Vh_k have norm <= 1), so max|W| + max|shift| below the dtype's largest value (with a
+    margin far above rounding) decides without building W'; only otherwise is W' built.
+    """
+    with torch.no_grad():
+        bound = float(weight.detach().abs().max()) + float(shift.abs().max())
+        if bound < torch.finfo(weight.dtype).max * (1 - 1e-3):
+            return True
+        return bool(torch.isfinite(merged_weight(weight, factors.U[:, :shift.numel()], factors.Vh[:shift.numel()], shift)).all())
 
 
 def _factors(name: str, step: _Step, cache_dir: str | None) -> Decomposition:
@@ -236,15 +280,15 @@ def _factors(name: str, step: _Step, cache_dir: str | None) -> Decomposition:
     return step.factors
 
 
-def _param_targets(model: nn.Module, delta: DeltaFile) -> dict[str, Tensor]:
+def _param_candidates(model: nn.Module, delta: DeltaFile) -> dict[str, Tensor]:
     base_weights = {f"{name}.weight" for name in delta.layers}
-    params = {name: p for name, p in model.named_parameters()
-              if name not in base_weights and name.rsplit(".", 1)[-1] != DELTA}
-    return _targets("parameter", params, delta.params)
+    return {name: p for name, p in model.named_parameters() if name not in base_weights and name.rsplit(".", 1)[-1] != DELTA}
 
 
-def _targets(kind: str, found: dict[str, Tensor], values: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The model's tensors that ``values`` are copied into, each checked to exist with the same shape."""
+def _targets(model: nn.Module, kind: str, found: dict[str, Tensor], values: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
+    """{name: (the model's tensor, the file's value as that tensor will hold it)}, each checked to exist with
+    the same shape, on a real device, and to hold the value exactly (integers) or finitely (floats)."""
+    targets = {}
     for name, value in values.items():
         target = found.get(name)
         if target is None:
@@ -254,15 +298,41 @@ def _targets(kind: str, found: dict[str, Tensor], values: dict[str, Tensor]) -> 
         if tuple(target.shape) != tuple(value.shape):
             raise SvdtuneError(f"{kind} {name!r} has shape {list(target.shape)} in the model but {list(value.shape)} "
                                "in the delta file; load the delta into the model it was trained with.")
-    return {name: found[name] for name in values}
+        targets[name] = (target, _value(model, kind, name, target, value))
+    return targets
 
 
-def _apply_steps(model: nn.Module, steps: dict[str, _Step], cache_dir: str | None, record: dict[str, object]) -> None:
+def _value(model: nn.Module, kind: str, name: str, target: Tensor, value: Tensor) -> Tensor:
+    """``value`` cast to ``target``'s dtype and device, refused unless the cast keeps what it means."""
+    def refuse(why: str) -> SvdtuneError:
+        return SvdtuneError(f"{kind} {name!r}: {why}; load the delta into the model it was trained with.")
+
+    if target.is_meta:
+        raise refuse("the model's tensor is on the meta device and cannot receive values; materialize the model first")
+    if kind == "parameter" and not target.is_floating_point():
+        raise refuse(f"the model's parameter is {target.dtype}, which cannot be trained (requires_grad needs a float)")
+    cast = value.to(device=target.device, dtype=target.dtype)
+    if target.is_floating_point():
+        exact = bool(torch.isfinite(cast).all())
+    else:  # integers and bools: only values the dtype holds exactly
+        exact = bool(value.to(cast.device).eq(cast.to(value.dtype)).all())
+    if not exact:
+        raise refuse(f"the delta file's values do not fit the model's {target.dtype} (overflow, NaN or a fraction)")
+    owner, _, leaf = name.rpartition(".")
+    if leaf == "running_var" and isinstance(model.get_submodule(owner), nn.modules.batchnorm._NormBase):
+        if not bool((cast >= 0).all()):
+            raise refuse("a running variance must be >= 0")
+    return cast
+
+
+def _apply_steps(model: nn.Module, steps: dict[str, _Step], cache_dir: str | None, record: dict[str, object],
+                 progress: Progress) -> None:
     """Adapt the plain layers as `svdtune.apply` would, then set every layer's deltas and config."""
-    plan = [(step.layer, step.factors, step.config) for step in steps.values() if not step.adapted]
+    plan = [(name, step.layer, step.factors, step.config) for name, step in steps.items() if not step.adapted]
     if plan:
-        adapt_layers(model, plan, cache_dir, record)
-    for step in steps.values():
+        adapt_layers(model, plan, cache_dir, record, progress)
+    for name, step in steps.items():
+        progress.current = f"layer {name!r}"
         step.layer._spectral.config = step.config
-        with torch.no_grad():  # the copy bumps the delta's version: a cached W' is rebuilt
+        with writable(step.layer._parameters[DELTA]):  # the copy bumps the delta's version: a cached W' is rebuilt
             step.layer._parameters[DELTA].copy_(step.delta)

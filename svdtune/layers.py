@@ -57,6 +57,12 @@ def merged_weight(base: Tensor, U: Tensor, Vh: Tensor, shift: Tensor) -> Tensor:
     return (weight_matrix(base).to(work) + change).reshape(base.shape).to(base.dtype)
 
 
+def version_of(tensor: Tensor) -> int:
+    """``tensor._version``; 0 for an inference tensor (of a model built under ``torch.inference_mode()``),
+    which has no version counter and can be changed in place only inside inference mode."""
+    return 0 if tensor.is_inference() else tensor._version
+
+
 def check_finite_merge(name: str, weight: Tensor) -> None:
     """Refuse a merged weight with NaN or infinity (before anything is written or swapped)."""
     if not bool(torch.isfinite(weight).all()):
@@ -134,7 +140,7 @@ class SpectralLayer(nn.Module):
     def _weight_stamp(self) -> tuple[int, int]:
         """Changes when the base weight is replaced or edited in place (not through ``.data``)."""
         base = self.base_weight
-        return id(base), base._version
+        return id(base), version_of(base)
 
     def redecompose(self) -> None:
         """Decompose the current base weight again (the deltas are kept)."""
@@ -148,7 +154,7 @@ class SpectralLayer(nn.Module):
         if torch.compiler.is_compiling():
             return self.adapted_weight()
         delta, base, state = self._parameters[DELTA], self.base_weight, self._spectral
-        key = (delta._version, delta.data_ptr(), base._version, base.data_ptr(), base.dtype, base.device, state.config)
+        key = (version_of(delta), delta.data_ptr(), version_of(base), base.data_ptr(), base.dtype, base.device, state.config)
         cached = state.cached_weight
         if state.cache_key != key or cached is None or cached._version != state.cached_version:
             # (re)build, also when someone wrote into the cached tensor; never as an inference
@@ -266,7 +272,7 @@ def _new_spectral(original_class: type[nn.Module]) -> nn.Module:
 def adapt(module: nn.Module, factors: Decomposition, config: SpectralConfig, cache_dir: str | None = None) -> None:
     """Turn a supported layer into a spectral layer in place, with zero deltas."""
     base = module._parameters["weight"]
-    state = SpectralState(config, factors, type(module), (id(base), base._version), cache_dir)
+    state = SpectralState(config, factors, type(module), (id(base), version_of(base)), cache_dir)
     delta = torch.zeros(factors.sigma.numel(), dtype=base.dtype, device=base.device)
     module.__class__ = spectral_class(type(module))
     module.__dict__["_spectral"] = state

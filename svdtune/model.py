@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from svdtune import container
+from svdtune.arguments import as_module, as_optional_path
 from svdtune.config import SpectralConfig
 from svdtune.cache import decompose_named
 from svdtune.decompose import SUPPORTED_TYPES, Decomposition
@@ -20,6 +21,7 @@ from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, adapt, check_finite_merge, unadapt
 from svdtune.report import Report, build_report
 from svdtune.targets import as_patterns, select
+from svdtune.transaction import Progress, all_or_nothing, writable
 
 # What the first apply records on the root model (its __dict__), for merge, restore and save_delta:
 _FLAGS = "_svdtune_requires_grad"  # {parameter name: requires_grad before apply}
@@ -36,7 +38,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def _wrapper_chain(model: nn.Module) -> list[nn.Module]:
     """[model, the module it wraps, ..., the innermost module that is no wrapper]."""
-    chain = [model]
+    chain = [as_module(model, "svdtune")]
     eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # imported once anything was compiled
     while True:
         if eval_frame is not None and isinstance(chain[-1], eval_frame.OptimizedModule):
@@ -83,9 +85,11 @@ def apply(
 
     Raises:
         SvdtuneError: a pattern selects nothing (the message lists similar names),
-            a layer is already adapted or cannot be (lazy, parametrized, non-finite
-            weight), a layer is both a target and trainable, or bad rank/mode. The
-            model is unchanged when it is raised.
+            a layer is already adapted or cannot be (lazy, parametrized, empty, non-finite
+            weight, an attribute named svd_delta, inference tensors), a layer is both a
+            target and trainable, or bad rank/mode/argument types. The model is
+            unchanged when it is raised (the changes run in one `all_or_nothing`
+            transaction, rolled back on any failure).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
@@ -106,19 +110,36 @@ def apply(
             "name at least one layer, e.g. targets=['fc*']."
         )
     free = _select_trainable(model, as_patterns(trainable, "trainable"), layers)
+    cache_dir = as_optional_path(cache_dir, "cache_dir")
     record = root_record(model)
     for name, layer in layers.items():
         _check_adaptable(name, layer)
+    _check_trainable(layers, free)
     check_not_shared(model, layers)
-    cache_dir = None if cache_dir is None else os.fspath(cache_dir)
     weights = {name: layer._parameters["weight"] for name, layer in layers.items()}
     factors = {name: decompose_named(name, weight, rank, cache_dir) for name, weight in weights.items()}
-    # Nothing above changed the model; nothing below can fail.
-    adapt_layers(model, [(layer, factors[name], config) for name, layer in layers.items()], cache_dir, record)
-    for module in free.values():
-        module.requires_grad_(True)
-    model.__dict__[_TRAINABLE] = sorted({*model.__dict__.get(_TRAINABLE, ()), *free})
+    # Nothing above changed the model; nothing below is meant to fail, and if it does, it is undone.
+    with all_or_nothing(model, "svdtune.apply") as progress:
+        plan = [(name, layer, factors[name], config) for name, layer in layers.items()]
+        adapt_layers(model, plan, cache_dir, record, progress)
+        for name, module in free.items():
+            progress.current = f"trainable module {name!r}"
+            module.requires_grad_(True)
+        model.__dict__[_TRAINABLE] = sorted({*model.__dict__.get(_TRAINABLE, ()), *free})
     return wrapper
+
+
+def _check_trainable(layers: dict[str, nn.Module], free: dict[str, nn.Module]) -> None:
+    """Refuse to train inference tensors (of a model built under ``torch.inference_mode()``): autograd cannot use them."""
+    tensors = [(f"layer {n!r}", m._parameters["weight"]) for n, m in layers.items()]
+    tensors += [(f"trainable module {n!r}", p) for n, m in free.items() for p in m.parameters()]
+    for what, tensor in tensors:
+        if tensor.is_inference():
+            raise SvdtuneError(
+                f"{what} holds inference tensors (the model was built under torch.inference_mode()), which autograd "
+                "cannot train; build the model outside inference_mode (torch.no_grad() saves the memory too), or, to "
+                "serve a trained delta, use svdtune.load_delta, which supports such models."
+            )
 
 
 def root_record(model: nn.Module) -> dict[str, object]:
@@ -138,17 +159,19 @@ def _digest(tensor: Tensor) -> tuple[str, str]:
 
 
 def adapt_layers(
-    model: nn.Module, plan: list[tuple[nn.Module, Decomposition, SpectralConfig]], cache_dir: str | None,
-    record: dict[str, object],
+    model: nn.Module, plan: list[tuple[str, nn.Module, Decomposition, SpectralConfig]], cache_dir: str | None,
+    record: dict[str, object], progress: Progress,
 ) -> None:
-    """Adapt layers already checked and decomposed: the part of `apply` that cannot fail.
+    """Adapt layers already checked and decomposed: the part of `apply` that is not meant to fail
+    (run it inside `all_or_nothing`). ``plan`` holds (name, layer, factors, config).
 
     With a `root_record` (the first time), it is stored on the model and the whole model is frozen.
     """
     if record:
         model.__dict__.update(record)
         model.requires_grad_(False)
-    for layer, factors, config in plan:
+    for name, layer, factors, config in plan:
+        progress.current = f"layer {name!r}"
         layer.requires_grad_(False)
         adapt(layer, factors, config, cache_dir)
 
@@ -185,6 +208,12 @@ def _check_adaptable(name: str, layer: nn.Module) -> None:
             f"layer {name!r} is on the meta device and has no values to decompose; "
             "materialize and load the weights first (model.to_empty(device=...) and load_state_dict)."
         )
+    if weight.numel() == 0 or not weight.is_floating_point():
+        raise SvdtuneError(f"layer {name!r} has a weight of shape {list(weight.shape)} and dtype {weight.dtype}, which "
+                           "has no singular values to tune (empty, or not floating point); exclude the layer.")
+    if DELTA in layer._buffers or DELTA in layer._modules or DELTA in layer.__dict__ or hasattr(type(layer), DELTA):
+        raise SvdtuneError(f"layer {name!r} already has an attribute {DELTA!r}, the parameter svdtune adds; "
+                           "rename that attribute or exclude the layer.")
 
 
 def check_not_shared(model: nn.Module, layers: dict[str, nn.Module]) -> None:
@@ -414,4 +443,5 @@ def _restore_flags(model: nn.Module) -> None:
         root.__dict__.pop(_TRAINABLE, None)
         flags = root.__dict__.pop(_FLAGS, None)
         for name, param in root.named_parameters() if flags is not None else ():
-            param.requires_grad_(flags.get(name, param.requires_grad))
+            with writable(param):  # an inference tensor's flag can be set only inside inference_mode
+                param.requires_grad_(flags.get(name, param.requires_grad))

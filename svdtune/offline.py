@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from svdtune import container
+from svdtune.arguments import as_path
 from svdtune.cache import decompose_named
 from svdtune.decompose import Decomposition
 from svdtune.config import as_scale, finite_number
@@ -149,6 +150,7 @@ def merge_files(
     Example:
         >>> svdtune.merge_files("base.pth", "task.safetensors", "merged.safetensors", scale=0.8)
     """
+    base, out = as_path(base, "base"), as_path(out, "out")
     container.check_destination(out)  # before any work
     scale = as_scale(scale)
     record = as_delta_file(delta)
@@ -221,7 +223,11 @@ def combine(deltas: Iterable[str | os.PathLike | DeltaFile], weights: Iterable[f
     Example:
         >>> svdtune.combine(["sharp.safetensors", "warm.safetensors"], [0.7, 0.3]).save("mix.safetensors")
     """
-    deltas, weights = list(deltas), list(weights)  # iterated more than once below
+    try:
+        deltas, weights = list(deltas), list(weights)  # iterated more than once below
+    except TypeError:
+        raise SvdtuneError(f"combine needs a list of deltas and a list of weights, got {type(deltas).__name__} and "
+                           f"{type(weights).__name__}.") from None
     files = [as_delta_file(d) for d in deltas]
     labels = [f"delta {i} ({os.fspath(d) if not isinstance(d, DeltaFile) else 'in memory'})" for i, d in enumerate(deltas)]
     if not files or len(weights) != len(files):
@@ -246,7 +252,8 @@ def _check_compatible(first: DeltaFile, other: DeltaFile, first_label: str, labe
         raise SvdtuneError(f"layer {name!r} is in only one of {first_label} and {label}; combine deltas of the same layers.")
     for name, layer in other.layers.items():
         ref = first.layers[name]
-        same = (layer.layer_class, layer.weight_shape, layer.rank, layer.mode) == (ref.layer_class, ref.weight_shape, ref.rank, ref.mode)
+        same = ((layer.layer_class, layer.weight_shape, layer.rank, layer.mode, layer.part, layer.svd)
+                == (ref.layer_class, ref.weight_shape, ref.rank, ref.mode, ref.part, ref.svd))
         if not same or layer.fingerprint.sha256 != ref.fingerprint.sha256:
             raise SvdtuneError(f"layer {name!r} differs between {first_label} and {label} (class, shape, rank, mode or "
                                "base weights); combine only deltas trained with the same settings on the same base model.")
@@ -263,7 +270,7 @@ def _combined_layer(name: str, layers: list[LayerDelta], weights: list[float]) -
         raise SvdtuneError(f"the combined deltas overflow {first.delta.dtype}; use smaller weights.")
     fingerprint = dataclasses.replace(first.fingerprint, basis=_combined_basis(name, layers))
     return LayerDelta(first.layer_class, first.weight_shape, first.mode, first.scale if keep else 1.0,
-                      fingerprint, total.to(first.delta.dtype))
+                      fingerprint, total.to(first.delta.dtype), first.part, first.svd)
 
 
 def _combined_basis(name: str, layers: list[LayerDelta]) -> tuple[Basis, ...]:

@@ -1,0 +1,214 @@
+"""One layer's record in a delta file: `LayerDelta`, its JSON record, and the rules a record follows.
+
+`record_of` turns a `LayerDelta` into the JSON record written in the header's
+``layers`` entry; `layer_from_record` checks a record (read from a file, or just
+made by `record_of`: the same rules both ways) and builds the `LayerDelta`.
+The rules are listed in docs/format.md ("Metadata" and "Limits").
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from svdtune import container
+from svdtune.basis import PROBES, Basis
+from svdtune.config import MODES, finite_number
+from svdtune.errors import SvdtuneError
+from svdtune.fingerprint import FLOAT_NAMES, FLOATS, TOP_SIGMA, Fingerprint
+
+MAX_NAME = 4096  # characters in a layer, parameter, buffer or class name
+MAX_ELEMENTS = 2**63 - 1  # a weight_shape's product: torch's limit on a tensor's elements
+# Known layer classes and their weights' ndim; any other class name (a user subclass) may have any ndim >= 2.
+CLASS_NDIM = {"Linear": 2, "Conv1d": 3, "ConvTranspose1d": 3, "Conv2d": 4, "ConvTranspose2d": 4, "Conv3d": 5,
+              "ConvTranspose3d": 5, "Conv1D": 2, "Embedding": 2, "EmbeddingBag": 2, "MultiheadAttention": 2}
+VERSION_4_CLASSES = frozenset({"Conv1D", "Embedding", "EmbeddingBag", "MultiheadAttention"})
+PARTS = ("q_proj", "k_proj", "v_proj")  # a "part" of a MultiheadAttention (format version 4)
+SVD_LIMITS = {"oversample": 10**6, "iterations": 100, "seed": 2**63 - 1}  # a randomized "svd" record's maxima
+RECORD_KEYS = frozenset({"class", "weight_shape", "rank", "mode", "scale", "fingerprint"})
+VERSION_4_KEYS = frozenset({"part", "svd"})  # optional
+
+
+@dataclass(frozen=True)
+class LayerDelta:
+    """The deltas of one layer and what they were trained on.
+
+    Attributes:
+        layer_class: the layer's original class name, e.g. "Linear", "Conv2d".
+        weight_shape: the base weight's shape (of the part's matrix, for a ``part``).
+        mode: "shift" or "scale" (see `SpectralConfig`).
+        scale: the strength the deltas are applied with (1.0 = as trained).
+        fingerprint: the base weight's `Fingerprint`.
+        delta: (k,) the deltas of the top k singular values, a float tensor.
+        part: for a MultiheadAttention, which matrix: "q_proj", "k_proj" or "v_proj"; else None.
+        svd: how the basis was computed if not by the exact SVD, e.g. {"method": "randomized",
+            "oversample": 10, "iterations": 2, "seed": 0}; None for the exact SVD.
+    """
+
+    layer_class: str
+    weight_shape: tuple[int, ...]
+    mode: str
+    scale: float
+    fingerprint: Fingerprint
+    delta: Tensor = field(repr=False)
+    part: str | None = None
+    svd: dict[str, object] | None = None
+
+    @property
+    def rank(self) -> int:
+        """k, the number of tuned singular values."""
+        return self.delta.numel()
+
+    @property
+    def max_rank(self) -> int:
+        """min(m, n) of the weight viewed as a matrix (shape[0], rest)."""
+        return min(self.weight_shape[0], math.prod(self.weight_shape[1:]))
+
+
+def record_of(layer: LayerDelta) -> dict:
+    """The JSON record of ``layer`` (unchecked: pass it through `layer_from_record`)."""
+    fp = layer.fingerprint
+    if isinstance(fp, Fingerprint):
+        fp_record = {"sha256": fp.sha256, "top_sigma": fp.top_sigma, "dtype": fp.dtype,
+                     **({"basis": [_basis_record(b) for b in fp.basis]} if fp.basis else {})}
+    else:
+        fp_record = fp
+    record = {"class": layer.layer_class, "weight_shape": layer.weight_shape, "rank": layer.rank, "mode": layer.mode,
+              "scale": layer.scale, "fingerprint": fp_record}
+    record.update({key: getattr(layer, key) for key in ("part", "svd") if getattr(layer, key) is not None})
+    return _plain(record)
+
+
+def _basis_record(basis: object) -> object:
+    if not isinstance(basis, Basis):
+        return basis
+    return {"columns": basis.columns, "sha256": basis.sha256, "probes": basis.probes}
+
+
+def _plain(value: object) -> object:
+    """``value`` as JSON holds it: NumPy and Python numbers as int/float, tuples as lists. What JSON cannot
+    hold (NaN, infinity, other objects) becomes its repr, a string, which the validator then refuses by name."""
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        number = finite_number(value)
+        return number if number is not None else repr(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k if isinstance(k, str) else repr(k): _plain(v) for k, v in value.items()}
+    return repr(value)
+
+
+def layer_from_record(name: str, record: object, delta: Tensor, version: int,
+                      bad: Callable[[str], SvdtuneError]) -> LayerDelta:
+    """Check the record and delta tensor of layer ``name`` in a file of format ``version``; build its `LayerDelta`.
+
+    Raises:
+        SvdtuneError: ``bad(why)``, naming the layer and what is wrong.
+    """
+    def wrong(why: str) -> SvdtuneError:
+        return bad(f"layer {name!r} {why}")
+
+    keys = RECORD_KEYS | (VERSION_4_KEYS if version >= 4 else frozenset())
+    if not isinstance(record, dict) or not RECORD_KEYS <= set(record) <= keys:
+        raise wrong(f"has a malformed record (the keys are {sorted(RECORD_KEYS)}"
+                    f"{', and optionally part and svd' if version >= 4 else ''})")
+    cls, shape, rank, scale, fp = (record[k] for k in ("class", "weight_shape", "rank", "scale", "fingerprint"))
+    if not (isinstance(cls, str) and cls.isidentifier() and len(cls) <= MAX_NAME):
+        raise wrong(f"has class {cls!r:.80}, not a Python class name")
+    if not _valid_shape(shape):
+        raise wrong(f"has an invalid weight shape {shape!r:.120}")
+    if CLASS_NDIM.get(cls, len(shape)) != len(shape):
+        raise wrong(f"is a {cls} with a {len(shape)}-D weight shape {shape}, but a {cls} weight has {CLASS_NDIM[cls]} dimensions")
+    if not (_positive(rank) and rank <= min(shape[0], math.prod(shape[1:]))):
+        raise wrong(f"has rank {rank!r:.40}, impossible for a weight of shape {shape}")
+    if record["mode"] not in MODES:
+        raise wrong(f"has mode {record['mode']!r:.40}, which svdtune does not know (one of {MODES})")
+    if finite_number(scale) is None:
+        raise wrong(f"has scale {scale!r:.40}, not a finite number")
+    if delta.dtype not in FLOATS or tuple(delta.shape) != (rank,):
+        raise wrong(f"has a delta tensor of shape {tuple(delta.shape)} and dtype {delta.dtype}, expected ({rank},) float")
+    if not bool(torch.isfinite(delta).all()):
+        raise wrong("has non-finite deltas (NaN or infinity)")
+    part, svd = _part(name, record, cls, wrong), _svd(record, wrong)
+    return LayerDelta(cls, tuple(shape), record["mode"], float(scale), _fingerprint(fp, rank, wrong), delta, part, svd)
+
+
+def _valid_shape(shape: object) -> bool:
+    return (isinstance(shape, list) and 2 <= len(shape) <= container.MAX_DIMS and all(_positive(s) for s in shape)
+            and math.prod(shape) <= MAX_ELEMENTS)
+
+
+def _part(name: str, record: dict, cls: str, wrong) -> str | None:
+    """A MultiheadAttention record names its part, and is keyed "<module name>.<part>"; no other record has one."""
+    part = record.get("part")
+    if cls != "MultiheadAttention" and "part" not in record:
+        return None
+    if cls != "MultiheadAttention" or part not in PARTS or not name.endswith(f".{part}"):
+        raise wrong(f"has part {part!r:.40} and class {cls}: a part, one of {PARTS}, belongs to a MultiheadAttention "
+                    "record keyed '<module name>.<part>'")
+    return part
+
+
+def _svd(record: dict, wrong) -> dict[str, object] | None:
+    if "svd" not in record:
+        return None
+    svd = record["svd"]
+    valid = (isinstance(svd, dict) and set(svd) == {"method", *SVD_LIMITS} and svd["method"] == "randomized"
+             and all(_natural(svd[key]) and svd[key] <= limit for key, limit in SVD_LIMITS.items()))
+    if not valid:
+        raise wrong(f"has an invalid svd record {svd!r:.120} (expected method 'randomized' and integers "
+                    + ", ".join(f"0 <= {key} <= {limit}" for key, limit in SVD_LIMITS.items()) + ")")
+    return dict(svd)
+
+
+def _positive(value: object) -> bool:
+    return _natural(value) and value >= 1
+
+
+def _natural(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _fingerprint(fp: object, rank: int, wrong) -> Fingerprint:
+    if not isinstance(fp, dict) or set(fp) - {"basis"} != {"sha256", "top_sigma", "dtype"}:
+        raise wrong("has a malformed fingerprint")
+    sha, top, dtype = fp["sha256"], fp["top_sigma"], fp["dtype"]
+    numbers_ok = isinstance(top, list) and len(top) <= TOP_SIGMA and all(finite_number(s) is not None and s >= 0 for s in top)
+    if not (numbers_ok and all(a >= b for a, b in zip(top, top[1:]))):
+        raise wrong(f"has a fingerprint whose top_sigma {top!r:.120} is not up to {TOP_SIGMA} descending finite numbers >= 0")
+    if not (_is_sha256(sha) and isinstance(dtype, str) and dtype in FLOAT_NAMES):
+        raise wrong("has a malformed fingerprint (sha256 or dtype)")
+    runs = fp.get("basis", [])
+    if "basis" in fp and not (isinstance(runs, list) and runs):
+        raise wrong("has a malformed fingerprint basis")
+    basis = tuple(_basis(run, rank, wrong) for run in runs)
+    columns = [c for run in basis for c in run.columns]
+    if any(a >= b for a, b in zip(columns, columns[1:])):
+        raise wrong(f"has fingerprint basis runs that overlap or are out of order ({[list(run.columns) for run in basis]})")
+    return Fingerprint(sha, tuple(float(s) for s in top), dtype, basis)
+
+
+def _basis(basis: object, rank: int, wrong) -> Basis:
+    fields = isinstance(basis, dict) and set(basis) == {"columns", "sha256", "probes"}
+    columns, probes = (basis.get("columns"), basis.get("probes")) if fields else (None, None)
+    if not (isinstance(columns, list) and columns and all(_natural(c) for c in columns) and isinstance(probes, list)):
+        raise wrong("has a malformed fingerprint basis")
+    consecutive = all(b == a + 1 for a, b in zip(columns, columns[1:]))
+    if not consecutive or columns[-1] >= rank or not _is_sha256(basis["sha256"]):
+        raise wrong(f"has a fingerprint basis with columns {columns!r:.80} not consecutive below rank {rank}, or a bad hash")
+    if len(probes) != 2 * PROBES * len(columns) or not all(finite_number(p) is not None for p in probes):
+        raise wrong(f"has a fingerprint basis whose probes are not {2 * PROBES * len(columns)} finite numbers")
+    return Basis(tuple(columns), basis["sha256"], tuple(float(p) for p in probes))
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
