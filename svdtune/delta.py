@@ -29,14 +29,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from svdtune import container
+from svdtune import container, kinds
 from svdtune.basis import PROBES, Basis
 from svdtune.config import MODES, finite_number
 from svdtune.errors import SvdtuneError
 
 FORMAT = "svdtune.delta"
-FORMAT_VERSION = 3  # the newest: 2 adds "buffers", 3 a fingerprint's "basis"; each file gets the lowest it needs
-READ_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # the newest: 2 adds "buffers", 3 a fingerprint's "basis", 4 "part" and the layer kinds of
+# svdtune.kinds.NEW_IN_VERSION_4; each file gets the lowest version it needs
+READ_VERSIONS = (1, 2, 3, 4)
 TOP_SIGMA = 4  # singular values kept in a fingerprint
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 TORCH_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's legacy format: a pickled magic number first
@@ -70,8 +71,11 @@ class LayerDelta:
         weight_shape: the base weight's shape.
         mode: "shift" or "scale" (see `SpectralConfig`).
         scale: the strength the deltas are applied with (1.0 = as trained).
-        fingerprint: the base weight's `Fingerprint`.
+        fingerprint: the base weight's `Fingerprint` (of the part's matrix for a part).
         delta: (k,) the deltas of the top k singular values, a float tensor.
+        part: for a module with several matrices (nn.MultiheadAttention): "q_proj", "k_proj" or
+            "v_proj"; the record's key is then "<module>.<part>" and ``weight_shape`` the part's
+            matrix (out, in). None for a layer of one matrix.
     """
 
     layer_class: str
@@ -80,6 +84,7 @@ class LayerDelta:
     scale: float
     fingerprint: Fingerprint
     delta: Tensor = field(repr=False)
+    part: str | None = None
 
     @property
     def rank(self) -> int:
@@ -278,9 +283,15 @@ def as_delta_file(source: str | os.PathLike | DeltaFile) -> DeltaFile:
 
 def format_version(delta: DeltaFile) -> int:
     """The lowest version that holds ``delta``, so that older svdtune reads what it can."""
+    if any(_needs_version_4(layer) for layer in delta.layers.values()):
+        return 4
     if any(layer.fingerprint.basis for layer in delta.layers.values()):
         return 3
     return 2 if delta.buffers else 1
+
+
+def _needs_version_4(layer: LayerDelta) -> bool:
+    return layer.part is not None or layer.layer_class in kinds.NEW_IN_VERSION_4
 
 
 def to_tensors(delta: DeltaFile) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -310,6 +321,7 @@ def to_tensors(delta: DeltaFile) -> tuple[dict[str, Tensor], dict[str, str]]:
 def _record(layer: LayerDelta) -> dict:
     fp = layer.fingerprint
     return {
+        **({"part": layer.part} if layer.part is not None else {}),
         "class": layer.layer_class,
         "weight_shape": list(layer.weight_shape),
         "rank": layer.rank,
@@ -347,6 +359,10 @@ def from_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], what: str
     layers = {name: _layer(name, record, tensors[name], what) for name, record in records.items()}
     if int(version) < 3 and any(layer.fingerprint.basis for layer in layers.values()):
         raise SvdtuneError(f"{what} records a singular basis, which format version {version} does not have; write the file again.")
+    newer = [name for name, layer in layers.items() if _needs_version_4(layer)]
+    if int(version) < 4 and newer:
+        raise SvdtuneError(f"{what}: layer {newer[0]!r} has a part or a layer kind ({layers[newer[0]].layer_class}) that "
+                           f"format version {version} does not have; write the file again.")
     for name in params:
         if tensors[name].dtype not in FLOATS:
             raise SvdtuneError(f"{what}: parameter {name!r} has dtype {tensors[name].dtype}, not a float; write the file again.")
@@ -384,11 +400,21 @@ def _layer(name: str, record: object, delta: Tensor, what: str) -> LayerDelta:
         return SvdtuneError(f"{what}: layer {name!r} {why}; the file is damaged or hand-edited: write it again.")
 
     keys = {"class", "weight_shape", "rank", "mode", "scale", "fingerprint"}
-    if not isinstance(record, dict) or set(record) != keys:
-        raise bad(f"has a malformed record (expected the keys {sorted(keys)})")
+    if not isinstance(record, dict) or set(record) - {"part"} != keys:
+        raise bad(f"has a malformed record (expected the keys {sorted(keys)}, and maybe 'part')")
+    part = record.get("part")
+    if "part" in record and (record["class"] != "MultiheadAttention" or part not in kinds.MHA_PARTS
+                             or not name.endswith(f".{part}")):
+        raise bad(f"has part {part!r}: only a MultiheadAttention record has a part, one of {list(kinds.MHA_PARTS)}, "
+                  "and its key ends with '.<part>'")
     shape, rank, scale, fp = record["weight_shape"], record["rank"], record["scale"], record["fingerprint"]
     if not (isinstance(shape, list) and len(shape) >= 2 and all(_positive(s) for s in shape)):
         raise bad(f"has an invalid weight shape {shape!r}")
+    kind = kinds.BY_NAME.get(record["class"]) if isinstance(record["class"], str) else None
+    if kind is not None and len(shape) != kind.ndim:
+        raise bad(f"has a {len(shape)}-D weight shape, but a {kind.name} weight is {kind.ndim}-D")
+    if record["class"] == "MultiheadAttention" and "part" not in record:
+        raise bad("is a MultiheadAttention record without a part")
     if not (_positive(rank) and rank <= min(shape[0], math.prod(shape[1:]))):
         raise bad(f"has rank {rank!r}, impossible for a weight of shape {shape}")
     if record["mode"] not in MODES or not isinstance(record["class"], str):
@@ -399,7 +425,8 @@ def _layer(name: str, record: object, delta: Tensor, what: str) -> LayerDelta:
         raise bad(f"has a delta tensor of shape {tuple(delta.shape)} and dtype {delta.dtype}, expected ({rank},) float")
     if not bool(torch.isfinite(delta).all()):
         raise bad("has non-finite deltas (NaN or infinity)")
-    return LayerDelta(record["class"], tuple(shape), record["mode"], float(scale), _fingerprint(fp, rank, bad), delta)
+    return LayerDelta(record["class"], tuple(shape), record["mode"], float(scale), _fingerprint(fp, rank, bad), delta,
+                      part)
 
 
 def _positive(value: object) -> bool:

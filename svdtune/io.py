@@ -15,17 +15,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from svdtune import container
+from svdtune import container, kinds
 from svdtune.cache import decompose_named
 from svdtune.config import SpectralConfig
-from svdtune.decompose import SUPPORTED_TYPES, Decomposition
+from svdtune.decompose import Decomposition
 from svdtune.basis import basis_of, repeated_pairs
 from svdtune.delta import DeltaFile, LayerDelta, as_delta_file, check_base, fingerprint
 from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, spectrum_shift
 from svdtune.offline import warn_if_basis_dependent
 from svdtune.model import (
-    _check_adaptable, adapt_layers, adapted_layers, check_not_shared, join_name, own_persistent_buffers, root_record,
+    _check_adaptable, adapt_layers, adapted_units, check_not_shared, join_name, own_persistent_buffers, root_record,
     trainable_modules, unwrap, warn_if_buffers_changed,
 )
 
@@ -54,15 +54,15 @@ def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
         >>> svdtune.save_delta(model, "task.safetensors", metadata={"dataset": "koniq10k"})
     """
     model = unwrap(model)
-    adapted = list(adapted_layers(model))
+    adapted = list(adapted_units(model))
     if not adapted:
         raise SvdtuneError("the model has no svdtune layers to save; call svdtune.apply(model, targets=...) and train first.")
     metadata = dict(metadata or {})
     container.check_metadata(metadata)  # before any work
     container.check_destination(path)
     with torch.no_grad():
-        layers = {name: _layer_delta(name, layer) for name, layer in adapted}
-    deltas = {id(layer._parameters[DELTA]) for _, layer in adapted}
+        layers = {name: _layer_delta(name, layer, part) for name, layer, part in adapted}
+    deltas = {id(layer.delta(part)) for _, layer, part in adapted}
     params = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()
               if p.requires_grad and id(p) not in deltas}
     buffers = _trained_buffers(model, params)
@@ -79,18 +79,21 @@ def _trained_buffers(model: nn.Module, params: dict[str, Tensor]) -> dict[str, T
             for owner in owners for name, buffer in own_persistent_buffers(modules[owner])}
 
 
-def _layer_delta(name: str, layer: SpectralLayer) -> LayerDelta:
-    if layer.base_weight.requires_grad:
+def _layer_delta(name: str, layer: SpectralLayer, part: str) -> LayerDelta:
+    """The record of one unit: for a part, of its matrix; else of the weight as stored (Conv1D: (in, out))."""
+    param = layer._unit(part).part.param
+    if layer._parameters[param].requires_grad:
         raise SvdtuneError(f"layer {name!r} trains its base weight too, which a delta file cannot hold; "
-                           f"freeze {name}.weight, or merge and save the whole model instead.")
-    delta, config = layer._parameters[DELTA].detach().to("cpu", copy=True), layer._spectral.config
+                           f"freeze {kinds.split_unit(name, part)}.{param}, or merge and save the whole model instead.")
+    delta, config = layer.delta(part).detach().to("cpu", copy=True), layer._spectral.config
     if not bool(torch.isfinite(delta).all()):
         raise SvdtuneError(f"layer {name!r} has non-finite deltas; training diverged: lower the learning rate.")
     class_name = layer._spectral.original_class.__name__
-    factors = layer._factors()
-    pairs = repeated_pairs(factors.sigma, layer._shift(factors), factors.next_sigma)
-    stamp = dataclasses.replace(fingerprint(layer.base_weight, factors.sigma), basis=basis_of(factors.U, factors.Vh, pairs))
-    return LayerDelta(class_name, tuple(layer.base_weight.shape), config.mode, config.scale, stamp, delta)
+    factors = layer._factors(part)
+    weight = layer.base_matrix(part) if part else layer._parameters[param]
+    pairs = repeated_pairs(factors.sigma, layer._shift(factors, part), factors.next_sigma)
+    stamp = dataclasses.replace(fingerprint(weight, factors.sigma), basis=basis_of(factors.U, factors.Vh, pairs))
+    return LayerDelta(class_name, tuple(weight.shape), config.mode, config.scale, stamp, delta, part or None)
 
 
 @dataclass(eq=False)
@@ -98,10 +101,21 @@ class _Step:
     """What loading does to one layer, decided before anything changes."""
 
     layer: nn.Module
+    part: kinds.Part  # which matrix of the layer the record is of
     config: SpectralConfig
     delta: Tensor
     adapted: bool  # the layer holds an svdtune adapter already
     factors: Decomposition | None = None  # a plain layer is decomposed once its base weight is known to match
+
+    @property
+    def matrix(self) -> Tensor:
+        """The base matrix the record's deltas belong to (see `svdtune.kinds.matrix`)."""
+        return kinds.matrix(kinds.kind_of(self.layer), self.layer._parameters[self.part.param], self.part)
+
+    @property
+    def weight(self) -> Tensor:
+        """What the record's fingerprint and shape are of: the part's matrix, or the weight as stored."""
+        return self.matrix if self.part.name else self.layer._parameters[self.part.param]
 
 
 def load_delta(
@@ -142,15 +156,16 @@ def load_delta(
     """
     wrapper, model = model, unwrap(model)
     delta = as_delta_file(source)
-    adapted = dict(adapted_layers(model))
+    adapted = {name: (layer, part) for name, layer, part in adapted_units(model)}
     cache_dir = None if cache_dir is None else os.fspath(cache_dir)
     if adapted:
         steps = {name: _adapted_step(name, record, adapted, set(delta.layers)) for name, record in delta.layers.items()}
     else:
         modules = dict(model.named_modules())
         steps = {name: _plain_step(name, record, modules) for name, record in delta.layers.items()}
-        check_not_shared(model, {name: step.layer for name, step in steps.items()})
-    params = _param_targets(model, delta)
+        _check_whole_layers(steps)
+        check_not_shared(model, {kinds.split_unit(name, step.part.name): step.layer for name, step in steps.items()})
+    params = _param_targets(model, delta, steps)
     buffers = _targets("buffer", dict(model.named_buffers()), delta.buffers)
     _check_fingerprints(delta, steps, strict, cache_dir)  # hashes first, then the SVDs
     record = {} if adapted else root_record(model)
@@ -166,23 +181,49 @@ def load_delta(
 
 
 def _plain_step(name: str, record: LayerDelta, modules: dict[str, nn.Module]) -> _Step:
-    layer = modules.get(name)
-    if layer is None or not name:
-        close = [n for n in modules if n and n.split(".")[-1] == name.split(".")[-1]][:3]
+    module = kinds.split_unit(name, record.part)
+    layer = modules.get(module)
+    if layer is None or not module:
+        close = [n for n in modules if n and n.split(".")[-1] == module.split(".")[-1]][:3]
         hint = f" (it has {', '.join(close)})" if close else ""
-        raise SvdtuneError(f"layer {name!r} of the delta file is missing from the model{hint}; "
+        raise SvdtuneError(f"layer {module!r} of the delta file is missing from the model{hint}; "
                            "load the delta into the base model it was trained on.")
-    _check_class(name, type(layer) if isinstance(layer, SUPPORTED_TYPES) else None, type(layer).__name__, record)
-    _check_adaptable(name, layer)
-    _check_shape(name, tuple(layer._parameters["weight"].shape), record)
+    kind = kinds.kind_of(layer)
+    _check_class(name, type(layer) if kind is not None else None, type(layer).__name__, record)
+    _check_adaptable(module, layer)
+    part = next(p for p in kind.parts(layer) if p.name == (record.part or ""))
+    step = _Step(layer, part, _config(record), record.delta, adapted=False)
+    _check_shape(name, tuple(step.weight.shape), record)
+    return step
+
+
+def _config(record: LayerDelta) -> SpectralConfig:
     rank = None if record.rank == record.max_rank else record.rank
-    config = SpectralConfig(mode=record.mode, rank=rank, scale=record.scale)
-    return _Step(layer, config, record.delta, adapted=False)
+    return SpectralConfig(mode=record.mode, rank=rank, scale=record.scale)
 
 
-def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, SpectralLayer], wanted: set[str]) -> _Step:
+def _check_whole_layers(steps: dict[str, _Step]) -> None:
+    """A layer of several parts (attention) is adapted whole: the file must hold each part, with one rank and mode."""
+    by_layer: dict[int, list[tuple[str, _Step]]] = {}
+    for name, step in steps.items():
+        by_layer.setdefault(id(step.layer), []).append((name, step))
+    for group in by_layer.values():
+        name, step = group[0]
+        module = kinds.split_unit(name, step.part.name)
+        parts = [p.name for p in kinds.kind_of(step.layer).parts(step.layer)]
+        missing = sorted(set(parts) - {s.part.name for _, s in group})
+        if missing:
+            raise SvdtuneError(f"the delta file holds {name!r} but not {kinds.unit_name(module, missing[0])!r}; "
+                               f"svdtune adapts the parts {parts} of {module!r} together: write the file again.")
+        if len({s.config for _, s in group}) > 1:
+            raise SvdtuneError(f"the parts of {module!r} have different ranks, modes or scales in the delta file; "
+                               "svdtune adapts them with one setting: write the file again.")
+
+
+def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, tuple[SpectralLayer, str]],
+                  wanted: set[str]) -> _Step:
     extra = sorted(set(adapted) - wanted)
-    layer = adapted.get(name)
+    layer, part = adapted.get(name, (None, ""))
     if layer is None or extra:
         raise SvdtuneError(
             f"the model already holds svdtune adapters on other layers than the delta file "
@@ -192,15 +233,16 @@ def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, SpectralLaye
     config = layer._spectral.config
     original = layer._spectral.original_class
     _check_class(name, original, original.__name__, record)
-    _check_shape(name, tuple(layer.base_weight.shape), record)
-    rank = layer._parameters[DELTA].numel()
+    step = _Step(layer, layer._unit(part).part, config, record.delta, adapted=True, factors=layer._factors(part))
+    _check_shape(name, tuple(step.weight.shape), record)
+    rank = layer.delta(part).numel()
     if rank != record.rank or config.mode != record.mode:
         raise SvdtuneError(
             f"layer {name!r} already holds a different adapter (rank {rank}, mode {config.mode}; the file has "
             f"rank {record.rank}, mode {record.mode}); call svdtune.restore(model) first, or load into a fresh base model."
         )
-    config = dataclasses.replace(config, scale=record.scale)
-    return _Step(layer, config, record.delta, adapted=True, factors=layer._factors())
+    step.config = dataclasses.replace(config, scale=record.scale)
+    return step
 
 
 def _check_class(name: str, cls: type | None, shown: str, record: LayerDelta) -> None:
@@ -219,7 +261,7 @@ def _check_shape(name: str, shape: tuple[int, ...], record: LayerDelta) -> None:
 def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool, cache_dir: str | None) -> None:
     """Check every base weight's hash before any SVD (a wrong base fails fast), then decompose."""
     for name, step in steps.items():
-        check_base(name, delta.layers[name].fingerprint, step.layer._parameters["weight"],
+        check_base(name, delta.layers[name].fingerprint, step.weight,
                    lambda: _factors(name, step, cache_dir).sigma, strict,
                    "load the delta into the base model it was trained on", "loading")
     for name, step in steps.items():
@@ -232,14 +274,14 @@ def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool,
 def _factors(name: str, step: _Step, cache_dir: str | None) -> Decomposition:
     """The step's decomposition, computed on first use."""
     if step.factors is None:
-        step.factors = decompose_named(name, step.layer._parameters["weight"], step.config.rank, cache_dir)
+        step.factors = decompose_named(name, step.matrix, step.config.rank, cache_dir)
     return step.factors
 
 
-def _param_targets(model: nn.Module, delta: DeltaFile) -> dict[str, Tensor]:
-    base_weights = {f"{name}.weight" for name in delta.layers}
+def _param_targets(model: nn.Module, delta: DeltaFile, steps: dict[str, _Step]) -> dict[str, Tensor]:
+    base_weights = {join_name(kinds.split_unit(name, step.part.name), step.part.param) for name, step in steps.items()}
     params = {name: p for name, p in model.named_parameters()
-              if name not in base_weights and name.rsplit(".", 1)[-1] != DELTA}
+              if name not in base_weights and not name.rsplit(".", 1)[-1].startswith(DELTA)}
     return _targets("parameter", params, delta.params)
 
 
@@ -259,10 +301,13 @@ def _targets(kind: str, found: dict[str, Tensor], values: dict[str, Tensor]) -> 
 
 def _apply_steps(model: nn.Module, steps: dict[str, _Step], cache_dir: str | None, record: dict[str, object]) -> None:
     """Adapt the plain layers as `svdtune.apply` would, then set every layer's deltas and config."""
-    plan = [(step.layer, step.factors, step.config) for step in steps.values() if not step.adapted]
+    plan: dict[int, tuple[nn.Module, dict[str, Decomposition], SpectralConfig]] = {}
+    for step in steps.values():
+        if not step.adapted:
+            plan.setdefault(id(step.layer), (step.layer, {}, step.config))[1][step.part.name] = step.factors
     if plan:
-        adapt_layers(model, plan, cache_dir, record)
+        adapt_layers(model, list(plan.values()), cache_dir, record)
     for step in steps.values():
         step.layer._spectral.config = step.config
         with torch.no_grad():  # the copy bumps the delta's version: a cached W' is rebuilt
-            step.layer._parameters[DELTA].copy_(step.delta)
+            step.layer.delta(step.part.name).copy_(step.delta)
