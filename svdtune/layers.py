@@ -272,8 +272,8 @@ class SpectralLayer(nn.Module):
 
     def extra_repr(self) -> str:
         config, units = self._spectral.config, self._spectral.units
-        ranks = [f"{kinds.unit_name('', part) + '=' if part else ''}{unit.factors.sigma.numel()}/"
-                 f"{min(self.base_matrix(part).shape)}" for part, unit in units.items()]
+        ranks = [f"{part + '=' if part else ''}{unit.factors.sigma.numel()}/{min(self.base_matrix(part).shape)}"
+                 for part, unit in units.items()]
         rank = ranks[0] if len(ranks) == 1 else f"({', '.join(ranks)})"
         text = super().extra_repr()
         return f"{text + ', ' if text else ''}svd={config.mode}, rank={rank}, scale={config.scale:g}"
