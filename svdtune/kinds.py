@@ -159,7 +159,7 @@ def layout(kind: LayerKind, shape: tuple[int, ...], matrices: list[Tensor]) -> T
     return matrices[0].reshape(shape)
 
 
-def file_part(class_name: str, part: str | None, module: str, keys: set[str]) -> Part:
+def file_part(part: str | None, module: str, keys: set[str]) -> Part:
     """Where a delta record's matrix lives in a state dict with ``keys``: for a MultiheadAttention part,
     the packed ``<module>.in_proj_weight`` if the checkpoint has it, else ``<module>.<part>_weight``."""
     if not part:

@@ -192,7 +192,7 @@ class _FileUnit:
 
 def _file_unit(state: dict[str, Tensor], name: str, layer: LayerDelta) -> _FileUnit:
     module = kinds.split_unit(name, layer.part)
-    part = kinds.file_part(layer.layer_class, layer.part, module, set(state))
+    part = kinds.file_part(layer.part, module, set(state))
     key = f"{module}.{part.param}"
     weight = state.get(key)
     if weight is None:
