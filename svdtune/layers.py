@@ -5,10 +5,17 @@ subclass of its original class (as ``torch.nn.utils.parametrize`` does), so:
 - ``isinstance(layer, nn.Linear)`` stays true and references to it stay valid;
 - the base parameters keep their keys (``weight``, ``bias``) and stay frozen,
   a base checkpoint loads as it is, and ``restore`` only swaps the class back;
-- ``layer.weight`` returns the *adapted* weight W' = W + delta_weight, so code
-  that reads ``.weight`` directly (``nn.MultiheadAttention`` reading
-  ``out_proj.weight``, the fused ``nn.TransformerEncoderLayer`` path, a
-  subclass's own ``forward``) sees the deltas instead of silently ignoring them.
+- reading an adapted parameter (``layer.weight``; an nn.MultiheadAttention's
+  ``in_proj_weight`` or ``q_proj_weight``...) returns the *adapted* weight
+  W' = W + delta_weight in the parameter's own layout, so code that reads it
+  directly (``F.multi_head_attention_forward``, the fused attention and
+  ``nn.TransformerEncoderLayer`` paths, a subclass's own ``forward``) sees the
+  deltas instead of silently ignoring them.
+
+A layer holds one *unit* per matrix its kind decomposes (`svdtune.kinds`): one
+for most kinds (part "", deltas ``svd_delta``), three for attention (parts
+q_proj, k_proj, v_proj, deltas ``svd_delta_q_proj``...), each with its own SVD
+of its own (m, n) matrix and its own spectrum.
 
 The factors U, sigma, Vh are plain tensors moved by ``_apply`` (``.to``,
 ``.cuda``, ``.half``...), not buffers: they never enter the state dict and
@@ -78,7 +85,8 @@ class SpectralState:
     kind: kinds.LayerKind
     original_class: type[nn.Module]
     units: dict[str, Unit]  # part name ("" for a layer's only matrix) -> Unit, in part order
-    stamps: dict[str, tuple[int, int]]  # parameter name -> (id, _version) when it was decomposed
+    params: tuple[str, ...]  # the names of the parameters the units are in, in part order
+    stamps: tuple[tuple[int, int], ...]  # per parameter, (id, _version) when it was decomposed
     cache_dir: str | None = None  # where decompositions are cached on disk (see svdtune.cache)
     # parameter name -> (key, version of the tensor when built, W'): the no-grad W' of `SpectralLayer._cached_weight`
     cached: dict[str, tuple[tuple, int, Tensor]] = field(default_factory=dict, repr=False)
@@ -161,8 +169,8 @@ class SpectralLayer(nn.Module):
     def _units_of(self, param: str) -> list[tuple[str, Unit]]:
         return [(part, unit) for part, unit in self._spectral.units.items() if unit.part.param == param]
 
-    def _params(self) -> list[str]:
-        return list(dict.fromkeys(unit.part.param for unit in self._spectral.units.values()))
+    def _params(self) -> tuple[str, ...]:
+        return self._spectral.params
 
     def _shift(self, factors: Decomposition, part: str = "") -> Tensor:
         config = self._spectral.config
@@ -182,9 +190,9 @@ class SpectralLayer(nn.Module):
             self.redecompose()
         return self._unit(part).factors
 
-    def _stamps(self) -> dict[str, tuple[int, int]]:
+    def _stamps(self) -> tuple[tuple[int, int], ...]:
         """Change when a base weight is replaced or edited in place (not through ``.data``)."""
-        return {param: (id(self._parameters[param]), self._parameters[param]._version) for param in self._params()}
+        return tuple((id(p), p._version) for p in map(self._parameters.__getitem__, self._spectral.params))
 
     def redecompose(self) -> None:
         """Decompose the current base weights again (the deltas are kept)."""
@@ -333,8 +341,8 @@ def adapt(module: nn.Module, factors: dict[str, Decomposition] | Decomposition, 
         factors = {parts[0].name: factors}
     units = {part.name: Unit(part, factors[part.name]) for part in parts}
     params = {part.param: module._parameters[part.param] for part in parts}
-    stamps = {name: (id(p), p._version) for name, p in params.items()}
-    state = SpectralState(config, kind, type(module), units, stamps, cache_dir)
+    stamps = tuple((id(p), p._version) for p in params.values())
+    state = SpectralState(config, kind, type(module), units, tuple(params), stamps, cache_dir)
     module.__class__ = spectral_class(type(module))
     module.__dict__["_spectral"] = state
     for part in parts:
