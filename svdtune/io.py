@@ -62,7 +62,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
     container.check_destination(path)
     with torch.no_grad():
         layers = {name: _layer_delta(name, layer, part) for name, layer, part in adapted}
-    deltas = {id(layer.delta(part)) for _, layer, part in adapted}
+    deltas = {id(layer.spectral_delta(part)) for _, layer, part in adapted}
     params = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()
               if p.requires_grad and id(p) not in deltas}
     buffers = _trained_buffers(model, params)
@@ -85,7 +85,7 @@ def _layer_delta(name: str, layer: SpectralLayer, part: str) -> LayerDelta:
     if layer._parameters[param].requires_grad:
         raise SvdtuneError(f"layer {name!r} trains its base weight too, which a delta file cannot hold; "
                            f"freeze {kinds.split_unit(name, part)}.{param}, or merge and save the whole model instead.")
-    delta, config = layer.delta(part).detach().to("cpu", copy=True), layer._spectral.config
+    delta, config = layer.spectral_delta(part).detach().to("cpu", copy=True), layer._spectral.config
     if not bool(torch.isfinite(delta).all()):
         raise SvdtuneError(f"layer {name!r} has non-finite deltas; training diverged: lower the learning rate.")
     class_name = layer._spectral.original_class.__name__
@@ -235,7 +235,7 @@ def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, tuple[Spectr
     _check_class(name, original, original.__name__, record)
     step = _Step(layer, layer._unit(part).part, config, record.delta, adapted=True, factors=layer._factors(part))
     _check_shape(name, tuple(step.weight.shape), record)
-    rank = layer.delta(part).numel()
+    rank = layer.spectral_delta(part).numel()
     if rank != record.rank or config.mode != record.mode:
         raise SvdtuneError(
             f"layer {name!r} already holds a different adapter (rank {rank}, mode {config.mode}; the file has "
@@ -310,4 +310,4 @@ def _apply_steps(model: nn.Module, steps: dict[str, _Step], cache_dir: str | Non
     for step in steps.values():
         step.layer._spectral.config = step.config
         with torch.no_grad():  # the copy bumps the delta's version: a cached W' is rebuilt
-            step.layer.delta(step.part.name).copy_(step.delta)
+            step.layer.spectral_delta(step.part.name).copy_(step.delta)

@@ -117,11 +117,11 @@ class SpectralLayer(nn.Module):
     def spectral_config(self) -> SpectralConfig:
         return self._spectral.config
 
-    def parts(self) -> tuple[str, ...]:
+    def spectral_parts(self) -> tuple[str, ...]:
         """The part names of this layer's units: ("",) for most kinds, ("q_proj", "k_proj", "v_proj") for attention."""
         return tuple(self._spectral.units)
 
-    def delta(self, part: str = "") -> nn.Parameter:
+    def spectral_delta(self, part: str = "") -> nn.Parameter:
         """The trainable deltas (k,) of a unit."""
         return self._parameters[delta_name(part)]
 

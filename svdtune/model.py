@@ -329,7 +329,7 @@ def adapted_units(model: nn.Module) -> Iterator[tuple[str, SpectralLayer, str]]:
     """(unit name, layer, part) for every unit of every svdtune layer: a layer of one matrix is one unit
     named as the layer (part ""); nn.MultiheadAttention gives "<name>.q_proj", ".k_proj", ".v_proj"."""
     for name, layer in adapted_layers(model):
-        for part in layer.parts():
+        for part in layer.spectral_parts():
             yield kinds.unit_name(name, part), layer, part
 
 
@@ -356,7 +356,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
         >>> optimizer = torch.optim.AdamW(svdtune.trainable_parameters(model), lr=1e-3)
     """
     layers = _require_adapted(unwrap(model), "train")
-    deltas = [layer.delta(part) for _, layer in layers for part in layer.parts()]
+    deltas = [layer.spectral_delta(part) for _, layer in layers for part in layer.spectral_parts()]
     seen = {id(p) for p in deltas}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
     return [p for p in deltas if p.requires_grad] + others
@@ -413,7 +413,7 @@ def singular_values(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
     with torch.no_grad():
         return {
             kinds.unit_name(name, part): (layer._factors(part).sigma.clone(), layer.spectrum(part).clone())
-            for name, layer in _require_adapted(unwrap(model), "inspect") for part in layer.parts()
+            for name, layer in _require_adapted(unwrap(model), "inspect") for part in layer.spectral_parts()
         }
 
 

@@ -73,8 +73,8 @@ def build_report(model: nn.Module) -> Report:
     rows, deltas = [], set()
     for name, module in model.named_modules():
         if isinstance(module, SpectralLayer):
-            for part in module.parts():
-                delta = module.delta(part)
+            for part in module.spectral_parts():
+                delta = module.spectral_delta(part)
                 deltas.add(id(delta))
                 matrix = module.base_matrix(part)
                 shape = tuple(matrix.shape) if part else tuple(module.base_weight.shape)

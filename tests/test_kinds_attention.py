@@ -106,7 +106,7 @@ def test_packed_qkv_get_separate_spectra_exact_init_and_match_the_dense_referenc
         before = [model(x, need_weights=w) for w in (False, True)]
     svdtune.apply(model, "attn")
     attn = model.attn
-    assert attn.parts() == ("q_proj", "k_proj", "v_proj") and attn.svd_delta_q_proj.shape == (16,)
+    assert attn.spectral_parts() == ("q_proj", "k_proj", "v_proj") and attn.svd_delta_q_proj.shape == (16,)
     with torch.no_grad():
         assert torch.equal(model(x, need_weights=False), before[0]) and torch.equal(model(x, need_weights=True), before[1])
     randomize_deltas(model)
