@@ -130,6 +130,14 @@ class SpectralLayer(nn.Module):
         unit = self._unit(part)
         return kinds.matrix(self._spectral.kind, self._parameters[unit.part.param], unit.part)
 
+    def spectral_factors(self, part: str = "") -> Decomposition:
+        """A unit's decomposition (U (m, k), sigma (k,), Vh (k, n)) of its `base_matrix`, current with the base weight."""
+        return self._factors(part)
+
+    def spectral_shift(self, part: str = "") -> Tensor:
+        """sigma' - sigma (k,) of a unit at the current deltas and scale: W' - W = U diag(shift) Vh on its matrix."""
+        return self._shift(self._factors(part), part)
+
     def spectrum(self, part: str = "") -> Tensor:
         """The adapted singular values sigma' (k,), in float32 (float64 for float64 weights)."""
         factors = self._factors(part)

@@ -241,3 +241,34 @@ def test_a_file_without_every_part_is_refused(tmp_path):
     with pytest.raises(SvdtuneError, match="not 'attn.v_proj'"):
         svdtune.load_delta(fresh, partial)
     assert_same_state(fresh, before)
+
+
+def test_new_base_weights_pickling_and_dtype_moves_keep_every_part_consistent(tmp_path):
+    model = seeded(Attention)
+    svdtune.apply(model, "attn", rank=4)
+    randomize_deltas(model)
+    x = torch.randn(2, 5, 16)
+    other = seeded(Attention, seed=1)
+    model.load_state_dict({**model.state_dict(), **other.state_dict()})  # new base weights: every part re-decomposed
+    plain = plain_with(model, "attn", reference_in_proj(model.attn))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=1e-5, atol=1e-5)
+    torch.save(model, tmp_path / "whole.pt")
+    loaded = torch.load(tmp_path / "whole.pt", weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        torch.testing.assert_close(model.double()(x.double()), plain.double()(x.double()), rtol=1e-6, atol=1e-6)
+    assert model.attn._spectral.units["v_proj"].factors.sigma.dtype == torch.float64
+
+
+def test_public_unit_accessors_rebuild_each_part():
+    model = seeded(Attention)
+    svdtune.apply(model, "attn", rank=3)
+    randomize_deltas(model)
+    attn = model.attn
+    for name, layer, part in svdtune.model.adapted_units(model):
+        factors, shift = layer.spectral_factors(part), layer.spectral_shift(part)
+        change = (factors.U * shift) @ factors.Vh
+        merged = svdtune.kinds.matrix(attn._spectral.kind, layer.merged_weight("in_proj_weight"), layer._unit(part).part)
+        torch.testing.assert_close(layer.base_matrix(part) + change, merged, rtol=1e-6, atol=1e-6)
+        assert name == f"attn.{part}"
