@@ -17,7 +17,7 @@ from svdtune.config import SpectralConfig
 from svdtune.cache import decompose_named
 from svdtune.decompose import Decomposition, warn_if_slow_svd
 from svdtune.errors import SvdtuneError
-from svdtune.layers import SpectralLayer, adapt, check_finite_merge, delta_name, unadapt
+from svdtune.layers import SpectralLayer, adapt, check_finite_merge, unadapt
 from svdtune.report import SKIPPED, Report, build_report
 from svdtune.targets import as_patterns, count_kinds, describe_counts, select, unadaptable
 
@@ -123,7 +123,7 @@ def apply(
     check_not_shared(model, layers)
     cache_dir = None if cache_dir is None else os.fspath(cache_dir)
     factors = {name: decompose_parts(name, layer, rank, cache_dir) for name, layer in layers.items()}
-    skipped = count_kinds(cls for n, cls in found.items() if not _inside(n, free))
+    skipped = {n: cls for n, cls in found.items() if not _inside(n, free)}
     # Nothing above changed the model; nothing below can fail.
     adapt_layers(model, [(layer, factors[name], config) for name, layer in layers.items()], cache_dir, record)
     for module in free.values():
@@ -148,17 +148,14 @@ def _inside(name: str, modules: dict[str, nn.Module]) -> bool:
     return any(name == top or name.startswith(top + ".") for top in modules)
 
 
-def _note_skipped(model: nn.Module, counts: dict[str, int]) -> None:
-    """Warn once about what the patterns matched but svdtune cannot adapt; `report` lists it too."""
-    if not counts:
+def _note_skipped(model: nn.Module, skipped: dict[str, str]) -> None:
+    """Warn once about what the patterns matched but svdtune cannot adapt ({name: class}); `report` lists it too."""
+    if not skipped:
         return
-    merged = dict(model.__dict__.get(SKIPPED, {}))
-    for kind, n in counts.items():
-        merged[kind] = merged.get(kind, 0) + n
-    model.__dict__[SKIPPED] = merged
+    model.__dict__[SKIPPED] = {**model.__dict__.get(SKIPPED, {}), **skipped}
     warnings.warn(
-        f"the targets also match {sum(counts.values())} modules svdtune cannot adapt, left frozen: "
-        f"{describe_counts(counts)}; train them fully with apply(..., trainable=[...]) if they need to change, "
+        f"the targets also match {len(skipped)} modules svdtune cannot adapt, left frozen: "
+        f"{describe_counts(count_kinds(skipped.values()))}; train them fully with apply(..., trainable=[...]) if they need to change, "
         "or name the layers to adapt more narrowly to silence this.",
         UserWarning, stacklevel=3,
     )

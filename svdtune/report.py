@@ -8,8 +8,9 @@ from torch import nn
 
 from svdtune import kinds
 from svdtune.layers import SpectralLayer
+from svdtune.targets import count_kinds, describe_counts
 
-SKIPPED = "_svdtune_skipped"  # on the root model: {class name: count} apply's patterns met but could not adapt
+SKIPPED = "_svdtune_skipped"  # on the root model: {module name: class name} apply's patterns met but could not adapt
 
 _HEADER = ("layer", "type", "weight shape", "rank", "mode", "trainable", "% of model")
 
@@ -52,7 +53,7 @@ class Report:
         lines = table_lines(_HEADER, rows)
         lines.insert(-1, lines[1])  # a rule above the total too
         if self.skipped:
-            counts = ", ".join(f"{n} {kind}" for kind, n in sorted(self.skipped.items(), key=lambda i: (-i[1], i[0])))
+            counts = describe_counts(self.skipped)
             lines.append(f"not adapted (svdtune cannot adapt these kinds; matched by the targets, left frozen): {counts}")
         return "\n".join(lines)
 
@@ -87,8 +88,5 @@ def build_report(model: nn.Module) -> Report:
         if param.requires_grad and id(param) not in deltas:
             rows.append(LayerRow(name, "parameter", tuple(param.shape), "full", "-", param.numel()))
     total = sum(p.numel() for p in model.parameters() if id(p) not in deltas)
-    skipped = {}
-    for module in model.modules():
-        for kind, n in module.__dict__.get(SKIPPED, {}).items():
-            skipped[kind] = skipped.get(kind, 0) + n
-    return Report(tuple(rows), sum(r.trainable for r in rows), total, skipped)
+    skipped = [cls for module in model.modules() for cls in module.__dict__.get(SKIPPED, {}).values()]
+    return Report(tuple(rows), sum(r.trainable for r in rows), total, count_kinds(skipped))

@@ -109,3 +109,10 @@ def test_similar_names_are_ranked_by_similarity_not_by_position():
     with pytest.raises(SvdtuneError) as info:
         svdtune.apply(model, "qkv")
     assert str(info.value) == "targets pattern 'qkv' selects no module."
+
+
+def test_a_module_skipped_by_two_calls_is_counted_once():
+    model = Mixed()
+    apply_quietly(model, "*", exclude=["fc*", "block"])
+    apply_quietly(model, "*", exclude="conv")
+    assert svdtune.report(model).skipped == {"BatchNorm1d": 1, "BatchNorm2d": 1, "LSTM": 1}
