@@ -403,17 +403,18 @@ def _layer(name: str, record: object, delta: Tensor, what: str) -> LayerDelta:
     if not isinstance(record, dict) or set(record) - {"part"} != keys:
         raise bad(f"has a malformed record (expected the keys {sorted(keys)}, and maybe 'part')")
     part = record.get("part")
-    if "part" in record and (record["class"] != "MultiheadAttention" or part not in kinds.MHA_PARTS
-                             or not name.endswith(f".{part}")):
-        raise bad(f"has part {part!r}: only a MultiheadAttention record has a part, one of {list(kinds.MHA_PARTS)}, "
-                  "and its key ends with '.<part>'")
+    cls = record["class"] if isinstance(record["class"], str) else ""
+    single = cls in kinds.BY_NAME and cls != "MultiheadAttention"  # a kind of one matrix
+    if "part" in record and (single or part not in kinds.MHA_PARTS or not name.endswith(f".{part}")):
+        raise bad(f"has part {part!r}: only a MultiheadAttention record (or a subclass's) has a part, one of "
+                  f"{list(kinds.MHA_PARTS)}, and its key ends with '.<part>'")
     shape, rank, scale, fp = record["weight_shape"], record["rank"], record["scale"], record["fingerprint"]
     if not (isinstance(shape, list) and len(shape) >= 2 and all(_positive(s) for s in shape)):
         raise bad(f"has an invalid weight shape {shape!r}")
-    kind = kinds.BY_NAME.get(record["class"]) if isinstance(record["class"], str) else None
+    kind = kinds.BY_NAME.get(cls)
     if kind is not None and len(shape) != kind.ndim:
         raise bad(f"has a {len(shape)}-D weight shape, but a {kind.name} weight is {kind.ndim}-D")
-    if record["class"] == "MultiheadAttention" and "part" not in record:
+    if cls == "MultiheadAttention" and "part" not in record:
         raise bad("is a MultiheadAttention record without a part")
     if not (_positive(rank) and rank <= min(shape[0], math.prod(shape[1:]))):
         raise bad(f"has rank {rank!r}, impossible for a weight of shape {shape}")
