@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from svdtune import container, kinds
 from svdtune.cache import decompose_named
 from svdtune.config import SpectralConfig
-from svdtune.decompose import Decomposition
+from svdtune.decompose import Decomposition, warn_if_slow_svd
 from svdtune.basis import basis_of, repeated_pairs
 from svdtune.delta import DeltaFile, LayerDelta, as_delta_file, check_base, fingerprint
 from svdtune.errors import SvdtuneError
@@ -274,6 +274,7 @@ def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool,
 def _factors(name: str, step: _Step, cache_dir: str | None) -> Decomposition:
     """The step's decomposition, computed on first use."""
     if step.factors is None:
+        warn_if_slow_svd(name, tuple(step.matrix.shape), step.config.rank, step.matrix.device)
         step.factors = decompose_named(name, step.matrix, step.config.rank, cache_dir)
     return step.factors
 

@@ -272,3 +272,26 @@ def test_public_unit_accessors_rebuild_each_part():
         merged = svdtune.kinds.matrix(attn._spectral.kind, layer.merged_weight("in_proj_weight"), layer._unit(part).part)
         torch.testing.assert_close(layer.base_matrix(part) + change, merged, rtol=1e-6, atol=1e-6)
         assert name == f"attn.{part}"
+
+
+def test_a_subclass_of_multihead_attention_round_trips_through_a_file(tmp_path):
+    class MyAttention(nn.MultiheadAttention):
+        pass
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Module()
+        model.attn = MyAttention(16, 4)
+        return model
+
+    model, x = build(), torch.randn(5, 2, 16)
+    svdtune.apply(model, "attn", rank=2)
+    randomize_deltas(model)
+    with torch.no_grad():
+        adapted = model.attn(x, x, x)[0]
+    svdtune.save_delta(model, tmp_path / "d.safetensors")
+    assert svdtune.read_delta(tmp_path / "d.safetensors").layers["attn.q_proj"].layer_class == "MyAttention"
+    fresh = build()
+    svdtune.load_delta(fresh, tmp_path / "d.safetensors")
+    with torch.no_grad():
+        assert torch.equal(fresh.attn(x, x, x)[0], adapted)
