@@ -133,8 +133,8 @@ def kind_named(class_name: str) -> LayerKind:
 
 
 def supported_names() -> str:
-    """The kinds, for messages: "Linear, Conv1d, ..., MultiheadAttention"."""
-    return ", ".join(kind.name for kind in KINDS)
+    """The kinds, for messages: "Linear, Conv1d, ..., Conv1D (transformers), ..., MultiheadAttention"."""
+    return ", ".join(f"{kind.name} (transformers)" if kind.name == "Conv1D" else kind.name for kind in KINDS)
 
 
 def matrix(kind: LayerKind, weight: Tensor, part: Part) -> Tensor:
