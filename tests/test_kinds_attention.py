@@ -145,10 +145,11 @@ def test_gradients_of_each_part_match_a_dense_reference():
         torch.testing.assert_close(getattr(attn, f"svd_delta_{part}").grad.double(), delta.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_separate_qkv_weights_kdim_vdim():
+def test_separate_qkv_weights_kdim_vdim(tmp_path):
     torch.manual_seed(0)
     model = nn.Module()
     model.attn = nn.MultiheadAttention(16, 2, kdim=10, vdim=12)
+    safetensors.torch.save_file(model.state_dict(), tmp_path / "base.safetensors")
     q, k, v = torch.randn(3, 2, 16), torch.randn(4, 2, 10), torch.randn(4, 2, 12)
     with torch.no_grad():
         before = model.attn(q, k, v)[0]
@@ -162,9 +163,14 @@ def test_separate_qkv_weights_kdim_vdim():
     plain = plain_with(model, "attn", expected)
     plain.attn.out_proj.weight.data.copy_(model.attn.out_proj.merged_weight())
     torch.testing.assert_close(model.attn(q, k, v)[0], plain.attn(q, k, v)[0], rtol=1e-5, atol=1e-5)
+    svdtune.save_delta(model, tmp_path / "d.safetensors")
     svdtune.merge(model)
     for name, value in expected.items():
         torch.testing.assert_close(getattr(model.attn, name).double(), value, rtol=1e-5, atol=1e-5)
+    svdtune.merge_files(tmp_path / "base.safetensors", tmp_path / "d.safetensors", tmp_path / "m.safetensors")
+    offline = safetensors.torch.load_file(tmp_path / "m.safetensors")
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(offline[name], value, rtol=1e-6, atol=1e-6)
 
 
 def test_transformer_encoder_layer_fast_path_sees_the_deltas(monkeypatch):

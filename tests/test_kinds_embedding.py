@@ -105,6 +105,19 @@ def test_embedding_bag_forward_and_gradients_match_the_dense_reference(mode, pad
     torch.testing.assert_close(bag.svd_delta.grad.double(), reference, rtol=1e-4, atol=1e-6)
 
 
+def test_embedding_bag_of_fixed_size_bags_and_last_offset():
+    model = seeded(lambda: Bags("sum"))
+    model.bag.include_last_offset = True
+    svdtune.apply(model, "bag")
+    randomize_deltas(model)
+    expected = reference_matrix(model.bag.base_weight, model.bag.svd_delta)
+    ids = torch.tensor([[1, 2, 3], [4, 4, 0]])
+    torch.testing.assert_close(model.bag(ids).double(), F.embedding_bag(ids, expected, mode="sum"), rtol=1e-5, atol=1e-6)
+    offsets = torch.tensor([0, 2, 8])  # include_last_offset: two bags
+    torch.testing.assert_close(model(BAG_IDS, offsets).double(), F.embedding_bag(
+        BAG_IDS, expected, offsets, mode="sum", include_last_offset=True), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("factory", [Tagger, lambda: Bags("mean")], ids=["Embedding", "EmbeddingBag"])
 def test_save_load_merge_merge_files_restore(factory, tmp_path):
     model = seeded(factory)
