@@ -17,19 +17,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from svdtune import container
+from svdtune import container, kinds
 from svdtune.arguments import as_metadata, as_optional_path, as_path
 from svdtune.cache import decompose_named
 from svdtune.config import SpectralConfig
-from svdtune.decompose import SUPPORTED_TYPES, Decomposition
+from svdtune.decompose import Decomposition, warn_if_slow_svd
 from svdtune.basis import basis_of, repeated_pairs
 from svdtune.delta import DeltaFile, LayerDelta, as_delta_file
 from svdtune.fingerprint import check_base, fingerprint
 from svdtune.errors import SvdtuneError
-from svdtune.layers import DELTA, SpectralLayer, merged_weight, spectrum_shift
+from svdtune.layers import DELTA, SpectralLayer, merged_matrix, spectrum_shift
 from svdtune.offline import warn_if_basis_dependent
 from svdtune.model import (
-    _check_adaptable, adapt_layers, adapted_layers, check_not_shared, join_name, own_persistent_buffers, root_record,
+    _check_adaptable, adapt_layers, adapted_units, check_not_shared, join_name, own_persistent_buffers, root_record,
     trainable_modules, unwrap, warn_if_buffers_changed,
 )
 from svdtune.transaction import Progress, all_or_nothing, writable
@@ -59,14 +59,14 @@ def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
         >>> svdtune.save_delta(model, "task.safetensors", metadata={"dataset": "koniq10k"})
     """
     model, path = unwrap(model), as_path(path, "path")
-    adapted = list(adapted_layers(model))
+    adapted = list(adapted_units(model))
     if not adapted:
         raise SvdtuneError("the model has no svdtune layers to save; call svdtune.apply(model, targets=...) and train first.")
     metadata = as_metadata(metadata)  # before any work
     container.check_destination(path)
     with torch.no_grad():
-        layers = {name: _layer_delta(name, layer) for name, layer in adapted}
-    deltas = {id(layer._parameters[DELTA]) for _, layer in adapted}
+        layers = {name: _layer_delta(name, layer, part) for name, layer, part in adapted}
+    deltas = {id(layer.spectral_delta(part)) for _, layer, part in adapted}
     params = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()
               if p.requires_grad and id(p) not in deltas}
     buffers = _trained_buffers(model, params)
@@ -83,18 +83,21 @@ def _trained_buffers(model: nn.Module, params: dict[str, Tensor]) -> dict[str, T
             for owner in owners for name, buffer in own_persistent_buffers(modules[owner])}
 
 
-def _layer_delta(name: str, layer: SpectralLayer) -> LayerDelta:
-    if layer.base_weight.requires_grad:
+def _layer_delta(name: str, layer: SpectralLayer, part: str) -> LayerDelta:
+    """The record of one unit: for a part, of its matrix; else of the weight as stored (Conv1D: (in, out))."""
+    param = layer._unit(part).part.param
+    if layer._parameters[param].requires_grad:
         raise SvdtuneError(f"layer {name!r} trains its base weight too, which a delta file cannot hold; "
-                           f"freeze {name}.weight, or merge and save the whole model instead.")
-    delta, config = layer._parameters[DELTA].detach().to("cpu", copy=True), layer._spectral.config
+                           f"freeze {kinds.split_unit(name, part)}.{param}, or merge and save the whole model instead.")
+    delta, config = layer.spectral_delta(part).detach().to("cpu", copy=True), layer._spectral.config
     if not bool(torch.isfinite(delta).all()):
         raise SvdtuneError(f"layer {name!r} has non-finite deltas; training diverged: lower the learning rate.")
     class_name = layer._spectral.original_class.__name__
-    factors = layer._factors()
-    pairs = repeated_pairs(factors.sigma, layer._shift(factors), factors.next_sigma)
-    stamp = dataclasses.replace(fingerprint(layer.base_weight, factors.sigma), basis=basis_of(factors.U, factors.Vh, pairs))
-    return LayerDelta(class_name, tuple(layer.base_weight.shape), config.mode, config.scale, stamp, delta)
+    factors = layer._factors(part)
+    weight = layer.base_matrix(part) if part else layer._parameters[param]
+    pairs = repeated_pairs(factors.sigma, layer._shift(factors, part), factors.next_sigma)
+    stamp = dataclasses.replace(fingerprint(weight, factors.sigma), basis=basis_of(factors.U, factors.Vh, pairs))
+    return LayerDelta(class_name, tuple(weight.shape), config.mode, config.scale, stamp, delta, part or None)
 
 
 @dataclass(eq=False)
@@ -102,10 +105,21 @@ class _Step:
     """What loading does to one layer, decided before anything changes."""
 
     layer: nn.Module
+    part: kinds.Part  # which matrix of the layer the record is of
     config: SpectralConfig
     delta: Tensor
     adapted: bool  # the layer holds an svdtune adapter already
     factors: Decomposition | None = None  # a plain layer is decomposed once its base weight is known to match
+
+    @property
+    def matrix(self) -> Tensor:
+        """The base matrix the record's deltas belong to (see `svdtune.kinds.matrix`)."""
+        return kinds.matrix(kinds.kind_of(self.layer), self.layer._parameters[self.part.param], self.part)
+
+    @property
+    def weight(self) -> Tensor:
+        """What the record's fingerprint and shape are of: the part's matrix, or the weight as stored."""
+        return self.matrix if self.part.name else self.layer._parameters[self.part.param]
 
 
 def load_delta(
@@ -150,19 +164,20 @@ def load_delta(
     wrapper, model = model, unwrap(model)
     cache_dir = as_optional_path(cache_dir, "cache_dir")
     delta = as_delta_file(source)
-    adapted = dict(adapted_layers(model))
+    adapted = {name: (layer, part) for name, layer, part in adapted_units(model)}
     if adapted:
         steps = {name: _adapted_step(name, record, adapted, set(delta.layers)) for name, record in delta.layers.items()}
     else:
         modules = dict(model.named_modules())
         steps = {name: _plain_step(name, record, modules) for name, record in delta.layers.items()}
-        check_not_shared(model, {name: step.layer for name, step in steps.items()})
-    params = _targets(model, "parameter", _param_candidates(model, delta), delta.params)
+        _check_whole_layers(steps)
+        check_not_shared(model, {kinds.split_unit(name, step.part.name): step.layer for name, step in steps.items()})
+    params = _targets(model, "parameter", _param_candidates(model, delta, steps), delta.params)
     buffers = _targets(model, "buffer", dict(model.named_buffers()), delta.buffers)
     _check_fingerprints(delta, steps, strict, cache_dir)  # hashes first, then the SVDs
     record = {} if adapted else root_record(model)
     written = [target for target, _ in (*params.values(), *buffers.values())]
-    written += [step.layer._parameters[DELTA] for step in steps.values() if step.adapted]
+    written += [step.layer.spectral_delta(step.part.name) for step in steps.values() if step.adapted]
     # Nothing above changed the model; nothing below is meant to fail, and if it does, it is undone.
     with all_or_nothing(model, "svdtune.load_delta", written) as progress:
         _apply_steps(model, steps, cache_dir, record, progress)
@@ -177,24 +192,50 @@ def load_delta(
 
 
 def _plain_step(name: str, record: LayerDelta, modules: dict[str, nn.Module]) -> _Step:
-    layer = modules.get(name)
-    if layer is None or not name:
-        close = [n for n in modules if n and n.split(".")[-1] == name.split(".")[-1]][:3]
+    module = kinds.split_unit(name, record.part)
+    layer = modules.get(module)
+    if layer is None or not module:
+        close = [n for n in modules if n and n.split(".")[-1] == module.split(".")[-1]][:3]
         hint = f" (it has {', '.join(close)})" if close else ""
-        raise SvdtuneError(f"layer {name!r} of the delta file is missing from the model{hint}; "
+        raise SvdtuneError(f"layer {module!r} of the delta file is missing from the model{hint}; "
                            "load the delta into the base model it was trained on.")
-    _check_class(name, type(layer) if isinstance(layer, SUPPORTED_TYPES) else None, type(layer).__name__, record)
-    _check_adaptable(name, layer)
-    _check_shape(name, tuple(layer._parameters["weight"].shape), record)
+    kind = kinds.kind_of(layer)
+    _check_class(name, type(layer) if kind is not None else None, type(layer).__name__, record)
+    _check_adaptable(module, layer)
+    part = next(p for p in kind.parts(layer) if p.name == (record.part or ""))
+    weight = layer._parameters[part.param]
+    step = _Step(layer, part, _config(record), _delta_value(name, record, weight.dtype, weight.device), adapted=False)
+    _check_shape(name, tuple(step.weight.shape), record)
+    return step
+
+
+def _config(record: LayerDelta) -> SpectralConfig:
     rank = None if record.rank == record.max_rank else record.rank
-    config = SpectralConfig(mode=record.mode, rank=rank, scale=record.scale)
-    weight = layer._parameters["weight"]
-    return _Step(layer, config, _delta_value(name, record, weight.dtype, weight.device), adapted=False)
+    return SpectralConfig(mode=record.mode, rank=rank, scale=record.scale)
 
 
-def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, SpectralLayer], wanted: set[str]) -> _Step:
+def _check_whole_layers(steps: dict[str, _Step]) -> None:
+    """A layer of several parts (attention) is adapted whole: the file must hold each part, with one rank and mode."""
+    by_layer: dict[int, list[tuple[str, _Step]]] = {}
+    for name, step in steps.items():
+        by_layer.setdefault(id(step.layer), []).append((name, step))
+    for group in by_layer.values():
+        name, step = group[0]
+        module = kinds.split_unit(name, step.part.name)
+        parts = [p.name for p in kinds.kind_of(step.layer).parts(step.layer)]
+        missing = sorted(set(parts) - {s.part.name for _, s in group})
+        if missing:
+            raise SvdtuneError(f"the delta file holds {name!r} but not {kinds.unit_name(module, missing[0])!r}; "
+                               f"svdtune adapts the parts {parts} of {module!r} together: write the file again.")
+        if len({s.config for _, s in group}) > 1:
+            raise SvdtuneError(f"the parts of {module!r} have different ranks, modes or scales in the delta file; "
+                               "svdtune adapts them with one setting: write the file again.")
+
+
+def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, tuple[SpectralLayer, str]],
+                  wanted: set[str]) -> _Step:
     extra = sorted(set(adapted) - wanted)
-    layer = adapted.get(name)
+    layer, part = adapted.get(name, (None, ""))
     if layer is None or extra:
         raise SvdtuneError(
             f"the model already holds svdtune adapters on other layers than the delta file "
@@ -204,19 +245,20 @@ def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, SpectralLaye
     config = layer._spectral.config
     original = layer._spectral.original_class
     _check_class(name, original, original.__name__, record)
-    _check_shape(name, tuple(layer.base_weight.shape), record)
-    rank = layer._parameters[DELTA].numel()
+    step = _Step(layer, layer._unit(part).part, config, record.delta, adapted=True, factors=layer._factors(part))
+    _check_shape(name, tuple(step.weight.shape), record)
+    rank = layer.spectral_delta(part).numel()
     if rank != record.rank or config.mode != record.mode:
         raise SvdtuneError(
             f"layer {name!r} already holds a different adapter (rank {rank}, mode {config.mode}; the file has "
             f"rank {record.rank}, mode {record.mode}); call svdtune.restore(model) first, or load into a fresh base model."
         )
-    config = dataclasses.replace(config, scale=record.scale)
-    current = layer._parameters[DELTA]
+    current = layer.spectral_delta(part)
     if current.is_meta:
         raise SvdtuneError(f"layer {name!r} is on the meta device; materialize the model first (model.to_empty(...)).")
-    return _Step(layer, config, _delta_value(name, record, current.dtype, current.device), adapted=True,
-                 factors=layer._factors())
+    step.delta = _delta_value(name, record, current.dtype, current.device)
+    step.config = dataclasses.replace(config, scale=record.scale)
+    return step
 
 
 def _delta_value(name: str, record: LayerDelta, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -245,7 +287,7 @@ def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool,
     """Check every base weight's hash before any SVD (a wrong base fails fast), then decompose, and refuse
     deltas that make the adapted weight non-finite in the weight's dtype (as `merge_files` does)."""
     for name, step in steps.items():
-        check_base(name, delta.layers[name].fingerprint, step.layer._parameters["weight"],
+        check_base(name, delta.layers[name].fingerprint, step.weight,
                    lambda: _factors(name, step, cache_dir).sigma, strict,
                    "load the delta into the base model it was trained on", "loading")
     for name, step in steps.items():
@@ -253,7 +295,7 @@ def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool,
         with torch.no_grad():
             shift = spectrum_shift(factors.sigma, record.delta.to(factors.sigma), record.scale, record.mode)
         warn_if_basis_dependent(name, factors, shift, record.fingerprint)
-        weight = step.layer._parameters["weight"]
+        weight = step.matrix
         if not _stays_finite(weight, factors, shift):  # as merge_files refuses the same file
             raise SvdtuneError(f"layer {name!r}: its deltas at scale {record.scale:g} make the weight non-finite in "
                                f"{weight.dtype}; check the delta file's deltas and scale.")
@@ -270,19 +312,21 @@ def _stays_finite(weight: Tensor, factors: Decomposition, shift: Tensor) -> bool
         bound = float(weight.detach().abs().max()) + float(shift.abs().max())
         if bound < torch.finfo(weight.dtype).max * (1 - 1e-3):
             return True
-        return bool(torch.isfinite(merged_weight(weight, factors.U[:, :shift.numel()], factors.Vh[:shift.numel()], shift)).all())
+        return bool(torch.isfinite(merged_matrix(weight, factors.U[:, :shift.numel()], factors.Vh[:shift.numel()], shift)).all())
 
 
 def _factors(name: str, step: _Step, cache_dir: str | None) -> Decomposition:
     """The step's decomposition, computed on first use."""
     if step.factors is None:
-        step.factors = decompose_named(name, step.layer._parameters["weight"], step.config.rank, cache_dir)
+        warn_if_slow_svd(name, tuple(step.matrix.shape), step.config.rank, step.matrix.device)
+        step.factors = decompose_named(name, step.matrix, step.config.rank, cache_dir)
     return step.factors
 
 
-def _param_candidates(model: nn.Module, delta: DeltaFile) -> dict[str, Tensor]:
-    base_weights = {f"{name}.weight" for name in delta.layers}
-    return {name: p for name, p in model.named_parameters() if name not in base_weights and name.rsplit(".", 1)[-1] != DELTA}
+def _param_candidates(model: nn.Module, delta: DeltaFile, steps: dict[str, _Step]) -> dict[str, Tensor]:
+    base_weights = {join_name(kinds.split_unit(name, step.part.name), step.part.param) for name, step in steps.items()}
+    return {name: p for name, p in model.named_parameters()
+            if name not in base_weights and not name.rsplit(".", 1)[-1].startswith(DELTA)}
 
 
 def _targets(model: nn.Module, kind: str, found: dict[str, Tensor], values: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
@@ -328,11 +372,16 @@ def _value(model: nn.Module, kind: str, name: str, target: Tensor, value: Tensor
 def _apply_steps(model: nn.Module, steps: dict[str, _Step], cache_dir: str | None, record: dict[str, object],
                  progress: Progress) -> None:
     """Adapt the plain layers as `svdtune.apply` would, then set every layer's deltas and config."""
-    plan = [(name, step.layer, step.factors, step.config) for name, step in steps.items() if not step.adapted]
+    plan: dict[int, tuple[str, nn.Module, dict[str, Decomposition], SpectralConfig]] = {}
+    for name, step in steps.items():
+        if not step.adapted:
+            module = kinds.split_unit(name, step.part.name)
+            plan.setdefault(id(step.layer), (module, step.layer, {}, step.config))[2][step.part.name] = step.factors
     if plan:
-        adapt_layers(model, plan, cache_dir, record, progress)
+        adapt_layers(model, list(plan.values()), cache_dir, record, progress)
     for name, step in steps.items():
         progress.current = f"layer {name!r}"
         step.layer._spectral.config = step.config
-        with writable(step.layer._parameters[DELTA]):  # the copy bumps the delta's version: a cached W' is rebuilt
-            step.layer._parameters[DELTA].copy_(step.delta)
+        delta = step.layer.spectral_delta(step.part.name)
+        with writable(delta):  # the copy bumps the delta's version: a cached W' is rebuilt
+            delta.copy_(step.delta)

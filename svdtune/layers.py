@@ -5,10 +5,17 @@ subclass of its original class (as ``torch.nn.utils.parametrize`` does), so:
 - ``isinstance(layer, nn.Linear)`` stays true and references to it stay valid;
 - the base parameters keep their keys (``weight``, ``bias``) and stay frozen,
   a base checkpoint loads as it is, and ``restore`` only swaps the class back;
-- ``layer.weight`` returns the *adapted* weight W' = W + delta_weight, so code
-  that reads ``.weight`` directly (``nn.MultiheadAttention`` reading
-  ``out_proj.weight``, the fused ``nn.TransformerEncoderLayer`` path, a
-  subclass's own ``forward``) sees the deltas instead of silently ignoring them.
+- reading an adapted parameter (``layer.weight``; an nn.MultiheadAttention's
+  ``in_proj_weight`` or ``q_proj_weight``...) returns the *adapted* weight
+  W' = W + delta_weight in the parameter's own layout, so code that reads it
+  directly (``F.multi_head_attention_forward``, the fused attention and
+  ``nn.TransformerEncoderLayer`` paths, a subclass's own ``forward``) sees the
+  deltas instead of silently ignoring them.
+
+A layer holds one *unit* per matrix its kind decomposes (`svdtune.kinds`): one
+for most kinds (part "", deltas ``svd_delta``), three for attention (parts
+q_proj, k_proj, v_proj, deltas ``svd_delta_q_proj``...), each with its own SVD
+of its own (m, n) matrix and its own spectrum.
 
 The factors U, sigma, Vh are plain tensors moved by ``_apply`` (``.to``,
 ``.cuda``, ``.half``...), not buffers: they never enter the state dict and
@@ -20,13 +27,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from svdtune import kernels
+from svdtune import kernels, kinds
 from svdtune.config import SpectralConfig
 from svdtune.cache import decompose_cached
-from svdtune.decompose import Decomposition, svd_dtype, weight_matrix
+from svdtune.decompose import Decomposition, svd_dtype
 from svdtune.errors import SvdtuneError
 
 DELTA = "svd_delta"  # parameter name of the trainable deltas: state-dict key "<layer>.svd_delta"
@@ -50,11 +56,11 @@ def delta_weight(U: Tensor, Vh: Tensor, shift: Tensor) -> Tensor:
     return kernels.linear(U * shift.to(U.dtype), Vh.t())  # (U diag(shift)) @ Vh
 
 
-def merged_weight(base: Tensor, U: Tensor, Vh: Tensor, shift: Tensor) -> Tensor:
-    """W' = W + U diag(shift) Vh in the base weight's shape and dtype, accumulated in shift's dtype."""
+def merged_matrix(base: Tensor, U: Tensor, Vh: Tensor, shift: Tensor) -> Tensor:
+    """W' = W + U diag(shift) Vh for a base matrix (m, n), in its dtype, accumulated in shift's dtype."""
     work = shift.dtype  # float32, or float64 for float64 weights: never half precision
     change = delta_weight(U.to(work), Vh.to(work), shift)
-    return (weight_matrix(base).to(work) + change).reshape(base.shape).to(base.dtype)
+    return (base.to(work) + change).to(base.dtype)
 
 
 def version_of(tensor: Tensor) -> int:
@@ -70,131 +76,207 @@ def check_finite_merge(name: str, weight: Tensor) -> None:
 
 
 @dataclass(eq=False)
+class Unit:
+    """One decomposed matrix of an adapted layer, with its own spectrum."""
+
+    part: kinds.Part
+    factors: Decomposition
+
+
+@dataclass(eq=False)
 class SpectralState:
     """Everything an adapted layer holds besides its parameters."""
 
     config: SpectralConfig
-    factors: Decomposition
+    kind: kinds.LayerKind
     original_class: type[nn.Module]
-    weight_stamp: tuple[int, int]  # (id, _version) of the base weight when it was decomposed
+    units: dict[str, Unit]  # part name ("" for a layer's only matrix) -> Unit, in part order
+    params: tuple[str, ...]  # the names of the parameters the units are in, in part order
+    stamps: tuple[tuple[int, int], ...]  # per parameter, (id, _version) when it was decomposed
     cache_dir: str | None = None  # where decompositions are cached on disk (see svdtune.cache)
-    cache_key: tuple | None = None
-    cached_version: int = 0  # cached_weight._version when it was built
-    cached_weight: Tensor | None = field(default=None, repr=False)
+    # parameter name -> (key, version of the tensor when built, W'): the no-grad W' of `SpectralLayer._cached_weight`
+    cached: dict[str, tuple[tuple, int, Tensor]] = field(default_factory=dict, repr=False)
+    live: dict[str, Tensor] = field(default_factory=dict, repr=False)  # W' built once for one training forward
+
+    @property
+    def factors(self) -> Decomposition:
+        """The decomposition of the first (for most kinds the only) unit."""
+        return next(iter(self.units.values())).factors
 
 
 class SpectralLayer(nn.Module):
     """Mixin placed first in the MRO of an adapted layer's class. Not built directly:
-    `adapt` swaps a supported layer's class to ``Spectral<Class>``."""
+    `adapt` swaps a supported layer's class to ``Spectral<Class>``.
+
+    A layer has one unit per part of its kind (`svdtune.kinds`): one for most kinds, part "";
+    q_proj, k_proj and v_proj for nn.MultiheadAttention. Methods take the part, default "".
+    """
 
     _spectral: SpectralState
 
     @property
-    def weight(self) -> Tensor:
-        """The adapted weight W' (same shape and dtype as the base weight)."""
-        if self._needs_graph():
-            return self.adapted_weight()
-        return self._cached_weight()
-
-    @property
     def base_weight(self) -> Tensor:
-        """The frozen pretrained weight W, exactly as it was loaded."""
-        return self._parameters["weight"]
+        """The frozen pretrained weight W, exactly as it was loaded (for attention: the first part's parameter)."""
+        return self._parameters[self._unit("").part.param]
 
     @property
     def spectral_config(self) -> SpectralConfig:
         return self._spectral.config
 
-    def spectrum(self) -> Tensor:
+    def spectral_parts(self) -> tuple[str, ...]:
+        """The part names of this layer's units: ("",) for most kinds, ("q_proj", "k_proj", "v_proj") for attention."""
+        return tuple(self._spectral.units)
+
+    def spectral_delta(self, part: str = "") -> nn.Parameter:
+        """The trainable deltas (k,) of a unit."""
+        return self._parameters[delta_name(part)]
+
+    def base_matrix(self, part: str = "") -> Tensor:
+        """The unit's base matrix (m, n), the one decomposed: a view of its parameter (see `kinds.matrix`)."""
+        unit = self._unit(part)
+        return kinds.matrix(self._spectral.kind, self._parameters[unit.part.param], unit.part)
+
+    def spectral_factors(self, part: str = "") -> Decomposition:
+        """A unit's decomposition (U (m, k), sigma (k,), Vh (k, n)) of its `base_matrix`, current with the base weight."""
+        return self._factors(part)
+
+    def spectral_shift(self, part: str = "") -> Tensor:
+        """sigma' - sigma (k,) of a unit at the current deltas and scale: W' - W = U diag(shift) Vh on its matrix."""
+        return self._shift(self._factors(part), part)
+
+    def spectrum(self, part: str = "") -> Tensor:
         """The adapted singular values sigma' (k,), in float32 (float64 for float64 weights)."""
-        factors = self._factors()
-        return factors.sigma + self._shift(factors)
+        factors = self._factors(part)
+        return factors.sigma + self._shift(factors, part)
 
-    def adapted_weight(self) -> Tensor:
-        """W' = W + U diag(sigma' - sigma) Vh, recomputed now (differentiable in the deltas)."""
-        factors, base = self._factors(), self.base_weight
-        return base + delta_weight(factors.U, factors.Vh, self._shift(factors)).reshape(base.shape)
+    def adapted_weight(self, param: str | None = None) -> Tensor:
+        """W' = W + U diag(sigma' - sigma) Vh of a parameter (default: `base_weight`'s), recomputed now
+        (differentiable in the deltas), in the parameter's layout."""
+        param = param or self._unit("").part.param
+        base = self._parameters[param]
+        matrices = []
+        for part, unit in self._units_of(param):
+            factors = self._factors(part)
+            change = delta_weight(factors.U, factors.Vh, self._shift(factors, part))
+            matrices.append(kinds.matrix(self._spectral.kind, base, unit.part) + change)
+        return kinds.layout(self._spectral.kind, tuple(base.shape), matrices)
 
-    def merged_weight(self) -> Tensor:
-        """W' in the base weight's dtype, accumulated in float32 (float64 for float64 weights)."""
-        factors = self._factors()
-        return merged_weight(self.base_weight, factors.U, factors.Vh, self._shift(factors))
+    def merged_weight(self, param: str | None = None) -> Tensor:
+        """W' of a parameter in its dtype and layout, accumulated in float32 (float64 for float64 weights)."""
+        param = param or self._unit("").part.param
+        base, kind = self._parameters[param], self._spectral.kind
+        matrices = []
+        for part, unit in self._units_of(param):
+            factors = self._factors(part)
+            shift = self._shift(factors, part)
+            matrices.append(merged_matrix(kinds.matrix(kind, base, unit.part), factors.U, factors.Vh, shift))
+        return kinds.layout(kind, tuple(base.shape), matrices)
 
-    def _shift(self, factors: Decomposition) -> Tensor:
+    def merged_params(self) -> dict[str, Tensor]:
+        """{parameter name: merged W'} for every parameter this layer adapts."""
+        return {param: self.merged_weight(param) for param in self._params()}
+
+    def _unit(self, part: str) -> Unit:
+        units = self._spectral.units
+        return units[part] if part or part in units else next(iter(units.values()))
+
+    def _units_of(self, param: str) -> list[tuple[str, Unit]]:
+        return [(part, unit) for part, unit in self._spectral.units.items() if unit.part.param == param]
+
+    def _params(self) -> tuple[str, ...]:
+        return self._spectral.params
+
+    def _shift(self, factors: Decomposition, part: str = "") -> Tensor:
         config = self._spectral.config
-        return spectrum_shift(factors.sigma, self._parameters[DELTA], config.scale, config.mode)
+        return spectrum_shift(factors.sigma, self._parameters[delta_name(self._unit(part).part.name)],
+                              config.scale, config.mode)
 
     def _needs_graph(self) -> bool:
         if not torch.is_grad_enabled():
             return False
-        return self._parameters[DELTA].requires_grad or self.base_weight.requires_grad
+        deltas = (self._parameters[delta_name(part)] for part in self._spectral.units)
+        return any(d.requires_grad for d in deltas) or any(self._parameters[p].requires_grad for p in self._params())
 
-    def _factors(self) -> Decomposition:
-        """The decomposition, recomputed first if the base weight was edited in place
+    def _factors(self, part: str = "") -> Decomposition:
+        """A unit's decomposition, recomputed first if the base weight was edited in place
         (e.g. DistributedDataParallel broadcasting rank 0's weights)."""
-        state = self._spectral
-        if not torch.compiler.is_compiling() and self._weight_stamp() != state.weight_stamp:
+        if not torch.compiler.is_compiling() and self._stamps() != self._spectral.stamps:
             self.redecompose()
-        return state.factors
+        return self._unit(part).factors
 
-    def _weight_stamp(self) -> tuple[int, int]:
-        """Changes when the base weight is replaced or edited in place (not through ``.data``)."""
-        base = self.base_weight
-        return id(base), version_of(base)
+    def _stamps(self) -> tuple[tuple[int, int], ...]:
+        """Change when a base weight is replaced or edited in place (not through ``.data``)."""
+        return tuple((id(p), version_of(p)) for p in map(self._parameters.__getitem__, self._spectral.params))
 
     def redecompose(self) -> None:
-        """Decompose the current base weight again (the deltas are kept)."""
-        state, base = self._spectral, self.base_weight
-        state.factors = decompose_cached(base, state.config.rank, state.cache_dir)
-        state.weight_stamp = self._weight_stamp()
+        """Decompose the current base weights again (the deltas are kept)."""
+        state = self._spectral
+        for part, unit in state.units.items():
+            unit.factors = decompose_cached(self.base_matrix(part), state.config.rank, state.cache_dir)
+        state.stamps = self._stamps()
         self._clear_cache()
 
-    def _cached_weight(self) -> Tensor:
+    def _adapted_param(self, param: str) -> Tensor:
+        """What reading the parameter ``param`` gives: W' (built with autograd when training)."""
+        live = self._spectral.live.get(param)
+        if live is not None:
+            return live
+        if self._needs_graph():
+            return self.adapted_weight(param)
+        return self._cached_weight(param)
+
+    def _cached_weight(self, param: str) -> Tensor:
         """W' without autograd, rebuilt only when the deltas, weight or scale change."""
         if torch.compiler.is_compiling():
-            return self.adapted_weight()
-        delta, base, state = self._parameters[DELTA], self.base_weight, self._spectral
-        key = (version_of(delta), delta.data_ptr(), version_of(base), base.data_ptr(), base.dtype, base.device, state.config)
-        cached = state.cached_weight
-        if state.cache_key != key or cached is None or cached._version != state.cached_version:
+            return self.adapted_weight(param)
+        base, state = self._parameters[param], self._spectral
+        deltas = [self._parameters[delta_name(part)] for part, _ in self._units_of(param)]
+        key = (*((version_of(d), d.data_ptr()) for d in deltas), version_of(base), base.data_ptr(), base.dtype,
+               base.device, state.config)
+        entry = state.cached.get(param)
+        if entry is None or entry[0] != key or entry[2]._version != entry[1]:
             # (re)build, also when someone wrote into the cached tensor; never as an inference
             # tensor, which has no version counter and could not be used outside inference_mode
             with torch.inference_mode(False), torch.no_grad():
-                state.cached_weight = cached = self.adapted_weight()
-            state.cache_key, state.cached_version = key, cached._version
-        return cached
+                weight = self.adapted_weight(param)
+            entry = state.cached[param] = (key, weight._version, weight)
+        return entry[2]
 
     def _clear_cache(self) -> None:
-        self._spectral.cache_key = None
-        self._spectral.cached_weight = None
+        self._spectral.cached.clear()
 
     def _apply(self, fn, recurse=True):
-        stale = self._weight_stamp() != self._spectral.weight_stamp
+        stale = self._stamps() != self._spectral.stamps
         super()._apply(fn, recurse)
-        factors = self._spectral.factors
-        factors.U, factors.Vh = fn(factors.U), fn(factors.Vh)
-        factors.sigma = factors.sigma.to(factors.U.device, svd_dtype(factors.U.dtype))
-        self._spectral.weight_stamp = self._weight_stamp()
+        for unit in self._spectral.units.values():
+            factors = unit.factors
+            factors.U, factors.Vh = fn(factors.U), fn(factors.Vh)
+            factors.sigma = factors.sigma.to(factors.U.device, svd_dtype(factors.U.dtype))
+        self._spectral.stamps = self._stamps()
         self._clear_cache()
         if stale:  # edited before the move: the factors are of the old weight
             self.redecompose()
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
-        incoming, base, state = state_dict.get(prefix + "weight"), self.base_weight, self._spectral
-        factors = None
-        if incoming is not None and incoming.shape == base.shape and not torch.equal(incoming.to(base), base):
+        state, kind, new = self._spectral, self._spectral.kind, {}
+        for part, unit in state.units.items():
+            incoming, base = state_dict.get(prefix + unit.part.param), self._parameters[unit.part.param]
+            if incoming is None or incoming.shape != base.shape or torch.equal(incoming.to(base), base):
+                continue
             try:  # decompose before loading, so a weight without an SVD is not half-loaded
-                factors = decompose_cached(incoming.to(base), state.config.rank, state.cache_dir)
+                new[part] = decompose_cached(kinds.matrix(kind, incoming.to(base), unit.part), state.config.rank,
+                                             state.cache_dir)
             except SvdtuneError as error:
                 error_msgs.append(f"svdtune layer {prefix[:-1]!r}: new base weight refused: {error}")
                 return
         errors_before = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
         self._clear_cache()
-        if len(error_msgs) == errors_before:  # else leave the stamp: the next forward re-decomposes if needed
-            state.factors = factors or state.factors
-            state.weight_stamp = self._weight_stamp()
+        if len(error_msgs) == errors_before:  # else leave the stamps: the next forward re-decomposes if needed
+            for part, factors in new.items():
+                state.units[part].factors = factors
+            state.stamps = self._stamps()
 
     def __getstate__(self):
         self._factors()  # a copy or pickle gets factors of the weight it holds
@@ -202,7 +284,7 @@ class SpectralLayer(nn.Module):
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._spectral.weight_stamp = self._weight_stamp()  # the copied weight is a new tensor
+        self._spectral.stamps = self._stamps()  # the copied weight is a new tensor
 
     def __reduce_ex__(self, protocol):
         # The Spectral<Class> type is built at run time and cannot be pickled by name:
@@ -211,55 +293,46 @@ class SpectralLayer(nn.Module):
         return (_new_spectral, (self._spectral.original_class,), *rest)
 
     def extra_repr(self) -> str:
-        config, factors = self._spectral.config, self._spectral.factors
-        rank = f"{factors.sigma.numel()}/{min(weight_matrix(self.base_weight).shape)}"
-        return f"{super().extra_repr()}, svd={config.mode}, rank={rank}, scale={config.scale:g}"
+        config, units = self._spectral.config, self._spectral.units
+        ranks = [f"{part + '=' if part else ''}{unit.factors.sigma.numel()}/{min(self.base_matrix(part).shape)}"
+                 for part, unit in units.items()]
+        rank = ranks[0] if len(ranks) == 1 else f"({', '.join(ranks)})"
+        text = super().extra_repr()
+        return f"{text + ', ' if text else ''}svd={config.mode}, rank={rank}, scale={config.scale:g}"
 
-    def _linear_forward(self, input: Tensor) -> Tensor:
-        """nn.Linear forward with the cheapest exact path for this call (see `choose_path`)."""
-        if not self._needs_graph() or self.base_weight.requires_grad:
-            return F.linear(input, self.weight, self.bias)
-        factors, base = self._factors(), self.base_weight
-        m, n = base.shape
-        rows = input.numel() // max(n, 1)
-        path = choose_path(rows, m, n, factors.sigma.numel(), factors.full_rank, input.requires_grad)
-        if path == "rebuild":
-            return kernels.linear(input, self.adapted_weight(), self.bias)
-        shift = self._shift(factors)
-        projected = kernels.linear(input, factors.Vh)  # (..., n) -> (..., k)
-        if path == "factorized":  # W == U diag(sigma) Vh: one path through the factors
-            return kernels.linear(projected * (factors.sigma + shift).to(projected.dtype), factors.U, self.bias)
-        # low rank: W x + U_k diag(shift) Vh_k x; the rest of W is untouched
-        correction = kernels.linear(projected * shift.to(projected.dtype), factors.U)
-        return kernels.linear(input, base, self.bias) + correction
+    def _plain_forward(self, *args, **kwargs):
+        """The original class's forward (reading the adapted weight)."""
+        return self._spectral.original_class.forward(self, *args, **kwargs)
 
 
-def choose_path(rows: int, m: int, n: int, k: int, full_rank: bool, input_grad: bool) -> str:
-    """Pick the training forward of a Linear (m, n) with k deltas by multiply-add count.
-
-    "rebuild": W' = W + U diag(shift) Vh, then a dense layer: builds and projects the
-    gradient back onto the spectrum (2mnk) plus forward, dW' and maybe dx (rows*m*n each).
-    "factorized" (full rank only): ((x Vh^T) * sigma') U^T, two thin matmuls each way.
-    "lowrank": W x plus the k-dimensional correction, with W frozen.
-    """
-    thin = rows * k * (m + n) * 2 - (0 if input_grad else rows * k * n)
-    if full_rank:
-        costs = {"factorized": thin}
-    else:
-        costs = {"lowrank": rows * m * n * (2 if input_grad else 1) + thin}
-    costs["rebuild"] = 2 * m * n * k + rows * m * n * (3 if input_grad else 2)
-    return min(costs, key=costs.get)  # a tie goes to the thin path (measured slightly faster)
+def delta_name(part: str) -> str:
+    """The parameter name of a unit's deltas: "svd_delta", or "svd_delta_<part>" (e.g. "svd_delta_q_proj")."""
+    return f"{DELTA}_{part}" if part else DELTA
 
 
 _CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
 
 
+def _weight_property(param: str) -> property:
+    def read(self: SpectralLayer) -> Tensor | None:
+        if any(unit.part.param == param for unit in self._spectral.units.values()):
+            return self._adapted_param(param)
+        return self._parameters[param]  # e.g. in_proj_weight (None) of attention with separate q/k/v weights
+
+    return property(read, doc=f"The adapted {param} W' (same shape and dtype as the base weight).")
+
+
 def spectral_class(cls: type[nn.Module]) -> type[nn.Module]:
     """The adapted class for a supported layer class (built once per class)."""
     if cls not in _CLASSES:
+        from svdtune import forwards  # (forwards imports this module)
+
+        kind = kinds.kind_of(cls)
         body = {"__module__": __name__, "__qualname__": f"Spectral{cls.__name__}"}
-        if issubclass(cls, nn.Linear) and cls.forward is nn.Linear.forward:
-            body["forward"] = SpectralLayer._linear_forward  # a custom forward reads .weight instead
+        body.update({param: _weight_property(param) for param in kind.params()})
+        forward = forwards.training_forward(kind, cls)
+        if forward is not None:  # else the class's own forward reads the adapted weight
+            body["forward"] = forward
         _CLASSES[cls] = type(f"Spectral{cls.__name__}", (SpectralLayer, cls), body)
     return _CLASSES[cls]
 
@@ -269,23 +342,40 @@ def _new_spectral(original_class: type[nn.Module]) -> nn.Module:
     return cls.__new__(cls)
 
 
-def adapt(module: nn.Module, factors: Decomposition, config: SpectralConfig, cache_dir: str | None = None) -> None:
-    """Turn a supported layer into a spectral layer in place, with zero deltas."""
-    base = module._parameters["weight"]
-    state = SpectralState(config, factors, type(module), (id(base), version_of(base)), cache_dir)
-    delta = torch.zeros(factors.sigma.numel(), dtype=base.dtype, device=base.device)
+def adapt(module: nn.Module, factors: dict[str, Decomposition] | Decomposition, config: SpectralConfig,
+          cache_dir: str | None = None) -> None:
+    """Turn a supported layer into a spectral layer in place, with zero deltas.
+
+    ``factors``: {part name: decomposition of that part's matrix}, or one decomposition for a
+    layer of one part.
+    """
+    kind = kinds.kind_of(module)
+    parts = kind.parts(module)
+    if isinstance(factors, Decomposition):
+        factors = {parts[0].name: factors}
+    units = {part.name: Unit(part, factors[part.name]) for part in parts}
+    params = {part.param: module._parameters[part.param] for part in parts}
+    stamps = tuple((id(p), version_of(p)) for p in params.values())
+    state = SpectralState(config, kind, type(module), units, tuple(params), stamps, cache_dir)
     module.__class__ = spectral_class(type(module))
     module.__dict__["_spectral"] = state
-    module.register_parameter(DELTA, nn.Parameter(delta))
+    for part in parts:
+        base = params[part.param]
+        delta = torch.zeros(units[part.name].factors.sigma.numel(), dtype=base.dtype, device=base.device)
+        module.register_parameter(delta_name(part.name), nn.Parameter(delta))
 
 
-def unadapt(module: SpectralLayer, weight: Tensor | None = None) -> nn.Module:
-    """Give a spectral layer its original class back; with ``weight``, as its new base weight."""
+def unadapt(module: SpectralLayer, weights: dict[str, Tensor] | Tensor | None = None) -> nn.Module:
+    """Give a spectral layer its original class back; with ``weights`` ({parameter: tensor}, or one
+    tensor for `base_weight`), as its new base weights."""
     state = module._spectral
-    del module._parameters[DELTA]
+    if isinstance(weights, Tensor):
+        weights = {module._unit("").part.param: weights}
+    for part in state.units:
+        del module._parameters[delta_name(part)]
     del module.__dict__["_spectral"]
     module.__class__ = state.original_class
-    if weight is not None:
-        old = module._parameters["weight"]
-        module._parameters["weight"] = nn.Parameter(weight, requires_grad=old.requires_grad)
+    for param, weight in (weights or {}).items():
+        old = module._parameters[param]
+        module._parameters[param] = nn.Parameter(weight, requires_grad=old.requires_grad)
     return module

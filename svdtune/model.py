@@ -12,15 +12,15 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from svdtune import container
+from svdtune import container, kinds
 from svdtune.arguments import as_module, as_optional_path
 from svdtune.config import SpectralConfig
 from svdtune.cache import decompose_named
-from svdtune.decompose import SUPPORTED_TYPES, Decomposition
+from svdtune.decompose import Decomposition, warn_if_slow_svd
 from svdtune.errors import SvdtuneError
-from svdtune.layers import DELTA, SpectralLayer, adapt, check_finite_merge, unadapt
-from svdtune.report import Report, build_report
-from svdtune.targets import as_patterns, select
+from svdtune.layers import DELTA, SpectralLayer, adapt, check_finite_merge, delta_name, unadapt
+from svdtune.report import SKIPPED, Report, build_report
+from svdtune.targets import as_patterns, count_kinds, describe_counts, select, unadaptable
 from svdtune.transaction import Progress, all_or_nothing, writable
 
 # What the first apply records on the root model (its __dict__), for merge, restore and save_delta:
@@ -61,10 +61,16 @@ def apply(
 ) -> nn.Module:
     """Adapt the selected layers in place: freeze everything, train one delta per singular value.
 
-    Each selected ``nn.Linear``/``nn.ConvNd``/``nn.ConvTransposeNd`` (or subclass)
-    keeps its object identity, class ancestry and state-dict keys, and gains a
-    parameter ``svd_delta`` of zeros, so the model's output is unchanged until
-    training. Every other parameter is frozen, except those of ``trainable`` modules.
+    Each selected layer of a supported kind (``nn.Linear``, ``nn.ConvNd``,
+    ``nn.ConvTransposeNd``, transformers' ``Conv1D``, ``nn.Embedding``,
+    ``nn.EmbeddingBag``, ``nn.MultiheadAttention``'s q/k/v projections, or a
+    subclass; see `svdtune.kinds`) keeps its object identity, class ancestry and
+    state-dict keys, and gains a parameter ``svd_delta`` of zeros (attention:
+    ``svd_delta_q_proj``/``_k_proj``/``_v_proj``), so the model's output is unchanged
+    until training. Every other parameter is frozen, except those of ``trainable``
+    modules. Modules the patterns match that svdtune cannot adapt (with parameters
+    of their own and no supported layer inside, e.g. LayerNorm) get one warning
+    with their kinds and count, and `report` lists them.
 
     Args:
         model: any module; changed in place.
@@ -72,7 +78,8 @@ def apply(
             matches a trailing dotted part of a name (``"fc*"`` selects ``head.fc2``).
         exclude: patterns (same rule) of layers to leave alone.
         rank: tune only the top ``rank`` singular values of each layer (capped at the
-            layer's min(m, n)); only those singular vectors are stored. None: all.
+            layer's min(m, n)); only those singular vectors are stored. None: all. Large
+            embeddings: pass a rank (a full SVD of over 10^8 entries warns with its time).
         mode: "shift" (sigma' = relu(sigma + s*delta), SVDiff) or "scale"
             (sigma' = sigma * (1 + s*delta)).
         trainable: patterns of modules whose own parameters stay fully trainable
@@ -86,10 +93,10 @@ def apply(
     Raises:
         SvdtuneError: a pattern selects nothing (the message lists similar names),
             a layer is already adapted or cannot be (lazy, parametrized, empty, non-finite
-            weight, an attribute named svd_delta, inference tensors), a layer is both a
-            target and trainable, or bad rank/mode/argument types. The model is
-            unchanged when it is raised (the changes run in one `all_or_nothing`
-            transaction, rolled back on any failure).
+            or tied weight, an embedding with max_norm, an attribute named svd_delta,
+            inference tensors), a layer is both a target and trainable, or bad
+            rank/mode/argument types. The model is unchanged when it is raised (the
+            changes run in one `all_or_nothing` transaction, rolled back on any failure).
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
@@ -103,11 +110,14 @@ def apply(
     wrapper, model = model, unwrap(model)
     config = SpectralConfig(mode=mode, rank=rank)
     targets, exclude = as_patterns(targets, "targets"), as_patterns(exclude, "exclude")
-    layers = select(model, targets, exclude, SUPPORTED_TYPES, "targets")
+    layers = select(model, targets, exclude)
+    found = unadaptable(model, targets, exclude)  # {name: class} of what the patterns meet but cannot adapt
     if not layers:
+        skipped = describe_counts(count_kinds(found.values()))
+        left = f"; it matches only modules svdtune cannot adapt ({skipped})" if found else ""
         raise SvdtuneError(
-            f"targets={list(targets)} with exclude={list(exclude)} leaves no layer to adapt; "
-            "name at least one layer, e.g. targets=['fc*']."
+            f"targets={list(targets)} with exclude={list(exclude)} leaves no layer to adapt{left}; "
+            f"name at least one layer of a supported kind ({kinds.supported_names()})."
         )
     free = _select_trainable(model, as_patterns(trainable, "trainable"), layers)
     cache_dir = as_optional_path(cache_dir, "cache_dir")
@@ -116,8 +126,8 @@ def apply(
         _check_adaptable(name, layer)
     _check_trainable(layers, free)
     check_not_shared(model, layers)
-    weights = {name: layer._parameters["weight"] for name, layer in layers.items()}
-    factors = {name: decompose_named(name, weight, rank, cache_dir) for name, weight in weights.items()}
+    factors = {name: decompose_parts(name, layer, rank, cache_dir) for name, layer in layers.items()}
+    skipped = {n: cls for n, cls in found.items() if not _inside(n, free)}
     # Nothing above changed the model; nothing below is meant to fail, and if it does, it is undone.
     with all_or_nothing(model, "svdtune.apply") as progress:
         plan = [(name, layer, factors[name], config) for name, layer in layers.items()]
@@ -126,12 +136,14 @@ def apply(
             progress.current = f"trainable module {name!r}"
             module.requires_grad_(True)
         model.__dict__[_TRAINABLE] = sorted({*model.__dict__.get(_TRAINABLE, ()), *free})
+    _note_skipped(model, skipped)
     return wrapper
 
 
 def _check_trainable(layers: dict[str, nn.Module], free: dict[str, nn.Module]) -> None:
     """Refuse to train inference tensors (of a model built under ``torch.inference_mode()``): autograd cannot use them."""
-    tensors = [(f"layer {n!r}", m._parameters["weight"]) for n, m in layers.items()]
+    tensors = [(f"layer {n!r}", m._parameters[part.param]) for n, m in layers.items()
+               for part in kinds.kind_of(m).parts(m)]
     tensors += [(f"trainable module {n!r}", p) for n, m in free.items() for p in m.parameters()]
     for what, tensor in tensors:
         if tensor.is_inference():
@@ -140,6 +152,34 @@ def _check_trainable(layers: dict[str, nn.Module], free: dict[str, nn.Module]) -
                 "cannot train; build the model outside inference_mode (torch.no_grad() saves the memory too), or, to "
                 "serve a trained delta, use svdtune.load_delta, which supports such models."
             )
+
+
+def decompose_parts(name: str, layer: nn.Module, rank: int | None, cache_dir: str | None) -> dict[str, Decomposition]:
+    """{part name: decomposition} of a layer's matrices (see `svdtune.kinds`), warning before a slow full SVD."""
+    kind, factors = kinds.kind_of(layer), {}
+    for part in kind.parts(layer):
+        unit, matrix = kinds.unit_name(name, part.name), kinds.matrix(kind, layer._parameters[part.param], part)
+        warn_if_slow_svd(unit, tuple(matrix.shape), rank, matrix.device)
+        factors[part.name] = decompose_named(unit, matrix, rank, cache_dir)
+    return factors
+
+
+def _inside(name: str, modules: dict[str, nn.Module]) -> bool:
+    """True if the module ``name`` is one of ``modules`` (by name) or inside one."""
+    return any(name == top or name.startswith(top + ".") for top in modules)
+
+
+def _note_skipped(model: nn.Module, skipped: dict[str, str]) -> None:
+    """Warn once about what the patterns matched but svdtune cannot adapt ({name: class}); `report` lists it too."""
+    if not skipped:
+        return
+    model.__dict__[SKIPPED] = {**model.__dict__.get(SKIPPED, {}), **skipped}
+    warnings.warn(
+        f"the targets also match {len(skipped)} modules svdtune cannot adapt, left frozen: "
+        f"{describe_counts(count_kinds(skipped.values()))}; train them fully with apply(..., trainable=[...]) if they need to change, "
+        "or name the layers to adapt more narrowly to silence this.",
+        UserWarning, stacklevel=3,
+    )
 
 
 def root_record(model: nn.Module) -> dict[str, object]:
@@ -179,7 +219,7 @@ def adapt_layers(
 def _select_trainable(model: nn.Module, patterns: tuple[str, ...], layers: dict[str, nn.Module]) -> dict[str, nn.Module]:
     if not patterns:
         return {}
-    modules = select(model, patterns, (), (nn.Module,), "trainable")
+    modules = select(model, patterns, (), lambda module: True, "trainable")
     for name, module in modules.items():
         clash = [n for n, m in module.named_modules(prefix=name) if n in layers or isinstance(m, SpectralLayer)]
         if clash:
@@ -195,24 +235,38 @@ def _check_adaptable(name: str, layer: nn.Module) -> None:
         raise SvdtuneError(
             f"layer {name!r} is already adapted by svdtune; exclude it, or call svdtune.restore(model) first."
         )
-    weight = layer._parameters.get("weight")
-    if not isinstance(weight, nn.Parameter):
+    if getattr(layer, "max_norm", None) is not None:  # nn.Embedding, nn.EmbeddingBag
         raise SvdtuneError(
-            f"layer {name!r} has no plain 'weight' parameter (parametrized or weight-normed?); "
-            "remove the parametrization first or exclude the layer."
+            f"layer {name!r} has max_norm={layer.max_norm}, which renormalizes looked-up rows of its weight in place "
+            "at every forward; a decomposed, frozen weight cannot be edited so: set max_norm=None (renormalize the "
+            "rows once beforehand if needed), train it fully with trainable=[...], or exclude it."
         )
-    if isinstance(weight, nn.parameter.UninitializedParameter):
-        raise SvdtuneError(f"layer {name!r} is lazy and not initialized yet; run one forward pass before apply.")
-    if weight.is_meta:
-        raise SvdtuneError(
-            f"layer {name!r} is on the meta device and has no values to decompose; "
-            "materialize and load the weights first (model.to_empty(device=...) and load_state_dict)."
-        )
-    if weight.numel() == 0 or not weight.is_floating_point():
-        raise SvdtuneError(f"layer {name!r} has a weight of shape {list(weight.shape)} and dtype {weight.dtype}, which "
-                           "has no singular values to tune (empty, or not floating point); exclude the layer.")
-    if DELTA in layer._buffers or DELTA in layer._modules or DELTA in layer.__dict__ or hasattr(type(layer), DELTA):
-        raise SvdtuneError(f"layer {name!r} already has an attribute {DELTA!r}, the parameter svdtune adds; "
+    kind = kinds.kind_of(layer)
+    for param in dict.fromkeys(part.param for part in kind.parts(layer)):
+        where = name if param == "weight" else f"{name}.{param}"
+        weight = layer._parameters.get(param)
+        if not isinstance(weight, nn.Parameter):
+            raise SvdtuneError(
+                f"layer {where!r} has no plain {param!r} parameter (parametrized or weight-normed?); "
+                "remove the parametrization first or exclude the layer."
+            )
+        if isinstance(weight, nn.parameter.UninitializedParameter):
+            raise SvdtuneError(f"layer {where!r} is lazy and not initialized yet; run one forward pass before apply.")
+        if weight.is_meta:
+            raise SvdtuneError(
+                f"layer {where!r} is on the meta device and has no values to decompose; "
+                "materialize and load the weights first (model.to_empty(device=...) and load_state_dict)."
+            )
+        if weight.dim() != kind.ndim:
+            raise SvdtuneError(f"layer {where!r} has a {weight.dim()}-D weight, but a {kind.name} has "
+                               f"{kind.ndim}-D weights; exclude it.")
+        if weight.numel() == 0 or not weight.is_floating_point():
+            raise SvdtuneError(f"layer {where!r} has a weight of shape {list(weight.shape)} and dtype {weight.dtype}, "
+                               "which has no singular values to tune (empty, or not floating point); exclude the layer.")
+    names = [delta_name(part.name) for part in kind.parts(layer)]
+    taken = [n for n in names if n in layer._buffers or n in layer._modules or n in layer.__dict__ or hasattr(type(layer), n)]
+    if taken:
+        raise SvdtuneError(f"layer {name!r} already has an attribute {taken[0]!r}, the parameter svdtune adds; "
                            "rename that attribute or exclude the layer.")
 
 
@@ -232,12 +286,15 @@ def check_not_shared(model: nn.Module, layers: dict[str, nn.Module]) -> None:
                 f"layer {name!r} is shared: the same module is also {others[0]!r}; svdtune cannot adapt one name "
                 "without the other: use separate modules, or exclude both names."
             )
-        tied = [n for n in param_names.get(id(layer._parameters["weight"]), []) if n != f"{name}.weight"]
-        if tied:
-            raise SvdtuneError(
-                f"layer {name!r} has its weight tied to {tied[0]!r}; untie it first "
-                f"(e.g. {name}.weight = nn.Parameter({name}.weight.detach().clone())) or exclude the layer."
-            )
+        for param in dict.fromkeys(part.param for part in kinds.kind_of(layer).parts(layer)):
+            tied = [n for n in param_names.get(id(layer._parameters[param]), []) if n != f"{name}.{param}"]
+            if tied:
+                raise SvdtuneError(
+                    f"layer {name!r} has its {param} tied to {tied[0]!r} (tied input/output embeddings?); untie it "
+                    f"first, e.g. {name}.{param} = nn.Parameter({name}.{param}.detach().clone()) (for a transformers "
+                    "model also set model.config.tie_word_embeddings = False, or load it with "
+                    "tie_word_embeddings=False, so that it stays untied), or exclude the layer."
+                )
 
 
 def persistent_buffers(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
@@ -296,6 +353,14 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, SpectralLayer]]:
             yield name, module
 
 
+def adapted_units(model: nn.Module) -> Iterator[tuple[str, SpectralLayer, str]]:
+    """(unit name, layer, part) for every unit of every svdtune layer: a layer of one matrix is one unit
+    named as the layer (part ""); nn.MultiheadAttention gives "<name>.q_proj", ".k_proj", ".v_proj"."""
+    for name, layer in adapted_layers(model):
+        for part in layer.spectral_parts():
+            yield kinds.unit_name(name, part), layer, part
+
+
 def _require_adapted(model: nn.Module, action: str) -> list[tuple[str, SpectralLayer]]:
     layers = list(adapted_layers(model))
     if not layers:
@@ -319,7 +384,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
         >>> optimizer = torch.optim.AdamW(svdtune.trainable_parameters(model), lr=1e-3)
     """
     layers = _require_adapted(unwrap(model), "train")
-    deltas = [layer._parameters[DELTA] for _, layer in layers]
+    deltas = [layer.spectral_delta(part) for _, layer in layers for part in layer.spectral_parts()]
     seen = {id(p) for p in deltas}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
     return [p for p in deltas if p.requires_grad] + others
@@ -367,15 +432,16 @@ def singular_values(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:
     """The tuned singular values of each layer before and after its deltas.
 
     Returns:
-        {layer name: (sigma, sigma_adapted)}, detached 1-D float tensors of length rank.
+        {unit name: (sigma, sigma_adapted)}, detached 1-D float tensors of length rank; a unit is a layer,
+        or a part of one ("<attention>.q_proj", see `adapted_units`).
 
     Raises:
         SvdtuneError: if the model has no svdtune layers.
     """
     with torch.no_grad():
         return {
-            name: (layer._factors().sigma.clone(), layer.spectrum().clone())
-            for name, layer in _require_adapted(unwrap(model), "inspect")
+            kinds.unit_name(name, part): (layer._factors(part).sigma.clone(), layer.spectrum(part).clone())
+            for name, layer in _require_adapted(unwrap(model), "inspect") for part in layer.spectral_parts()
         }
 
 
@@ -403,9 +469,10 @@ def merge(model: nn.Module) -> nn.Module:
     wrapper, model = model, unwrap(model)
     layers = _require_adapted(model, "merge")
     with torch.no_grad():
-        weights = {name: layer.merged_weight() for name, layer in layers}
-    for name, weight in weights.items():
-        check_finite_merge(name, weight)
+        weights = {name: layer.merged_params() for name, layer in layers}
+    for name, params in weights.items():
+        for param, weight in params.items():
+            check_finite_merge(name if param == "weight" else f"{name}.{param}", weight)
     for name, layer in layers:
         unadapt(layer, weights[name])
     _restore_flags(model)
@@ -441,6 +508,7 @@ def _restore_flags(model: nn.Module) -> None:
     for root in list(model.modules()):
         root.__dict__.pop(_BUFFERS, None)
         root.__dict__.pop(_TRAINABLE, None)
+        root.__dict__.pop(SKIPPED, None)
         flags = root.__dict__.pop(_FLAGS, None)
         for name, param in root.named_parameters() if flags is not None else ():
             with writable(param):  # an inference tensor's flag can be set only inside inference_mode

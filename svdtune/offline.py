@@ -22,7 +22,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from svdtune import container
+from svdtune import container, kinds
 from svdtune.arguments import as_path
 from svdtune.cache import decompose_named
 from svdtune.decompose import Decomposition
@@ -30,7 +30,7 @@ from svdtune.config import as_scale, finite_number
 from svdtune.basis import Basis, basis_changes, repeated_pairs
 from svdtune.delta import DeltaFile, Fingerprint, LayerDelta, as_delta_file, check_base
 from svdtune.errors import SvdtuneError
-from svdtune.layers import check_finite_merge, merged_weight, spectrum_shift
+from svdtune.layers import check_finite_merge, merged_matrix, spectrum_shift
 
 BASE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # matched in any case
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal styling, e.g. the bold in torch.load's messages
@@ -156,13 +156,17 @@ def merge_files(
     record = as_delta_file(delta)
     state = read_state_dict(base)
     merged = {**state, **_trained_tensors(state, record)}
-    weights = {name: _base_weight(state, f"{name}.weight", name, layer) for name, layer in record.layers.items()}
-    factors = functools.cache(lambda name: decompose_named(name, weights[name], None, None))  # all singular values
+    units = {name: _file_unit(state, name, layer) for name, layer in record.layers.items()}
+    factors = functools.cache(lambda name: decompose_named(name, units[name].matrix, None, None))  # all singular values
     for name, layer in record.layers.items():  # every hash before any SVD: a wrong base fails fast
-        check_base(name, layer.fingerprint, weights[name], lambda: factors(name).sigma, strict,
+        check_base(name, layer.fingerprint, units[name].recorded, lambda: factors(name).sigma, strict,
                    "use the base checkpoint the delta was trained on (or --force on the command line)", "merging")
+    blocks: dict[str, dict[int | None, Tensor]] = {}  # state-dict key -> {part's row block: merged matrix}
     for name, layer in record.layers.items():
-        merged[f"{name}.weight"] = _merged_weight(name, weights[name], factors(name), layer, scale)
+        unit = units[name]
+        blocks.setdefault(unit.key, {})[unit.part.block] = _merged_matrix(name, unit.matrix, factors(name), layer, scale)
+    for key, merged_blocks in blocks.items():
+        merged[key] = _in_layout(state[key], kinds.kind_named(record.layers[_first(units, key)].layer_class), merged_blocks)
     container.atomic_write(out, container.encode(merged, {"format": "pt"}))
 
 
@@ -178,26 +182,57 @@ def _trained_tensors(state: dict[str, Tensor], record: DeltaFile) -> dict[str, T
     return tensors
 
 
-def _base_weight(state: dict[str, Tensor], key: str, name: str, layer: LayerDelta) -> Tensor:
+@dataclasses.dataclass(frozen=True)
+class _FileUnit:
+    """Where a delta record's matrix is in a base state dict."""
+
+    key: str  # the state-dict key of its parameter, e.g. "h.0.attn.c_attn.weight", "attn.in_proj_weight"
+    part: kinds.Part
+    matrix: Tensor  # the (m, n) matrix decomposed (a view of the parameter)
+    recorded: Tensor  # what the record's shape and fingerprint are of: the part's matrix, or the parameter
+
+
+def _file_unit(state: dict[str, Tensor], name: str, layer: LayerDelta) -> _FileUnit:
+    module = kinds.split_unit(name, layer.part)
+    part = kinds.file_part(layer.part, module, set(state))
+    key = f"{module}.{part.param}"
     weight = state.get(key)
     if weight is None:
         raise SvdtuneError(f"layer {name!r} of the delta file has no weight {key!r} in the base checkpoint; "
                            "use the base checkpoint the delta was trained on.")
-    if tuple(weight.shape) != layer.weight_shape or not weight.is_floating_point():
+    packed_ok = part.block is None or (weight.dim() == 2 and weight.shape[0] % len(kinds.MHA_PARTS) == 0)
+    matrix = kinds.matrix(kinds.kind_named(layer.layer_class), weight, part) if packed_ok else weight
+    recorded = matrix if part.name else weight
+    if not packed_ok or tuple(recorded.shape) != layer.weight_shape or not weight.is_floating_point():
         raise SvdtuneError(f"layer {name!r}: base weight {key!r} is {list(weight.shape)} {weight.dtype}, the delta "
-                           f"expects {list(layer.weight_shape)} float; use the base checkpoint the delta was trained on.")
-    return weight
+                           f"expects {list(layer.weight_shape)} float{' (per part)' if part.name else ''}; use the base "
+                           "checkpoint the delta was trained on.")
+    return _FileUnit(key, part, matrix, recorded)
 
 
-def _merged_weight(name: str, weight: Tensor, factors: Decomposition, layer: LayerDelta, scale: float) -> Tensor:
-    """W' = W + U diag(shift) Vh in the weight's dtype, computed as `svdtune.merge` does.
+def _first(units: dict[str, _FileUnit], key: str) -> str:
+    return next(name for name, unit in units.items() if unit.key == key)
+
+
+def _in_layout(base: Tensor, kind: kinds.LayerKind, blocks: dict[int | None, Tensor]) -> Tensor:
+    """The merged parameter in ``base``'s layout: the merged matrix written back (Conv1D: transposed), or for a
+    packed parameter its row blocks, the base's own where the file has no part."""
+    if None in blocks:
+        return kinds.layout(kind, tuple(base.shape), [blocks[None]])
+    rows = base.shape[0] // len(kinds.MHA_PARTS)
+    own = [base[i * rows:(i + 1) * rows] for i in range(len(kinds.MHA_PARTS))]
+    return kinds.layout(kind, tuple(base.shape), [blocks.get(i, own[i]) for i in range(len(own))])
+
+
+def _merged_matrix(name: str, matrix: Tensor, factors: Decomposition, layer: LayerDelta, scale: float) -> Tensor:
+    """W' = W + U diag(shift) Vh of the unit's matrix in its dtype, computed as `svdtune.merge` does.
 
     ``factors`` holds all singular values: the one after the top k is checked for repeats too.
     """
     k, sigma = layer.rank, factors.sigma
     shift = spectrum_shift(sigma[:k], layer.delta.to(sigma.dtype), layer.scale * scale, layer.mode)
     warn_if_basis_dependent(name, factors, shift, layer.fingerprint)
-    result = merged_weight(weight, factors.U[:, :k], factors.Vh[:k], shift)
+    result = merged_matrix(matrix, factors.U[:, :k], factors.Vh[:k], shift)
     check_finite_merge(name, result)
     return result
 

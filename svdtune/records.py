@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from svdtune import container
+from svdtune import container, kinds
 from svdtune.basis import PROBES, Basis
 from svdtune.config import MODES, finite_number
 from svdtune.errors import SvdtuneError
@@ -25,10 +25,9 @@ from svdtune.fingerprint import FLOAT_NAMES, FLOATS, TOP_SIGMA, Fingerprint
 MAX_NAME = 4096  # characters in a layer, parameter, buffer or class name
 MAX_ELEMENTS = 2**63 - 1  # a weight_shape's product: torch's limit on a tensor's elements
 # Known layer classes and their weights' ndim; any other class name (a user subclass) may have any ndim >= 2.
-CLASS_NDIM = {"Linear": 2, "Conv1d": 3, "ConvTranspose1d": 3, "Conv2d": 4, "ConvTranspose2d": 4, "Conv3d": 5,
-              "ConvTranspose3d": 5, "Conv1D": 2, "Embedding": 2, "EmbeddingBag": 2, "MultiheadAttention": 2}
-VERSION_4_CLASSES = frozenset({"Conv1D", "Embedding", "EmbeddingBag", "MultiheadAttention"})
-PARTS = ("q_proj", "k_proj", "v_proj")  # a "part" of a MultiheadAttention (format version 4)
+CLASS_NDIM = {kind.name: kind.ndim for kind in kinds.KINDS}
+VERSION_4_CLASSES = frozenset(kinds.NEW_IN_VERSION_4)
+PARTS = kinds.MHA_PARTS  # a "part" of a MultiheadAttention (format version 4)
 SVD_LIMITS = {"oversample": 10**6, "iterations": 100, "seed": 2**63 - 1}  # a randomized "svd" record's maxima
 RECORD_KEYS = frozenset({"class", "weight_shape", "rank", "mode", "scale", "fingerprint"})
 VERSION_4_KEYS = frozenset({"part", "svd"})  # optional
@@ -148,11 +147,13 @@ def _valid_shape(shape: object) -> bool:
 
 
 def _part(name: str, record: dict, cls: str, wrong) -> str | None:
-    """A MultiheadAttention record names its part, and is keyed "<module name>.<part>"; no other record has one."""
+    """A MultiheadAttention record names its part, and is keyed "<module name>.<part>"; no record of another
+    known class has one (a user's subclass of MultiheadAttention is recorded under its own class name)."""
     part = record.get("part")
     if cls != "MultiheadAttention" and "part" not in record:
         return None
-    if cls != "MultiheadAttention" or part not in PARTS or not name.endswith(f".{part}"):
+    single = cls in CLASS_NDIM and cls != "MultiheadAttention"  # a known kind of one matrix
+    if single or part not in PARTS or not name.endswith(f".{part}"):
         raise wrong(f"has part {part!r:.40} and class {cls}: a part, one of {PARTS}, belongs to a MultiheadAttention "
                     "record keyed '<module name>.<part>'")
     return part

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 
-from svdtune.decompose import weight_matrix
-from svdtune.layers import DELTA, SpectralLayer
+from svdtune import kinds
+from svdtune.layers import SpectralLayer
+from svdtune.targets import count_kinds, describe_counts
+
+SKIPPED = "_svdtune_skipped"  # on the root model: {module name: class name} apply's patterns met but could not adapt
 
 _HEADER = ("layer", "type", "weight shape", "rank", "mode", "trainable", "% of model")
 
@@ -32,11 +35,14 @@ class Report:
         rows: one per adapted layer, then one per fully trainable parameter.
         trainable: numbers the optimizer trains (deltas plus trainable modules).
         total: parameters of the base model (deltas not counted).
+        skipped: {class name: count} of modules `apply`'s patterns matched but svdtune cannot
+            adapt (with parameters of their own and no supported layer inside), left frozen.
     """
 
     rows: tuple[LayerRow, ...]
     trainable: int
     total: int
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
         rows = [
@@ -46,6 +52,9 @@ class Report:
         rows.append(("total", "", "", "", "", f"{self.trainable:,}", _percent(self.trainable, self.total)))
         lines = table_lines(_HEADER, rows)
         lines.insert(-1, lines[1])  # a rule above the total too
+        if self.skipped:
+            counts = describe_counts(self.skipped)
+            lines.append(f"not adapted (svdtune cannot adapt these kinds; matched by the targets, left frozen): {counts}")
         return "\n".join(lines)
 
 
@@ -65,15 +74,19 @@ def build_report(model: nn.Module) -> Report:
     rows, deltas = [], set()
     for name, module in model.named_modules():
         if isinstance(module, SpectralLayer):
-            delta = module._parameters[DELTA]
-            deltas.add(id(delta))
-            full = min(weight_matrix(module.base_weight).shape)
-            rows.append(LayerRow(
-                name, module._spectral.original_class.__name__, tuple(module.base_weight.shape),
-                f"{delta.numel()}/{full}", module._spectral.config.mode, delta.numel() if delta.requires_grad else 0,
-            ))
+            for part in module.spectral_parts():
+                delta = module.spectral_delta(part)
+                deltas.add(id(delta))
+                matrix = module.base_matrix(part)
+                shape = tuple(matrix.shape) if part else tuple(module.base_weight.shape)
+                rows.append(LayerRow(
+                    kinds.unit_name(name, part), module._spectral.original_class.__name__, shape,
+                    f"{delta.numel()}/{min(matrix.shape)}", module._spectral.config.mode,
+                    delta.numel() if delta.requires_grad else 0,
+                ))
     for name, param in model.named_parameters():
         if param.requires_grad and id(param) not in deltas:
             rows.append(LayerRow(name, "parameter", tuple(param.shape), "full", "-", param.numel()))
     total = sum(p.numel() for p in model.parameters() if id(p) not in deltas)
-    return Report(tuple(rows), sum(r.trainable for r in rows), total)
+    skipped = [cls for module in model.modules() for cls in module.__dict__.get(SKIPPED, {}).values()]
+    return Report(tuple(rows), sum(r.trainable for r in rows), total, count_kinds(skipped))

@@ -36,7 +36,7 @@ def randomize_deltas(model: nn.Module, seed: int = 0, std: float = 0.3) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("svd_delta"):
+            if name.rsplit(".", 1)[-1].startswith("svd_delta"):  # svd_delta, svd_delta_q_proj, ...
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 

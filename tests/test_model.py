@@ -78,7 +78,7 @@ def test_exclude_uses_the_same_rule():
         (dict(targets=["fcc1"]), "'fcc1' selects no module. Similar layer names: fc1"),
         (dict(targets=["fc*"], exclude=["fc3"]), "'fc3'"),
         (dict(targets=["head"]), "head.*"),
-        (dict(targets=["norm"]), "none of which is a supported layer"),
+        (dict(targets=["norm"]), "of a kind svdtune does not adapt and with no such layers inside"),
         (dict(targets=["fc1"], mode="rotate"), "mode='rotate'"),
         (dict(targets=["fc1"], rank=0), "rank=0"),
         (dict(targets=["fc1"], trainable=["fc1"]), "both a target and inside trainable"),
