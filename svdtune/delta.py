@@ -33,10 +33,11 @@ from svdtune import container
 from svdtune.basis import PROBES, Basis
 from svdtune.config import MODES, finite_number
 from svdtune.errors import SvdtuneError
+from svdtune.randomized import RandomizedSVD, from_record
 
 FORMAT = "svdtune.delta"
-FORMAT_VERSION = 3  # the newest: 2 adds "buffers", 3 a fingerprint's "basis"; each file gets the lowest it needs
-READ_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # the newest: 2 adds "buffers", 3 a fingerprint's "basis", 4 a record's "svd"; each file gets the lowest it needs
+READ_VERSIONS = (1, 2, 3, 4)
 TOP_SIGMA = 4  # singular values kept in a fingerprint
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 TORCH_LEGACY_MAGIC = b"\x8a\nl\xfc\x9cF\xf9 j\xa8P\x19"  # torch.save's legacy format: a pickled magic number first
@@ -72,6 +73,8 @@ class LayerDelta:
         scale: the strength the deltas are applied with (1.0 = as trained).
         fingerprint: the base weight's `Fingerprint`.
         delta: (k,) the deltas of the top k singular values, a float tensor.
+        svd: the `RandomizedSVD` parameters that computed the singular basis, None for the
+            exact SVD (record key "svd", format version 4).
     """
 
     layer_class: str
@@ -80,6 +83,7 @@ class LayerDelta:
     scale: float
     fingerprint: Fingerprint
     delta: Tensor = field(repr=False)
+    svd: RandomizedSVD | None = None
 
     @property
     def rank(self) -> int:
@@ -278,6 +282,8 @@ def as_delta_file(source: str | os.PathLike | DeltaFile) -> DeltaFile:
 
 def format_version(delta: DeltaFile) -> int:
     """The lowest version that holds ``delta``, so that older svdtune reads what it can."""
+    if any(layer.svd is not None for layer in delta.layers.values()):
+        return 4
     if any(layer.fingerprint.basis for layer in delta.layers.values()):
         return 3
     return 2 if delta.buffers else 1
@@ -317,6 +323,7 @@ def _record(layer: LayerDelta) -> dict:
         "scale": float(layer.scale),
         "fingerprint": {"sha256": fp.sha256, "top_sigma": list(fp.top_sigma), "dtype": fp.dtype,
                         **({"basis": [_basis_record(b) for b in fp.basis]} if fp.basis else {})},
+        **({"svd": layer.svd.record()} if layer.svd is not None else {}),
     }
 
 
@@ -347,6 +354,8 @@ def from_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], what: str
     layers = {name: _layer(name, record, tensors[name], what) for name, record in records.items()}
     if int(version) < 3 and any(layer.fingerprint.basis for layer in layers.values()):
         raise SvdtuneError(f"{what} records a singular basis, which format version {version} does not have; write the file again.")
+    if int(version) < 4 and any(layer.svd is not None for layer in layers.values()):
+        raise SvdtuneError(f"{what} records an svd method, which format version {version} does not have; write the file again.")
     for name in params:
         if tensors[name].dtype not in FLOATS:
             raise SvdtuneError(f"{what}: parameter {name!r} has dtype {tensors[name].dtype}, not a float; write the file again.")
@@ -384,8 +393,8 @@ def _layer(name: str, record: object, delta: Tensor, what: str) -> LayerDelta:
         return SvdtuneError(f"{what}: layer {name!r} {why}; the file is damaged or hand-edited: write it again.")
 
     keys = {"class", "weight_shape", "rank", "mode", "scale", "fingerprint"}
-    if not isinstance(record, dict) or set(record) != keys:
-        raise bad(f"has a malformed record (expected the keys {sorted(keys)})")
+    if not isinstance(record, dict) or set(record) - {"svd"} != keys:
+        raise bad(f"has a malformed record (expected the keys {sorted(keys)}, and optionally 'svd')")
     shape, rank, scale, fp = record["weight_shape"], record["rank"], record["scale"], record["fingerprint"]
     if not (isinstance(shape, list) and len(shape) >= 2 and all(_positive(s) for s in shape)):
         raise bad(f"has an invalid weight shape {shape!r}")
@@ -399,7 +408,19 @@ def _layer(name: str, record: object, delta: Tensor, what: str) -> LayerDelta:
         raise bad(f"has a delta tensor of shape {tuple(delta.shape)} and dtype {delta.dtype}, expected ({rank},) float")
     if not bool(torch.isfinite(delta).all()):
         raise bad("has non-finite deltas (NaN or infinity)")
-    return LayerDelta(record["class"], tuple(shape), record["mode"], float(scale), _fingerprint(fp, rank, bad), delta)
+    svd = _svd(record.get("svd"), rank, shape, bad) if "svd" in record else None
+    return LayerDelta(record["class"], tuple(shape), record["mode"], float(scale), _fingerprint(fp, rank, bad), delta, svd)
+
+
+def _svd(value: object, rank: int, shape: list[int], bad) -> RandomizedSVD:
+    """The record's randomized SVD parameters, checked to be reproducible at this rank and shape."""
+    try:
+        svd = from_record(value)
+    except SvdtuneError as error:
+        raise bad(str(error).rstrip(".")) from None
+    if rank + svd.oversample > min(shape[0], math.prod(shape[1:])):
+        raise bad(f"has a randomized svd of rank {rank} with oversample {svd.oversample}, impossible for shape {shape}")
+    return svd
 
 
 def _positive(value: object) -> bool:

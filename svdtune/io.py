@@ -22,6 +22,7 @@ from svdtune.decompose import SUPPORTED_TYPES, Decomposition
 from svdtune.basis import basis_of, repeated_pairs
 from svdtune.delta import DeltaFile, LayerDelta, as_delta_file, check_base, fingerprint
 from svdtune.errors import SvdtuneError
+from svdtune.randomized import RandomizedSVD
 from svdtune.layers import DELTA, SpectralLayer, spectrum_shift
 from svdtune.offline import warn_if_basis_dependent
 from svdtune.model import (
@@ -90,7 +91,7 @@ def _layer_delta(name: str, layer: SpectralLayer) -> LayerDelta:
     factors = layer._factors()
     pairs = repeated_pairs(factors.sigma, layer._shift(factors), factors.next_sigma)
     stamp = dataclasses.replace(fingerprint(layer.base_weight, factors.sigma), basis=basis_of(factors.U, factors.Vh, pairs))
-    return LayerDelta(class_name, tuple(layer.base_weight.shape), config.mode, config.scale, stamp, delta)
+    return LayerDelta(class_name, tuple(layer.base_weight.shape), config.mode, config.scale, stamp, delta, factors.svd)
 
 
 @dataclass(eq=False)
@@ -102,6 +103,7 @@ class _Step:
     delta: Tensor
     adapted: bool  # the layer holds an svdtune adapter already
     factors: Decomposition | None = None  # a plain layer is decomposed once its base weight is known to match
+    svd: RandomizedSVD | None = None  # the method the file records (None: the exact SVD)
 
 
 def load_delta(
@@ -177,7 +179,7 @@ def _plain_step(name: str, record: LayerDelta, modules: dict[str, nn.Module]) ->
     _check_shape(name, tuple(layer._parameters["weight"].shape), record)
     rank = None if record.rank == record.max_rank else record.rank
     config = SpectralConfig(mode=record.mode, rank=rank, scale=record.scale)
-    return _Step(layer, config, record.delta, adapted=False)
+    return _Step(layer, config, record.delta, adapted=False, svd=record.svd)
 
 
 def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, SpectralLayer], wanted: set[str]) -> _Step:
@@ -199,8 +201,18 @@ def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, SpectralLaye
             f"layer {name!r} already holds a different adapter (rank {rank}, mode {config.mode}; the file has "
             f"rank {record.rank}, mode {record.mode}); call svdtune.restore(model) first, or load into a fresh base model."
         )
+    factors = layer._factors()
+    if factors.svd != record.svd:
+        raise SvdtuneError(
+            f"layer {name!r} was decomposed by {_method(factors.svd)} but the delta file's basis by {_method(record.svd)}, "
+            "so its deltas would meet other singular vectors; call svdtune.restore(model) first, or load into a fresh base model."
+        )
     config = dataclasses.replace(config, scale=record.scale)
-    return _Step(layer, config, record.delta, adapted=True, factors=layer._factors())
+    return _Step(layer, config, record.delta, adapted=True, factors=factors, svd=record.svd)
+
+
+def _method(svd: RandomizedSVD | None) -> str:
+    return "the exact SVD" if svd is None else f"the randomized SVD ({svd.describe()})"
 
 
 def _check_class(name: str, cls: type | None, shown: str, record: LayerDelta) -> None:
@@ -232,7 +244,7 @@ def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool,
 def _factors(name: str, step: _Step, cache_dir: str | None) -> Decomposition:
     """The step's decomposition, computed on first use."""
     if step.factors is None:
-        step.factors = decompose_named(name, step.layer._parameters["weight"], step.config.rank, cache_dir)
+        step.factors = decompose_named(name, step.layer._parameters["weight"], step.config.rank, cache_dir, step.svd)
     return step.factors
 
 

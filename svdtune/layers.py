@@ -38,10 +38,14 @@ def spectrum_shift(sigma: Tensor, delta: Tensor, scale: float, mode: str) -> Ten
     "shift": relu(sigma + s*delta) - sigma == max(s*delta, -sigma), written so that
     no cancellation occurs; "scale": sigma*(1 + s*delta) - sigma == sigma*s*delta.
     Both are exactly zero when delta is zero (sigma >= 0).
+
+    At the boundary s*delta == -sigma (e.g. delta = 0 on a zero singular value) the shift
+    takes relu's subgradient from the side that lets sigma' grow: the whole gradient passes
+    to delta (``torch.maximum`` would split it in half on the tie). A NaN step stays NaN.
     """
     step = delta.to(sigma.dtype) * scale
     if mode == "shift":
-        return torch.maximum(step, -sigma)
+        return torch.where(step < -sigma, -sigma, step)
     return sigma * step
 
 
@@ -139,7 +143,7 @@ class SpectralLayer(nn.Module):
     def redecompose(self) -> None:
         """Decompose the current base weight again (the deltas are kept)."""
         state, base = self._spectral, self.base_weight
-        state.factors = decompose_cached(base, state.config.rank, state.cache_dir)
+        state.factors = decompose_cached(base, state.config.rank, state.cache_dir, state.factors.svd)  # same method
         state.weight_stamp = self._weight_stamp()
         self._clear_cache()
 
@@ -179,7 +183,7 @@ class SpectralLayer(nn.Module):
         factors = None
         if incoming is not None and incoming.shape == base.shape and not torch.equal(incoming.to(base), base):
             try:  # decompose before loading, so a weight without an SVD is not half-loaded
-                factors = decompose_cached(incoming.to(base), state.config.rank, state.cache_dir)
+                factors = decompose_cached(incoming.to(base), state.config.rank, state.cache_dir, state.factors.svd)
             except SvdtuneError as error:
                 error_msgs.append(f"svdtune layer {prefix[:-1]!r}: new base weight refused: {error}")
                 return

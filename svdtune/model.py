@@ -14,10 +14,11 @@ from torch import Tensor, nn
 
 from svdtune import container
 from svdtune.config import SpectralConfig
-from svdtune.cache import decompose_named
-from svdtune.decompose import SUPPORTED_TYPES, Decomposition
+from svdtune.cache import decompose_layers
+from svdtune.decompose import SUPPORTED_TYPES, Decomposition, warn_if_degenerate
 from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, adapt, check_finite_merge, unadapt
+from svdtune.randomized import RandomizedSVD
 from svdtune.report import Report, build_report
 from svdtune.targets import as_patterns, select
 
@@ -56,6 +57,8 @@ def apply(
     *,
     trainable: str | Iterable[str] = (),
     cache_dir: str | os.PathLike | None = None,
+    svd: str | RandomizedSVD = "auto",
+    progress: bool = True,
 ) -> nn.Module:
     """Adapt the selected layers in place: freeze everything, train one delta per singular value.
 
@@ -77,6 +80,11 @@ def apply(
             (e.g. a new head); they must not be targets.
         cache_dir: a folder to store and reuse decompositions in (keyed by the
             weight's bytes, shape, dtype, rank and algorithm); None computes every SVD.
+        svd: how the top ``rank`` singular triplets are computed: "auto" (the randomized
+            SVD where rank + 16 <= min(m, n) / 4 and min(m, n) >= 512, else the exact one),
+            "exact" (always ``torch.linalg.svd``), "randomized", or a `RandomizedSVD` with
+            your parameters. A delta file records the method, and loading reproduces it.
+        progress: show a progress bar on a terminal when decomposing takes over a second.
 
     Returns:
         The same model object.
@@ -84,8 +92,12 @@ def apply(
     Raises:
         SvdtuneError: a pattern selects nothing (the message lists similar names),
             a layer is already adapted or cannot be (lazy, parametrized, non-finite
-            weight), a layer is both a target and trainable, or bad rank/mode. The
+            weight), a layer is both a target and trainable, or bad rank/mode/svd. The
             model is unchanged when it is raised.
+
+    Warns:
+        RuntimeWarning: naming layers with numerically zero tuned singular values (e.g. an
+            all-zero weight), which are better trained fully with ``trainable=``.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
@@ -112,7 +124,8 @@ def apply(
     check_not_shared(model, layers)
     cache_dir = None if cache_dir is None else os.fspath(cache_dir)
     weights = {name: layer._parameters["weight"] for name, layer in layers.items()}
-    factors = {name: decompose_named(name, weight, rank, cache_dir) for name, weight in weights.items()}
+    factors = decompose_layers(weights, rank, cache_dir, svd, progress)
+    warn_if_degenerate(factors, mode)
     # Nothing above changed the model; nothing below can fail.
     adapt_layers(model, [(layer, factors[name], config) for name, layer in layers.items()], cache_dir, record)
     for module in free.values():

@@ -155,7 +155,7 @@ def merge_files(
     state = read_state_dict(base)
     merged = {**state, **_trained_tensors(state, record)}
     weights = {name: _base_weight(state, f"{name}.weight", name, layer) for name, layer in record.layers.items()}
-    factors = functools.cache(lambda name: decompose_named(name, weights[name], None, None))  # all singular values
+    factors = functools.cache(lambda name: _decompose(name, weights[name], record.layers[name]))
     for name, layer in record.layers.items():  # every hash before any SVD: a wrong base fails fast
         check_base(name, layer.fingerprint, weights[name], lambda: factors(name).sigma, strict,
                    "use the base checkpoint the delta was trained on (or --force on the command line)", "merging")
@@ -187,10 +187,19 @@ def _base_weight(state: dict[str, Tensor], key: str, name: str, layer: LayerDelt
     return weight
 
 
+def _decompose(name: str, weight: Tensor, layer: LayerDelta) -> Decomposition:
+    """The decomposition the delta's basis came from: the recorded randomized SVD at the file's rank,
+    or the exact SVD with all singular values (so the one after the top k is checked for repeats)."""
+    if layer.svd is None:
+        return decompose_named(name, weight, None, None, None)
+    return decompose_named(name, weight, layer.rank, None, layer.svd)
+
+
 def _merged_weight(name: str, weight: Tensor, factors: Decomposition, layer: LayerDelta, scale: float) -> Tensor:
     """W' = W + U diag(shift) Vh in the weight's dtype, computed as `svdtune.merge` does.
 
-    ``factors`` holds all singular values: the one after the top k is checked for repeats too.
+    ``factors`` holds the top k singular values or more, and tells the first untuned one, which is
+    checked for repeats too.
     """
     k, sigma = layer.rank, factors.sigma
     shift = spectrum_shift(sigma[:k], layer.delta.to(sigma.dtype), layer.scale * scale, layer.mode)
@@ -246,10 +255,11 @@ def _check_compatible(first: DeltaFile, other: DeltaFile, first_label: str, labe
         raise SvdtuneError(f"layer {name!r} is in only one of {first_label} and {label}; combine deltas of the same layers.")
     for name, layer in other.layers.items():
         ref = first.layers[name]
-        same = (layer.layer_class, layer.weight_shape, layer.rank, layer.mode) == (ref.layer_class, ref.weight_shape, ref.rank, ref.mode)
+        same = (layer.layer_class, layer.weight_shape, layer.rank, layer.mode, layer.svd) == (
+            ref.layer_class, ref.weight_shape, ref.rank, ref.mode, ref.svd)
         if not same or layer.fingerprint.sha256 != ref.fingerprint.sha256:
-            raise SvdtuneError(f"layer {name!r} differs between {first_label} and {label} (class, shape, rank, mode or "
-                               "base weights); combine only deltas trained with the same settings on the same base model.")
+            raise SvdtuneError(f"layer {name!r} differs between {first_label} and {label} (class, shape, rank, mode, "
+                               "svd method or base weights); combine only deltas trained with the same settings on the same base model.")
 
 
 def _combined_layer(name: str, layers: list[LayerDelta], weights: list[float]) -> LayerDelta:
@@ -263,7 +273,7 @@ def _combined_layer(name: str, layers: list[LayerDelta], weights: list[float]) -
         raise SvdtuneError(f"the combined deltas overflow {first.delta.dtype}; use smaller weights.")
     fingerprint = dataclasses.replace(first.fingerprint, basis=_combined_basis(name, layers))
     return LayerDelta(first.layer_class, first.weight_shape, first.mode, first.scale if keep else 1.0,
-                      fingerprint, total.to(first.delta.dtype))
+                      fingerprint, total.to(first.delta.dtype), first.svd)
 
 
 def _combined_basis(name: str, layers: list[LayerDelta]) -> tuple[Basis, ...]:
