@@ -9,6 +9,7 @@ from svdtune.delta import DeltaFile, Fingerprint, LayerDelta, read_delta
 from svdtune.errors import SvdtuneError
 from svdtune.io import load_delta, save_delta
 from svdtune.offline import combine, merge_files
+from svdtune.randomized import RandomizedSVD
 from svdtune.report import Report
 from svdtune.model import (
     apply,
@@ -27,6 +28,7 @@ __all__ = [
     "DeltaFile",
     "Fingerprint",
     "LayerDelta",
+    "RandomizedSVD",
     "Report",
     "SvdtuneError",
     "apply",
