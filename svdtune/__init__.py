@@ -26,6 +26,7 @@ _EXPORTS = {
     "save_delta": "svdtune.io",
     "combine": "svdtune.offline",
     "merge_files": "svdtune.offline",
+    "RandomizedSVD": "svdtune.randomized",
     "Report": "svdtune.report",
     "apply": "svdtune.model",
     "merge": "svdtune.model",

@@ -21,6 +21,7 @@ matrix-vector products (`check_factors`); a failed check recomputes, with a warn
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -30,8 +31,12 @@ import torch
 from torch import Tensor
 
 from svdtune import container
-from svdtune.decompose import Decomposition, decompose, svd_driver, svd_dtype, weight_matrix
+from svdtune.decompose import (
+    Decomposition, choose_svd, decompose, decomposition_cost, svd_driver, svd_dtype, weight_matrix,
+)
 from svdtune.errors import SvdtuneError
+from svdtune.progress import LayerProgress
+from svdtune.randomized import RandomizedSVD
 
 PROBE_COLUMNS = 4  # random vectors x in the reconstruction probe
 SPOT_COLUMNS = 8  # singular vectors in the orthonormality spot check
@@ -40,56 +45,65 @@ CACHE_VERSION = "2"  # bump when decompose() changes what it returns for the sam
 FORMAT = "svdtune.svd-cache"
 
 
-def algorithm(weight: Tensor) -> str:
-    """What, besides the weight and rank, decides the decomposition of ``weight``."""
+def algorithm(weight: Tensor, svd: RandomizedSVD | None = None) -> str:
+    """What, besides the weight and rank, decides the decomposition of ``weight`` by the
+    resolved method ``svd`` (a `RandomizedSVD`, or None for the exact SVD; see `choose_svd`)."""
     driver = svd_driver(weight.device) or "default"
-    return f"svdtune-cache-{CACHE_VERSION};torch-{torch.__version__};{weight.device.type};{driver};signfix-maxabs"
+    method = "" if svd is None else f";{svd.describe()}"  # nothing for the exact SVD: older entries stay valid
+    return f"svdtune-cache-{CACHE_VERSION};torch-{torch.__version__};{weight.device.type};{driver};signfix-maxabs{method}"
 
 
-def cache_key(weight: Tensor, rank: int | None) -> str:
-    """The hex SHA-256 naming the cache entry of (weight, rank) under the current algorithm."""
+def cache_key(weight: Tensor, rank: int | None, svd: RandomizedSVD | None = None) -> str:
+    """The hex SHA-256 naming the cache entry of (weight, rank, resolved method) under the current algorithm."""
     digest = hashlib.sha256()
-    description = f"{tuple(weight.shape)};{weight.dtype};rank={rank};{algorithm(weight)}"
+    description = f"{tuple(weight.shape)};{weight.dtype};rank={rank};{algorithm(weight, svd)}"
     digest.update(description.encode("utf-8") + b"\0")
     digest.update(container.tensor_bytes(weight))
     return digest.hexdigest()
 
 
-def decompose_cached(weight: Tensor, rank: int | None, cache_dir: str | os.PathLike | None) -> Decomposition:
+def decompose_cached(
+    weight: Tensor, rank: int | None, cache_dir: str | os.PathLike | None, svd: str | RandomizedSVD | None = "auto"
+) -> Decomposition:
     """`decompose`, reusing the stored result from ``cache_dir`` when there is one.
 
     Args:
         weight: a Linear/Conv weight; it is not modified.
         rank: as for `decompose`.
         cache_dir: the cache folder (created if missing); None computes without caching.
+        svd: the method, as for `svdtune.decompose.choose_svd`.
 
     Returns:
-        The Decomposition, equal to ``decompose(weight, rank)`` on this device and library.
+        The Decomposition, equal to ``decompose(weight, rank, svd)`` on this device and library.
 
     Raises:
-        SvdtuneError: as `decompose` (a non-finite weight).
+        SvdtuneError: as `decompose` (a non-finite weight, an impossible method).
 
     Example:
         >>> factors = decompose_cached(layer.weight, rank=None, cache_dir="~/.cache/svdtune")
     """
     if cache_dir is None:
-        return decompose(weight, rank)
+        return decompose(weight, rank, svd)
+    m, n = weight_matrix(weight).shape
+    method = choose_svd((m, n), None if rank is None else min(rank, m, n), svd)
     folder = os.path.expanduser(os.fspath(cache_dir))
-    key = cache_key(weight.detach(), rank)
+    key = cache_key(weight.detach(), rank, method)
     path = os.path.join(folder, f"{key}.safetensors")
     if os.path.exists(path):
         factors = _read_entry(path, key, weight, rank)
         if factors is not None:
-            return factors
-    factors = decompose(weight, rank)
+            return dataclasses.replace(factors, svd=method)
+    factors = decompose(weight, rank, "exact" if method is None else method)
     _write_entry(folder, path, key, factors)
     return factors
 
 
-def decompose_named(name: str, weight: Tensor, rank: int | None, cache_dir: str | os.PathLike | None) -> Decomposition:
+def decompose_named(
+    name: str, weight: Tensor, rank: int | None, cache_dir: str | os.PathLike | None, svd: str | RandomizedSVD | None = "auto"
+) -> Decomposition:
     """`decompose_cached`, with the layer's name in the error (``layer 'fc1': the weight contains NaN ...``)."""
     try:
-        return decompose_cached(weight, rank, cache_dir)
+        return decompose_cached(weight, rank, cache_dir, svd)
     except SvdtuneError as error:
         raise SvdtuneError(f"layer {name!r}: {error}") from None
 
@@ -192,3 +206,38 @@ def _write_entry(folder: str, path: str, key: str, factors: Decomposition) -> No
             f"cannot write the SVD cache entry {path!r} ({error.strerror or error}); the SVD is not cached: "
             "pass a writable cache_dir, or cache_dir=None.", RuntimeWarning, stacklevel=4,
         )
+
+
+def decompose_layers(
+    weights: dict[str, Tensor], rank: int | None, cache_dir: str | os.PathLike | None,
+    svd: str | RandomizedSVD | None = "auto", progress: bool = True,
+) -> dict[str, Decomposition]:
+    """`decompose_named` for each layer, with a progress bar weighted by each layer's cost.
+
+    Every layer's method is resolved first, so an impossible one fails before any SVD.
+
+    Args:
+        weights: {layer name: weight}.
+        rank, cache_dir, svd: as for `decompose_cached`.
+        progress: show the bar (on a terminal, once it takes more than a second; see `svdtune.progress`).
+
+    Returns:
+        {layer name: Decomposition}, in the order of ``weights``.
+
+    Raises:
+        SvdtuneError: naming the layer, as `decompose_named`.
+    """
+    costs = {}
+    for name, weight in weights.items():
+        shape = tuple(weight_matrix(weight).shape)
+        try:
+            method = choose_svd(shape, None if rank is None else min(rank, *shape), svd)
+        except SvdtuneError as error:
+            raise SvdtuneError(f"layer {name!r}: {error}") from None
+        costs[name] = decomposition_cost(shape, min(rank or min(shape), *shape), method)
+    factors = {}
+    with LayerProgress(list(costs.values()), progress) as bar:
+        for name, weight in weights.items():
+            factors[name] = decompose_named(name, weight, rank, cache_dir, svd)
+            bar.advance(costs[name])
+    return factors

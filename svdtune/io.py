@@ -27,6 +27,7 @@ from svdtune.delta import DeltaFile, LayerDelta, as_delta_file
 from svdtune.fingerprint import check_base, fingerprint
 from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, merged_matrix, spectrum_shift
+from svdtune.randomized import RandomizedSVD
 from svdtune.offline import warn_if_basis_dependent
 from svdtune.model import (
     _check_adaptable, adapt_layers, adapted_units, check_not_shared, join_name, own_persistent_buffers, root_record,
@@ -97,7 +98,8 @@ def _layer_delta(name: str, layer: SpectralLayer, part: str) -> LayerDelta:
     weight = layer.base_matrix(part) if part else layer._parameters[param]
     pairs = repeated_pairs(factors.sigma, layer._shift(factors, part), factors.next_sigma)
     stamp = dataclasses.replace(fingerprint(weight, factors.sigma), basis=basis_of(factors.U, factors.Vh, pairs))
-    return LayerDelta(class_name, tuple(weight.shape), config.mode, config.scale, stamp, delta, part or None)
+    return LayerDelta(class_name, tuple(weight.shape), config.mode, config.scale, stamp, delta, part or None,
+                      factors.svd)
 
 
 @dataclass(eq=False)
@@ -110,6 +112,7 @@ class _Step:
     delta: Tensor
     adapted: bool  # the layer holds an svdtune adapter already
     factors: Decomposition | None = None  # a plain layer is decomposed once its base weight is known to match
+    svd: RandomizedSVD | None = None  # the method the file records (None: the exact SVD)
 
     @property
     def matrix(self) -> Tensor:
@@ -204,7 +207,8 @@ def _plain_step(name: str, record: LayerDelta, modules: dict[str, nn.Module]) ->
     _check_adaptable(module, layer)
     part = next(p for p in kind.parts(layer) if p.name == (record.part or ""))
     weight = layer._parameters[part.param]
-    step = _Step(layer, part, _config(record), _delta_value(name, record, weight.dtype, weight.device), adapted=False)
+    step = _Step(layer, part, _config(record), _delta_value(name, record, weight.dtype, weight.device), adapted=False,
+                 svd=record.svd)
     _check_shape(name, tuple(step.weight.shape), record)
     return step
 
@@ -257,8 +261,19 @@ def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, tuple[Spectr
     if current.is_meta:
         raise SvdtuneError(f"layer {name!r} is on the meta device; materialize the model first (model.to_empty(...)).")
     step.delta = _delta_value(name, record, current.dtype, current.device)
+    if step.factors.svd != record.svd:
+        raise SvdtuneError(
+            f"layer {name!r} was decomposed by {_method(step.factors.svd)} but the delta file's basis by "
+            f"{_method(record.svd)}, so its deltas would meet other singular vectors; call svdtune.restore(model) "
+            "first, or load into a fresh base model."
+        )
     step.config = dataclasses.replace(config, scale=record.scale)
+    step.svd = record.svd
     return step
+
+
+def _method(svd: RandomizedSVD | None) -> str:
+    return "the exact SVD" if svd is None else f"the randomized SVD ({svd.describe()})"
 
 
 def _delta_value(name: str, record: LayerDelta, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -319,7 +334,7 @@ def _factors(name: str, step: _Step, cache_dir: str | None) -> Decomposition:
     """The step's decomposition, computed on first use."""
     if step.factors is None:
         warn_if_slow_svd(name, tuple(step.matrix.shape), step.config.rank, step.matrix.device)
-        step.factors = decompose_named(name, step.matrix, step.config.rank, cache_dir)
+        step.factors = decompose_named(name, step.matrix, step.config.rank, cache_dir, step.svd)
     return step.factors
 
 

@@ -44,10 +44,14 @@ def spectrum_shift(sigma: Tensor, delta: Tensor, scale: float, mode: str) -> Ten
     "shift": relu(sigma + s*delta) - sigma == max(s*delta, -sigma), written so that
     no cancellation occurs; "scale": sigma*(1 + s*delta) - sigma == sigma*s*delta.
     Both are exactly zero when delta is zero (sigma >= 0).
+
+    At the boundary s*delta == -sigma (e.g. delta = 0 on a zero singular value) the shift
+    takes relu's subgradient from the side that lets sigma' grow: the whole gradient passes
+    to delta (``torch.maximum`` would split it in half on the tie). A NaN step stays NaN.
     """
     step = delta.to(sigma.dtype) * scale
     if mode == "shift":
-        return torch.maximum(step, -sigma)
+        return torch.where(step < -sigma, -sigma, step)
     return sigma * step
 
 
@@ -212,7 +216,8 @@ class SpectralLayer(nn.Module):
         """Decompose the current base weights again (the deltas are kept)."""
         state = self._spectral
         for part, unit in state.units.items():
-            unit.factors = decompose_cached(self.base_matrix(part), state.config.rank, state.cache_dir)
+            unit.factors = decompose_cached(self.base_matrix(part), state.config.rank, state.cache_dir,
+                                            unit.factors.svd)  # the same method
         state.stamps = self._stamps()
         self._clear_cache()
 
@@ -266,7 +271,7 @@ class SpectralLayer(nn.Module):
                 continue
             try:  # decompose before loading, so a weight without an SVD is not half-loaded
                 new[part] = decompose_cached(kinds.matrix(kind, incoming.to(base), unit.part), state.config.rank,
-                                             state.cache_dir)
+                                             state.cache_dir, unit.factors.svd)
             except SvdtuneError as error:
                 error_msgs.append(f"svdtune layer {prefix[:-1]!r}: new base weight refused: {error}")
                 return

@@ -15,13 +15,14 @@ from torch import Tensor, nn
 from svdtune import container, kinds
 from svdtune.arguments import as_module, as_optional_path
 from svdtune.config import SpectralConfig
-from svdtune.cache import decompose_named
-from svdtune.decompose import Decomposition, warn_if_slow_svd
+from svdtune.cache import decompose_layers
+from svdtune.decompose import Decomposition, warn_if_degenerate, warn_if_slow_svd
 from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, adapt, check_finite_merge, delta_name, unadapt
 from svdtune.report import SKIPPED, Report, build_report
 from svdtune.targets import as_patterns, count_kinds, describe_counts, select, unadaptable
 from svdtune.transaction import Progress, all_or_nothing, writable
+from svdtune.randomized import RandomizedSVD
 
 # What the first apply records on the root model (its __dict__), for merge, restore and save_delta:
 _FLAGS = "_svdtune_requires_grad"  # {parameter name: requires_grad before apply}
@@ -58,6 +59,8 @@ def apply(
     *,
     trainable: str | Iterable[str] = (),
     cache_dir: str | os.PathLike | None = None,
+    svd: str | RandomizedSVD = "auto",
+    progress: bool = True,
 ) -> nn.Module:
     """Adapt the selected layers in place: freeze everything, train one delta per singular value.
 
@@ -86,6 +89,11 @@ def apply(
             (e.g. a new head); they must not be targets.
         cache_dir: a folder to store and reuse decompositions in (keyed by the
             weight's bytes, shape, dtype, rank and algorithm); None computes every SVD.
+        svd: how the top ``rank`` singular triplets are computed: "auto" (the randomized
+            SVD where rank + 16 <= min(m, n) / 4 and min(m, n) >= 512, else the exact one),
+            "exact" (always ``torch.linalg.svd``), "randomized", or a `RandomizedSVD` with
+            your parameters. A delta file records the method, and loading reproduces it.
+        progress: show a progress bar on a terminal when decomposing takes over a second.
 
     Returns:
         The same model object.
@@ -97,6 +105,10 @@ def apply(
             inference tensors), a layer is both a target and trainable, or bad
             rank/mode/argument types. The model is unchanged when it is raised (the
             changes run in one `all_or_nothing` transaction, rolled back on any failure).
+
+    Warns:
+        RuntimeWarning: naming layers with numerically zero tuned singular values (e.g. an
+            all-zero weight), which are better trained fully with ``trainable=``.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
@@ -126,14 +138,14 @@ def apply(
         _check_adaptable(name, layer)
     _check_trainable(layers, free)
     check_not_shared(model, layers)
-    factors = {name: decompose_parts(name, layer, rank, cache_dir) for name, layer in layers.items()}
+    factors = decompose_parts(layers, rank, cache_dir, svd, mode, progress)
     skipped = {n: cls for n, cls in found.items() if not _inside(n, free)}
     # Nothing above changed the model; nothing below is meant to fail, and if it does, it is undone.
-    with all_or_nothing(model, "svdtune.apply") as progress:
+    with all_or_nothing(model, "svdtune.apply") as step:
         plan = [(name, layer, factors[name], config) for name, layer in layers.items()]
-        adapt_layers(model, plan, cache_dir, record, progress)
+        adapt_layers(model, plan, cache_dir, record, step)
         for name, module in free.items():
-            progress.current = f"trainable module {name!r}"
+            step.current = f"trainable module {name!r}"
             module.requires_grad_(True)
         model.__dict__[_TRAINABLE] = sorted({*model.__dict__.get(_TRAINABLE, ()), *free})
     _note_skipped(model, skipped)
@@ -154,13 +166,25 @@ def _check_trainable(layers: dict[str, nn.Module], free: dict[str, nn.Module]) -
             )
 
 
-def decompose_parts(name: str, layer: nn.Module, rank: int | None, cache_dir: str | None) -> dict[str, Decomposition]:
-    """{part name: decomposition} of a layer's matrices (see `svdtune.kinds`), warning before a slow full SVD."""
-    kind, factors = kinds.kind_of(layer), {}
-    for part in kind.parts(layer):
-        unit, matrix = kinds.unit_name(name, part.name), kinds.matrix(kind, layer._parameters[part.param], part)
-        warn_if_slow_svd(unit, tuple(matrix.shape), rank, matrix.device)
-        factors[part.name] = decompose_named(unit, matrix, rank, cache_dir)
+def decompose_parts(
+    layers: dict[str, nn.Module], rank: int | None, cache_dir: str | None, svd: str | RandomizedSVD, mode: str,
+    progress: bool,
+) -> dict[str, dict[str, Decomposition]]:
+    """{layer name: {part name: decomposition}} of every layer's matrices (see `svdtune.kinds`), with one
+    progress bar, warning before a slow full SVD and about numerically zero singular values."""
+    units = {}  # unit name -> (layer name, part name, matrix)
+    for name, layer in layers.items():
+        kind = kinds.kind_of(layer)
+        for part in kind.parts(layer):
+            matrix = kinds.matrix(kind, layer._parameters[part.param], part)
+            units[kinds.unit_name(name, part.name)] = (name, part.name, matrix)
+            if svd != "randomized" and not isinstance(svd, RandomizedSVD):
+                warn_if_slow_svd(kinds.unit_name(name, part.name), tuple(matrix.shape), rank, matrix.device)
+    decomposed = decompose_layers({unit: matrix for unit, (_, _, matrix) in units.items()}, rank, cache_dir, svd, progress)
+    warn_if_degenerate(decomposed, mode)
+    factors: dict[str, dict[str, Decomposition]] = {name: {} for name in layers}
+    for unit, (name, part, _) in units.items():
+        factors[name][part] = decomposed[unit]
     return factors
 
 

@@ -157,7 +157,7 @@ def merge_files(
     state = read_state_dict(base)
     merged = {**state, **_trained_tensors(state, record)}
     units = {name: _file_unit(state, name, layer) for name, layer in record.layers.items()}
-    factors = functools.cache(lambda name: decompose_named(name, units[name].matrix, None, None))  # all singular values
+    factors = functools.cache(lambda name: _decompose(name, units[name].matrix, record.layers[name]))
     for name, layer in record.layers.items():  # every hash before any SVD: a wrong base fails fast
         check_base(name, layer.fingerprint, units[name].recorded, lambda: factors(name).sigma, strict,
                    "use the base checkpoint the delta was trained on (or --force on the command line)", "merging")
@@ -210,6 +210,14 @@ def _file_unit(state: dict[str, Tensor], name: str, layer: LayerDelta) -> _FileU
     return _FileUnit(key, part, matrix, recorded)
 
 
+def _decompose(name: str, weight: Tensor, layer: LayerDelta) -> Decomposition:
+    """The decomposition the delta's basis came from: the recorded randomized SVD at the file's rank,
+    or the exact SVD with all singular values (so the one after the top k is checked for repeats)."""
+    if layer.svd is None:
+        return decompose_named(name, weight, None, None, None)
+    return decompose_named(name, weight, layer.rank, None, layer.svd)
+
+
 def _first(units: dict[str, _FileUnit], key: str) -> str:
     return next(name for name, unit in units.items() if unit.key == key)
 
@@ -227,7 +235,8 @@ def _in_layout(base: Tensor, kind: kinds.LayerKind, blocks: dict[int | None, Ten
 def _merged_matrix(name: str, matrix: Tensor, factors: Decomposition, layer: LayerDelta, scale: float) -> Tensor:
     """W' = W + U diag(shift) Vh of the unit's matrix in its dtype, computed as `svdtune.merge` does.
 
-    ``factors`` holds all singular values: the one after the top k is checked for repeats too.
+    ``factors`` holds the top k singular values or more, and tells the first untuned one, which is
+    checked for repeats too.
     """
     k, sigma = layer.rank, factors.sigma
     shift = spectrum_shift(sigma[:k], layer.delta.to(sigma.dtype), layer.scale * scale, layer.mode)
@@ -290,8 +299,8 @@ def _check_compatible(first: DeltaFile, other: DeltaFile, first_label: str, labe
         same = ((layer.layer_class, layer.weight_shape, layer.rank, layer.mode, layer.part, layer.svd)
                 == (ref.layer_class, ref.weight_shape, ref.rank, ref.mode, ref.part, ref.svd))
         if not same or layer.fingerprint.sha256 != ref.fingerprint.sha256:
-            raise SvdtuneError(f"layer {name!r} differs between {first_label} and {label} (class, shape, rank, mode or "
-                               "base weights); combine only deltas trained with the same settings on the same base model.")
+            raise SvdtuneError(f"layer {name!r} differs between {first_label} and {label} (class, shape, rank, mode, "
+                               "svd method or base weights); combine only deltas trained with the same settings on the same base model.")
 
 
 def _combined_layer(name: str, layers: list[LayerDelta], weights: list[float]) -> LayerDelta:

@@ -21,6 +21,7 @@ from svdtune.basis import PROBES, Basis
 from svdtune.config import MODES, finite_number
 from svdtune.errors import SvdtuneError
 from svdtune.fingerprint import FLOAT_NAMES, FLOATS, TOP_SIGMA, Fingerprint
+from svdtune.randomized import RandomizedSVD, from_record
 
 MAX_NAME = 4096  # characters in a layer, parameter, buffer or class name
 MAX_ELEMENTS = 2**63 - 1  # a weight_shape's product: torch's limit on a tensor's elements
@@ -28,7 +29,7 @@ MAX_ELEMENTS = 2**63 - 1  # a weight_shape's product: torch's limit on a tensor'
 CLASS_NDIM = {kind.name: kind.ndim for kind in kinds.KINDS}
 VERSION_4_CLASSES = frozenset(kinds.NEW_IN_VERSION_4)
 PARTS = kinds.MHA_PARTS  # a "part" of a MultiheadAttention (format version 4)
-SVD_LIMITS = {"oversample": 10**6, "iterations": 100, "seed": 2**63 - 1}  # a randomized "svd" record's maxima
+SVD_LIMITS = {"oversample": 10**6, "iterations": 100, "seed": 2**31 - 1}  # a randomized "svd" record's maxima
 RECORD_KEYS = frozenset({"class", "weight_shape", "rank", "mode", "scale", "fingerprint"})
 VERSION_4_KEYS = frozenset({"part", "svd"})  # optional
 
@@ -56,7 +57,7 @@ class LayerDelta:
     fingerprint: Fingerprint
     delta: Tensor = field(repr=False)
     part: str | None = None
-    svd: dict[str, object] | None = None
+    svd: RandomizedSVD | None = None
 
     @property
     def rank(self) -> int:
@@ -79,7 +80,10 @@ def record_of(layer: LayerDelta) -> dict:
         fp_record = fp
     record = {"class": layer.layer_class, "weight_shape": layer.weight_shape, "rank": layer.rank, "mode": layer.mode,
               "scale": layer.scale, "fingerprint": fp_record}
-    record.update({key: getattr(layer, key) for key in ("part", "svd") if getattr(layer, key) is not None})
+    if layer.part is not None:
+        record["part"] = layer.part
+    if layer.svd is not None:
+        record["svd"] = layer.svd.record() if isinstance(layer.svd, RandomizedSVD) else layer.svd
     return _plain(record)
 
 
@@ -137,7 +141,7 @@ def layer_from_record(name: str, record: object, delta: Tensor, version: int,
         raise wrong(f"has a delta tensor of shape {tuple(delta.shape)} and dtype {delta.dtype}, expected ({rank},) float")
     if not bool(torch.isfinite(delta).all()):
         raise wrong("has non-finite deltas (NaN or infinity)")
-    part, svd = _part(name, record, cls, wrong), _svd(record, wrong)
+    part, svd = _part(name, record, cls, wrong), _svd(record, rank, shape, wrong)
     return LayerDelta(cls, tuple(shape), record["mode"], float(scale), _fingerprint(fp, rank, wrong), delta, part, svd)
 
 
@@ -159,7 +163,8 @@ def _part(name: str, record: dict, cls: str, wrong) -> str | None:
     return part
 
 
-def _svd(record: dict, wrong) -> dict[str, object] | None:
+def _svd(record: dict, rank: int, shape: list[int], wrong) -> RandomizedSVD | None:
+    """The record's randomized SVD parameters, checked to be bounded and reproducible at this rank and shape."""
     if "svd" not in record:
         return None
     svd = record["svd"]
@@ -168,7 +173,13 @@ def _svd(record: dict, wrong) -> dict[str, object] | None:
     if not valid:
         raise wrong(f"has an invalid svd record {svd!r:.120} (expected method 'randomized' and integers "
                     + ", ".join(f"0 <= {key} <= {limit}" for key, limit in SVD_LIMITS.items()) + ")")
-    return dict(svd)
+    try:
+        params = from_record(svd)
+    except SvdtuneError as error:
+        raise wrong(str(error).rstrip(".")) from None
+    if rank + params.oversample > min(shape[0], math.prod(shape[1:])):
+        raise wrong(f"has a randomized svd of rank {rank} with oversample {params.oversample}, impossible for shape {shape}")
+    return params
 
 
 def _positive(value: object) -> bool:

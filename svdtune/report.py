@@ -1,10 +1,10 @@
-"""A table of what svdtune adapted and trains in a model."""
+"""A table of what svdtune adapted and trains in a model, and of the bytes each adapted layer holds."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import nn
+from torch import Tensor, nn
 
 from svdtune import kinds
 from svdtune.layers import SpectralLayer
@@ -13,6 +13,28 @@ from svdtune.targets import count_kinds, describe_counts
 SKIPPED = "_svdtune_skipped"  # on the root model: {module name: class name} apply's patterns met but could not adapt
 
 _HEADER = ("layer", "type", "weight shape", "rank", "mode", "trainable", "% of model")
+_MEMORY_HEADER = ("layer", "device", "weight", "factors", "cached W'", "total")
+
+
+@dataclass(frozen=True)
+class LayerMemory:
+    """The bytes one adapted layer holds.
+
+    Attributes:
+        weight: the frozen base weight W.
+        factors: U, sigma and Vh (and the deltas).
+        cached: the eval-mode cache of W' (0 when there is none now).
+        device: where the factors are, e.g. "cpu", "cuda:0"; "cuda:0 (W: cpu)" when W is elsewhere.
+    """
+
+    weight: int
+    factors: int
+    cached: int
+    device: str
+
+    @property
+    def total(self) -> int:
+        return self.weight + self.factors + self.cached
 
 
 @dataclass(frozen=True)
@@ -25,6 +47,27 @@ class LayerRow:
     rank: str  # "k/min(m,n)", or "full" for a fully trained parameter
     mode: str
     trainable: int
+    memory: LayerMemory | None = None  # None for a fully trained parameter
+
+
+@dataclass(frozen=True)
+class MemoryTable:
+    """`Report.memory`: ``str()`` is a table of the bytes each adapted layer holds, and their total."""
+
+    rows: tuple[tuple[str, LayerMemory], ...]
+
+    def total(self) -> LayerMemory:
+        """The sums over all adapted layers (device: the devices, joined by ", ")."""
+        devices = ", ".join(sorted({m.device for _, m in self.rows}))
+        return LayerMemory(*(sum(getattr(m, f) for _, m in self.rows) for f in ("weight", "factors", "cached")), devices)
+
+    def __str__(self) -> str:
+        rows = [(name, m.device, *map(format_bytes, (m.weight, m.factors, m.cached, m.total))) for name, m in self.rows]
+        total = self.total()
+        rows.append(("total", total.device, *map(format_bytes, (total.weight, total.factors, total.cached, total.total))))
+        lines = table_lines(_MEMORY_HEADER, rows)
+        lines.insert(-1, lines[1])
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)
@@ -55,7 +98,28 @@ class Report:
         if self.skipped:
             counts = describe_counts(self.skipped)
             lines.append(f"not adapted (svdtune cannot adapt these kinds; matched by the targets, left frozen): {counts}")
+        memory = self.memory
+        if memory.rows:
+            held = memory.total()
+            lines.append(f"held by the adapted layers: weights {format_bytes(held.weight)}, factors "
+                         f"{format_bytes(held.factors)}, cached W' {format_bytes(held.cached)} ({held.device}); "
+                         "per layer: print(report.memory)")
         return "\n".join(lines)
+
+    @property
+    def memory(self) -> MemoryTable:
+        """The bytes held per adapted layer: base weight, factors, cached W', and the device."""
+        return MemoryTable(tuple((r.name, r.memory) for r in self.rows if r.memory is not None))
+
+
+def format_bytes(count: int) -> str:
+    """1536 -> "1.5 KiB"; binary units, three significant digits."""
+    value, unit = float(count), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{count} B" if unit == "B" else f"{value:.3g} {unit}"
 
 
 def table_lines(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
@@ -82,7 +146,7 @@ def build_report(model: nn.Module) -> Report:
                 rows.append(LayerRow(
                     kinds.unit_name(name, part), module._spectral.original_class.__name__, shape,
                     f"{delta.numel()}/{min(matrix.shape)}", module._spectral.config.mode,
-                    delta.numel() if delta.requires_grad else 0,
+                    delta.numel() if delta.requires_grad else 0, layer_memory(module, part),
                 ))
     for name, param in model.named_parameters():
         if param.requires_grad and id(param) not in deltas:
@@ -90,3 +154,25 @@ def build_report(model: nn.Module) -> Report:
     total = sum(p.numel() for p in model.parameters() if id(p) not in deltas)
     skipped = [cls for module in model.modules() for cls in module.__dict__.get(SKIPPED, {}).values()]
     return Report(tuple(rows), sum(r.trainable for r in rows), total, count_kinds(skipped))
+
+
+def layer_memory(layer: SpectralLayer, part: str = "") -> LayerMemory:
+    """What one unit of ``layer`` holds now: its base matrix, its factors and deltas, and the cached W' of its
+    parameter (counted with the parameter's first part)."""
+    state, unit = layer._spectral, layer._unit(part)
+    factors, matrix = unit.factors, layer.base_matrix(part)
+    first = layer._units_of(unit.part.param)[0][0] == part
+    entry = state.cached.get(unit.part.param)
+    device = str(factors.U.device)
+    if matrix.device != factors.U.device:
+        device += f" (W: {matrix.device})"
+    return LayerMemory(
+        weight=_bytes(matrix),
+        factors=sum(_bytes(t) for t in (factors.U, factors.sigma, factors.Vh, layer.spectral_delta(part))),
+        cached=_bytes(entry[2]) if entry is not None and first else 0,
+        device=device,
+    )
+
+
+def _bytes(tensor: Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
