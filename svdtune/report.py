@@ -95,15 +95,15 @@ class Report:
         rows.append(("total", "", "", "", "", f"{self.trainable:,}", _percent(self.trainable, self.total)))
         lines = table_lines(_HEADER, rows)
         lines.insert(-1, lines[1])  # a rule above the total too
-        if self.skipped:
-            counts = describe_counts(self.skipped)
-            lines.append(f"not adapted (svdtune cannot adapt these kinds; matched by the targets, left frozen): {counts}")
         memory = self.memory
         if memory.rows:
             held = memory.total()
             lines.append(f"held by the adapted layers: weights {format_bytes(held.weight)}, factors "
                          f"{format_bytes(held.factors)}, cached W' {format_bytes(held.cached)} ({held.device}); "
                          "per layer: print(report.memory)")
+        if self.skipped:
+            counts = describe_counts(self.skipped)
+            lines.append(f"not adapted (svdtune cannot adapt these kinds; matched by the targets, left frozen): {counts}")
         return "\n".join(lines)
 
     @property
