@@ -421,8 +421,9 @@ def test_version_4_records_round_trip_with_the_lowest_version(saved, tmp_path):
     _, path, _ = saved
     record = svdtune.read_delta(path)
     mha = dataclasses.replace(record.layers["0"], layer_class="MultiheadAttention", part="k_proj")
-    svd = {"method": "randomized", "oversample": 10, "iterations": 2, "seed": 7}
-    layers = {"attn.k_proj": mha, "5": dataclasses.replace(record.layers["5"], svd=svd)}
+    svd = svdtune.RandomizedSVD(oversample=1, iterations=2, seed=7)  # rank 2 + 1 fits the 3 x 4 weight
+    five = record.layers["5"]
+    layers = {"attn.k_proj": mha, "5": dataclasses.replace(five, svd=svd, delta=five.delta[:2].clone())}
     out = tmp_path / "v4.safetensors"
     svdtune.DeltaFile(layers).save(out)
     back = svdtune.read_delta(out)
@@ -553,8 +554,9 @@ def test_wrong_argument_types_are_svdtune_errors(saved, tmp_path):
 
 
 def test_combine_keeps_version_4_keys_and_refuses_mixing_them(saved, tmp_path):
-    record = svdtune.read_delta(saved[1]).layers["5"]
-    svd = {"method": "randomized", "oversample": 10, "iterations": 2, "seed": 7}
+    full = svdtune.read_delta(saved[1]).layers["5"]
+    record = dataclasses.replace(full, delta=full.delta[:2].clone())  # rank 2 + oversample 1 fits the 3 x 4 weight
+    svd = svdtune.RandomizedSVD(oversample=1, iterations=2, seed=7)
     with_svd = svdtune.DeltaFile({"5": dataclasses.replace(record, svd=svd)})
     combined = svdtune.combine([with_svd, with_svd], [0.5, 0.5])
     assert combined.layers["5"].svd == svd
