@@ -265,6 +265,7 @@ def test_special_files_are_refused_before_they_are_opened(tmp_path, kind):
             svdtune.offline.read_state_dict(tmp_path / "x.pth")
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_a_device_is_refused_without_reading_it():
     code = """
         import resource
@@ -383,6 +384,7 @@ def test_a_full_disk_error_names_the_output(files, tmp_path, monkeypatch, capsys
     assert sorted(os.listdir(tmp_path)) == ["base.safetensors", "task.safetensors"]
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_a_file_size_limit_error_names_the_output(tmp_path):
     out = tmp_path / "d.safetensors"
     code = f"""
@@ -402,6 +404,7 @@ def test_a_file_size_limit_error_names_the_output(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_temporary_files_of_killed_writers_are_removed_on_the_next_write(tmp_path):
     code = f"""
         import os, time, svdtune
