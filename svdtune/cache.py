@@ -9,8 +9,9 @@ LAPACK driver). So a changed weight, rank or library never reuses a stale entry.
 
 Entries are written atomically (temporary file + rename): several processes may
 fill the same folder at once; at worst two compute the same entry and the last
-rename wins with identical content. A damaged entry is detected by its checksum,
-recomputed and rewritten, with a warning. A folder that cannot be written only
+rename wins with identical content. A damaged entry (detected by its checksum), or one
+that is not a regular file (a FIFO would block, a device read without end), is
+recomputed and replaced, with a warning. A folder that cannot be written only
 costs the caching (a warning), never the decomposition.
 
 A valid checksum proves only that the entry is intact, not that it belongs to this

@@ -15,27 +15,30 @@ with sorted keys, no whitespace and ASCII-only escapes (Python's
 So any change of a tensor's name, dtype, shape, position or bytes, or of a
 metadata value, is detected; whitespace changes are not (they change nothing).
 
-Reading never trusts the file: every size, offset and type is checked, and every
-problem is an `SvdtuneError` (never a crash, never a huge allocation).
+Reading never trusts the file: only a regular file is opened, its header is read
+and checked before its data, every size, offset and type is checked, and every
+problem is an `SvdtuneError` (never a crash, never a huge allocation). Writing is
+in `svdtune.writing` (`atomic_write`, re-exported here).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import math
 import mmap
 import os
+import stat
 import struct
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
 
 from svdtune.errors import SvdtuneError
+from svdtune.writing import atomic_write, check_destination, check_not_an_input  # re-exported
 
 CHECKSUM = "checksum"  # the __metadata__ key svdtune adds
 MAX_HEADER = 100 * 1024 * 1024  # bytes; larger headers are refused (as safetensors does)
@@ -52,7 +55,16 @@ DTYPES: dict[str, torch.dtype] = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
-}
+    "U64": torch.uint64,
+    "U32": torch.uint32,
+    "U16": torch.uint16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "C64": torch.complex64,
+}  # the names and meanings of safetensors' own dtype table
+ENTRY_KEYS = {"dtype", "shape", "data_offsets"}  # of a tensor's header entry
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
 
@@ -141,7 +153,146 @@ def decode(raw: bytes, what: str, require_checksum: bool = True) -> tuple[dict[s
     Raises:
         SvdtuneError: the bytes are not a complete, intact safetensors file.
     """
-    header, data = _split(raw, what)
+    if len(raw) < 8:
+        raise _damaged(what, f"it is only {len(raw)} bytes long")
+    (size,) = struct.unpack("<Q", raw[:8])
+    _check_header_size(size, len(raw), what)
+    header = _parse_header(bytes(raw[8:8 + size]), what)
+    return _decode_data(header, memoryview(raw)[8 + size:], what, require_checksum)
+
+
+def read(
+    path: str | os.PathLike,
+    what: str | None = None,
+    require_checksum: bool = True,
+    mapped: bool = False,
+    check_header: Callable[[dict], None] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """`decode` the file at ``path``, reading its header before any tensor data.
+
+    Only a regular file is opened (a FIFO, device or folder is refused before it is
+    opened, so nothing blocks or grows without bound). The header is read and parsed
+    first; the data buffer (whose size the file's real size bounds) is then read
+    into one private buffer that the tensors share, or, with ``mapped``, memory-mapped
+    copy-on-write: the tensors share the file's pages (loaded as they are touched,
+    never written back), so a large base checkpoint is not held in memory twice.
+    Mapping is for short runs such as `merge_files`: a file rewritten in place while
+    mapped can change the tensors or stop the process (SIGBUS).
+
+    Args:
+        path: the file.
+        what: how to name it in errors (default: its path).
+        require_checksum: refuse a file without svdtune's checksum.
+        mapped: memory-map the data instead of reading it.
+        check_header: called with the parsed header (``__metadata__`` included) before
+            any tensor data is read; it raises to refuse the file from its header alone.
+
+    Returns:
+        (tensors by name, metadata without the checksum).
+
+    Raises:
+        SvdtuneError: a missing, unreadable or non-regular file, or one that is not a
+            complete, intact safetensors file (or that ``check_header`` refuses).
+    """
+    what = what or repr(os.fspath(path))
+    with open_regular(path, what) as handle:
+        header, start = read_header(handle, what)
+        if check_header is not None:
+            check_header(header)
+        data = _read_data(handle, start, what, mapped)
+    return _decode_data(header, data, what, require_checksum)
+
+
+def open_regular(path: str | os.PathLike, what: str) -> BinaryIO:
+    """``path`` opened for reading in binary mode, if it is a regular file (symlinks followed).
+
+    The type is checked before opening (opening a FIFO would block, a tape device may
+    rewind) and again on the open file, in case ``path`` was replaced in between.
+
+    Raises:
+        SvdtuneError: the file is missing or unreadable, or is a FIFO, device, socket or folder.
+    """
+    try:
+        kind = _not_regular(os.stat(path).st_mode)
+        if kind is None:
+            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+            handle = os.fdopen(descriptor, "rb")
+            kind = _not_regular(os.fstat(descriptor).st_mode)
+            if kind is not None:
+                handle.close()
+    except OSError as error:
+        raise SvdtuneError(f"cannot read {what}: {error.strerror or error}; check the path.") from None
+    if kind is not None:
+        raise SvdtuneError(f"{what} is {kind}, not a regular file; pass the path of a file.")
+    return handle
+
+
+def _not_regular(mode: int) -> str | None:
+    """What a file of this st_mode is, if not a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def read_header(handle: BinaryIO, what: str) -> tuple[dict, int]:
+    """The parsed JSON header of the safetensors file open as ``handle``, and where its data starts.
+
+    Reads the 8-byte length and the header only: at most ``MAX_HEADER`` bytes, and never
+    more than the file holds.
+
+    Raises:
+        SvdtuneError: the file is too short, its length field is impossible, or its header
+            is not a JSON object.
+    """
+    file_size = os.fstat(handle.fileno()).st_size
+    handle.seek(0)
+    prefix = handle.read(8)
+    if len(prefix) < 8:
+        raise _damaged(what, f"it is only {len(prefix)} bytes long")
+    (size,) = struct.unpack("<Q", prefix)
+    _check_header_size(size, file_size, what)
+    text = handle.read(size)
+    if len(text) < size:
+        raise _damaged(what, f"it ends inside its {size}-byte header")
+    return _parse_header(text, what), 8 + size
+
+
+def _check_header_size(size: int, file_size: int, what: str) -> None:
+    if size > min(MAX_HEADER, file_size - 8):
+        raise _damaged(what, f"its header claims {size} bytes but the file has {file_size - 8} after the length")
+
+
+def _parse_header(text: bytes, what: str) -> dict:
+    try:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=unique_keys)
+    except DuplicateKeyError as error:
+        raise _damaged(what, f"its header is ambiguous: {error}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _damaged(what, "its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _damaged(what, "its header is not a JSON object")
+    return header
+
+
+def _read_data(handle: BinaryIO, start: int, what: str, mapped: bool) -> memoryview:
+    """The data buffer (the file from ``start`` on), writable: mapped copy-on-write, or read into memory."""
+    size = os.fstat(handle.fileno()).st_size - start
+    if size <= 0:
+        return memoryview(bytearray())
+    if mapped:
+        with contextlib.suppress(OSError, ValueError):  # e.g. a file system without mmap: read it instead
+            return memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY))[start:]
+    data = bytearray(size)
+    handle.seek(start)
+    if handle.readinto(data) != size:  # a regular file returns all it has
+        raise _damaged(what, "it became shorter while it was read")
+    return memoryview(data)
+
+
+def _decode_data(header: dict, data: memoryview, what: str, require_checksum: bool) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Check the header's tensor entries against ``data`` and the checksum, then build the tensors."""
     metadata = header.pop("__metadata__", {})
     if not is_str_map(metadata):
         raise _damaged(what, "its __metadata__ is not a map of strings")
@@ -153,27 +304,9 @@ def decode(raw: bytes, what: str, require_checksum: bool = True) -> tuple[dict[s
         expected.update(data)
         if checksum != expected.hexdigest():
             raise _damaged(what, "its checksum does not match its content" if checksum else "it has no svdtune checksum")
-    tensors = {name: _tensor(data, *entry) for name, entry in layout.items()}
+    whole = torch.frombuffer(data, dtype=torch.uint8) if len(data) else None
+    tensors = {name: _tensor(whole, *entry) for name, entry in layout.items()}
     return tensors, metadata
-
-
-def read(path: str | os.PathLike, what: str | None = None, require_checksum: bool = True, mapped: bool = False):
-    """`decode` the file at ``path``; a missing or unreadable file is an SvdtuneError too.
-
-    With ``mapped``, the file is memory-mapped copy-on-write instead of read: the
-    tensors share the file's pages (loaded as they are touched, never written
-    back), so a large base checkpoint is not held in memory twice.
-    """
-    what = what or repr(os.fspath(path))
-    try:
-        with open(path, "rb") as handle:
-            if mapped and os.fstat(handle.fileno()).st_size >= 8:
-                raw = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-            else:
-                raw = handle.read()
-    except OSError as error:
-        raise SvdtuneError(f"cannot read {what}: {error.strerror or error}; check the path.") from None
-    return decode(raw, what, require_checksum)
 
 
 def _damaged(what: str, why: str) -> SvdtuneError:
@@ -181,42 +314,33 @@ def _damaged(what: str, why: str) -> SvdtuneError:
                         "it is truncated, corrupted or another kind of file: write it again from its source.")
 
 
-def _split(raw: bytes, what: str) -> tuple[dict, memoryview]:
-    if len(raw) < 8:
-        raise _damaged(what, f"it is only {len(raw)} bytes long")
-    (size,) = struct.unpack("<Q", raw[:8])
-    if size > min(MAX_HEADER, len(raw) - 8):
-        raise _damaged(what, f"its header claims {size} bytes but the file has {len(raw) - 8} after the length")
-    try:
-        header = json.loads(raw[8:8 + size].decode("utf-8"), object_pairs_hook=unique_keys)
-    except DuplicateKeyError as error:
-        raise _damaged(what, f"its header is ambiguous: {error}") from None
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise _damaged(what, "its header is not JSON") from None
-    if not isinstance(header, dict):
-        raise _damaged(what, "its header is not a JSON object")
-    return header, memoryview(raw)[8 + size:]
-
-
 def _entry(name: str, info: object, what: str) -> tuple[torch.dtype, tuple[int, ...], int, int]:
     """(dtype, shape, begin, end) of one tensor entry, each field checked."""
-    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+    if type(info) is not dict or info.keys() != ENTRY_KEYS:
         raise _damaged(what, f"tensor {name!r} is not described by dtype, shape and data_offsets")
-    dtype, shape, offsets = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None, info["shape"], info["data_offsets"]
+    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    dtype = DTYPES.get(code) if isinstance(code, str) else None
     if dtype is None:
-        raise _damaged(what, f"tensor {name!r} has unknown dtype {info['dtype']!r}")
+        raise _unsupported_dtype(what, name, code)
     if not _ints(shape) or not _ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
         raise _damaged(what, f"tensor {name!r} has a malformed shape or data_offsets")
     if len(shape) > MAX_DIMS or math.prod(max(d, 1) for d in shape) >= 2**63:  # torch's limits, even for 0 elements
         raise _damaged(what, f"tensor {name!r} has a shape torch cannot hold ({len(shape)} dimensions, sizes {shape[:4]}...)")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    if (offsets[1] - offsets[0]) != math.prod(shape) * itemsize:
-        raise _damaged(what, f"tensor {name!r} has {offsets[1] - offsets[0]} bytes for shape {shape} of {info['dtype']}")
+    if (offsets[1] - offsets[0]) != math.prod(shape) * dtype.itemsize:
+        raise _damaged(what, f"tensor {name!r} has {offsets[1] - offsets[0]} bytes for shape {shape} of {code}")
     return dtype, tuple(shape), offsets[0], offsets[1]
 
 
+def _unsupported_dtype(what: str, name: str, code: object) -> SvdtuneError:
+    if isinstance(code, str) and code.isascii() and code.isprintable() and len(code) <= 32:
+        return SvdtuneError(f"{what}: tensor {name!r} has dtype {code}, which svdtune does not support (it reads "
+                            f"{', '.join(DTYPES)}); convert that tensor to one of those, e.g. with .to(torch.float32).")
+    return _damaged(what, f"tensor {name!r} has no valid dtype")
+
+
 def _ints(values: object) -> bool:
-    return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+    """A list of non-negative ints (JSON gives exact types: ``type(True) is bool``, not int)."""
+    return type(values) is list and all(type(v) is int and v >= 0 for v in values)
 
 
 def _check_tiling(layout: dict[str, tuple], size: int, what: str) -> None:
@@ -230,75 +354,11 @@ def _check_tiling(layout: dict[str, tuple], size: int, what: str) -> None:
         raise _damaged(what, f"its tensors cover {end} bytes of a {size}-byte data buffer")
 
 
-def _tensor(data: memoryview, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int) -> Tensor:
-    """A writable tensor of data[begin:end]: a view of a writable (mapped) buffer, else a copy."""
+def _tensor(whole: Tensor | None, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int) -> Tensor:
+    """data[begin:end] as a tensor: a view of the (writable) data buffer ``whole``, or a copy if misaligned."""
     if begin == end:
         return torch.empty(shape, dtype=dtype)
-    chunk = data[begin:end] if not data.readonly else bytearray(data[begin:end])
-    raw = torch.frombuffer(chunk, dtype=torch.uint8)
-    if raw.data_ptr() % dtype.itemsize:  # safetensors does not align tensors: copy a misaligned one
+    raw = whole[begin:end]
+    if begin % dtype.itemsize or raw.data_ptr() % dtype.itemsize:  # safetensors does not align tensors: copy those
         raw = raw.clone()
     return raw.view(dtype).reshape(shape)
-
-
-def check_destination(path: str | os.PathLike) -> None:
-    """Refuse, before any work, a file to write that is not ``*.safetensors`` or has no folder to go in.
-
-    Raises:
-        SvdtuneError: the name does not end with ``.safetensors`` (any case).
-        OSError: as `atomic_write`, for a missing folder or a folder given as ``path``.
-    """
-    name = os.fspath(path)
-    if not name.lower().endswith(".safetensors"):
-        raise SvdtuneError(f"{name!r} must end with .safetensors: svdtune writes safetensors files; rename the output.")
-    _check_folder(name)
-
-
-def _check_folder(path: str) -> None:
-    """Name the user's path (not a temporary file) when the destination cannot be created."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(errno.ENOENT, f"its folder {folder!r} does not exist; create it first (mkdir -p)", path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(errno.EISDIR, "it is a folder; give a file name inside it", path)
-
-
-def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) -> None:
-    """Write a file so that ``path`` is either untouched or complete, never partial.
-
-    The bytes go to a temporary file in the same folder, are flushed to disk
-    (fsync), and the file is renamed over ``path`` (``os.replace``, atomic on
-    POSIX and Windows). On any failure the temporary file is removed and the
-    error propagates.
-
-    Raises:
-        OSError: the folder is missing (FileNotFoundError naming ``path``), ``path`` is
-            a folder (IsADirectoryError), the folder is not writable, the disk is full, ...
-    """
-    path = os.fspath(path)
-    _check_folder(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            for chunk in chunks:
-                stream.write(chunk)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    _sync_folder(folder)
-
-
-def _sync_folder(folder: str) -> None:
-    """Make the rename itself durable where the OS allows it (best effort)."""
-    with contextlib.suppress(OSError, AttributeError):
-        handle = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(handle)
-        finally:
-            os.close(handle)

@@ -15,6 +15,8 @@ writes a file it would refuse. Its limits are listed in docs/format.md ("Limits"
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import json
 import os
 import struct
@@ -88,6 +90,10 @@ class DeltaFile:
 def read_delta(path: str | os.PathLike) -> DeltaFile:
     """Read and verify a delta file without any model.
 
+    The header is read first: a file that is not a delta (a checkpoint, a plain
+    safetensors state dict) is refused from its first bytes and header alone, without
+    reading its data. Only a regular file is opened (not a FIFO, device or folder).
+
     Args:
         path: a file written by `save_delta` or `DeltaFile.save`.
 
@@ -104,10 +110,18 @@ def read_delta(path: str | os.PathLike) -> DeltaFile:
     """
     path = as_path(path, "the delta file path")  # never an int: open(5) would read file descriptor 5
     what = repr(path)
+    parsed = []
+
+    def refuse_other_kinds(header: dict) -> None:
+        parsed.append(True)
+        kind = _header_kind(header)
+        if kind is not None:
+            raise _not_a_delta(what, kind)
+
     try:
-        tensors, metadata = container.read(path, what)
+        tensors, metadata = container.read(path, what, check_header=refuse_other_kinds)
     except SvdtuneError:
-        kind = _other_kind(path)
+        kind = None if parsed else _other_kind(path)  # no safetensors header: a checkpoint?
         if kind is None:  # a damaged svdtune file, or unrecognisable: the container's message says so
             raise
         raise _not_a_delta(what, kind) from None
@@ -117,21 +131,26 @@ def read_delta(path: str | os.PathLike) -> DeltaFile:
 def _other_kind(path: str | os.PathLike) -> str | None:
     """What the file at ``path`` is if recognisably another kind of file (e.g. "a torch.save checkpoint"), else None.
 
-    Only its first bytes and its safetensors header (if any) are read.
+    Only its first bytes and its safetensors header (if any) are read, from a regular file.
     """
     try:
-        with open(path, "rb") as handle:
+        with container.open_regular(path, repr(os.fspath(path))) as handle:
             start = handle.read(4096)
             header = _safetensors_header(handle, start)
-    except OSError:
+    except (SvdtuneError, OSError):
         return None
     if start.startswith(ZIP_MAGIC):
         return "a torch.save checkpoint" if _first_zip_member(start).endswith(b"data.pkl") else "a zip archive"
     if start.startswith(b"\x80") and TORCH_LEGACY_MAGIC in start[:32]:  # at byte 2, or 11 after a protocol 4+ frame
         return "a torch.save checkpoint (legacy format)"
-    metadata = header.get("__metadata__", {}) if header is not None else None
+    return None if header is None else _header_kind(header)
+
+
+def _header_kind(header: dict) -> str | None:
+    """What a file with this safetensors header is if recognisably not an svdtune file, else None."""
+    metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict) or metadata.get("format") == FORMAT or container.CHECKSUM in metadata:
-        return None  # not safetensors, or written by svdtune and damaged since
+        return None  # malformed, or written by svdtune (and maybe damaged since): checked in full
     return "a safetensors file without svdtune delta metadata (a plain state dict?)"
 
 
@@ -144,18 +163,13 @@ def _first_zip_member(start: bytes) -> bytes:
 
 
 def _safetensors_header(handle, start: bytes) -> dict | None:
-    """The JSON header of a safetensors file whose first bytes are ``start``, or None if it has none."""
+    """The JSON header of the safetensors file open as ``handle`` (first bytes ``start``), or None if it has none."""
     if len(start) < 8:
         return None
-    (size,) = struct.unpack("<Q", start[:8])
-    if size > container.MAX_HEADER:
-        return None
-    handle.seek(8)
     try:
-        header = json.loads(handle.read(size).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError):
+        return container.read_header(handle, "")[0]
+    except SvdtuneError:
         return None
-    return header if isinstance(header, dict) else None
 
 
 def _not_a_delta(what: str, kind: str) -> SvdtuneError:
@@ -300,16 +314,17 @@ def _names(value: object) -> bool:
 
 
 def _repeated(names: list[str]) -> list[str]:
-    """The names that occur more than once, sorted."""
-    return sorted(n for n in set(names) if names.count(n) > 1)
+    """The names that occur more than once, sorted (linear in the names, plus sorting the repeats)."""
+    return sorted(name for name, count in collections.Counter(names).items() if count > 1)
 
 
 def _check_tensor_names(tensors: set[str], names: list[str], what: str) -> None:
-    """Every tensor is named exactly once in the header's layers, params and buffers."""
-    extra, missing = sorted(tensors - set(names)), sorted(set(names) - tensors)
-    twice = _repeated(names)
-    if extra or missing or twice:
-        raise SvdtuneError(f"{what}: tensor {(extra or missing or twice)[0]!r} does not match the layer/parameter/buffer "
+    """Every tensor is named exactly once in the header's layers, params and buffers (linear time)."""
+    listed = set(names)
+    extra, missing = tensors - listed, listed - tensors
+    wrong = extra or missing or (_repeated(names) if len(listed) != len(names) else ())
+    if wrong:
+        raise SvdtuneError(f"{what}: tensor {min(wrong)!r} does not match the layer/parameter/buffer "
                            "lists of the header; write the file again.")
 
 

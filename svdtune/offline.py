@@ -30,10 +30,12 @@ from svdtune.config import as_scale, finite_number
 from svdtune.basis import Basis, basis_changes, repeated_pairs
 from svdtune.delta import DeltaFile, Fingerprint, LayerDelta, as_delta_file, check_base
 from svdtune.errors import SvdtuneError
-from svdtune.layers import check_finite_merge, merged_matrix, spectrum_shift
+from svdtune.layers import DELTA, check_finite_merge, merged_matrix, spectrum_shift
 
 BASE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # matched in any case
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal styling, e.g. the bold in torch.load's messages
+MAX_LOGICAL_RATIO = 4  # a torch base's tensors may hold this many times its file size (tied weights share storage)
+MAX_LOGICAL_SLACK = 1 << 20  # bytes, for tiny files
 
 
 def warn_if_basis_dependent(name: str, factors: Decomposition, shift: Tensor, recorded: Fingerprint) -> None:
@@ -67,23 +69,45 @@ def warn_if_basis_dependent(name: str, factors: Decomposition, shift: Tensor, re
 def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """A base state dict from ``.safetensors``, or ``.pt``/``.pth``/``.bin``/``.ckpt`` (``weights_only`` torch.load).
 
-    Suffixes are matched in any case (``.PT`` too).
+    Suffixes are matched in any case (``.PT`` too). Only a regular file is read; the
+    tensors are memory-mapped where the format allows it.
 
     A checkpoint of the form ``{"params": state_dict}`` (IQA-PyTorch) is unwrapped.
 
+    Rules for a base (each refused with the key named): every entry is a dense tensor of
+    a dtype safetensors holds; no tensor's elements overlap in memory (a stride-0
+    ``expand`` or an overlapping view: merging would write every repeated element);
+    all tensors together hold at most `MAX_LOGICAL_RATIO` times the file's bytes
+    (views sharing storage count once per view); no key is an svdtune delta
+    (``*.svd_delta``: the checkpoint was saved from an adapted model).
+
     Raises:
-        SvdtuneError: unknown suffix, unreadable file, or an entry that is not a tensor.
+        SvdtuneError: unknown suffix, unreadable or non-regular file, or an entry that breaks a rule above.
     """
     path, what = os.fspath(path), f"base checkpoint {os.fspath(path)!r}"
     if not path.lower().endswith(BASE_SUFFIXES):
         raise SvdtuneError(f"{what} must end with one of {', '.join(BASE_SUFFIXES)}; save the base state dict in one of those.")
     if path.lower().endswith(".safetensors"):
-        return container.read(path, what, require_checksum=False, mapped=True)[0]
+        state = container.read(path, what, require_checksum=False, mapped=True)[0]
+    else:
+        with container.open_regular(path, what) as handle:  # not a FIFO or device: torch.load would block or grow
+            size = os.fstat(handle.fileno()).st_size
+        state = _unwrapped(_torch_load_or_refuse(path, what), what)
+        _check_tensors(state, size, what)
+    _check_not_adapted(state, what)
+    return state
+
+
+def _torch_load_or_refuse(path: str, what: str) -> object:
     try:
-        state = _torch_load(path)
+        return _torch_load(path)
     except Exception as error:  # torch.load raises many types; all mean "not a readable checkpoint"
         reason = _load_failure(error)
         raise SvdtuneError(f"cannot read {what}: {reason}; it must be a state dict saved with torch.save.") from None
+
+
+def _unwrapped(state: object, what: str) -> dict[str, Tensor]:
+    """The state dict a torch checkpoint holds ({"params": sd} unwrapped), each entry a str -> tensor."""
     if isinstance(state, dict) and isinstance(state.get("params"), dict):
         state = state["params"]
     if not isinstance(state, dict):
@@ -92,6 +116,51 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         if not isinstance(key, str) or not isinstance(value, Tensor):
             raise SvdtuneError(f"{what}: entry {key!r} is not a tensor; save a plain model.state_dict().")
     return state
+
+
+def _check_tensors(state: dict[str, Tensor], file_size: int, what: str) -> None:
+    """Refuse what cannot be written back as it is: sparse or exotic tensors, overlapping views, a size bomb."""
+    total = 0
+    for key, value in state.items():
+        if value.layout != torch.strided or value.dtype not in container.DTYPE_NAMES:
+            raise SvdtuneError(f"{what}: tensor {key!r} is a {value.layout} {value.dtype} tensor, which a safetensors "
+                               "file cannot hold; save it as a dense tensor of a plain dtype (.to_dense(), .to(...)).")
+        if _overlapping(value):
+            raise SvdtuneError(
+                f"{what}: tensor {key!r} of shape {list(value.shape)} has strides {list(value.stride())}, so its "
+                "elements share memory (e.g. torch.zeros(1).expand(n)); merging would write every repeated element. "
+                "If the full tensor is what you mean, save it with .contiguous() before torch.save.")
+        total += value.numel() * value.element_size()
+    if total > MAX_LOGICAL_RATIO * file_size + MAX_LOGICAL_SLACK:
+        raise SvdtuneError(f"{what}: its tensors hold {total:,} bytes, over {MAX_LOGICAL_RATIO} times the file's "
+                           f"{file_size:,} (many views of shared storage); save each tensor once (.clone()).")
+
+
+def _overlapping(tensor: Tensor) -> bool:
+    """Whether two elements of a (strided) tensor share memory, e.g. stride 0 (``expand``).
+
+    Dims sorted by stride: each stride must reach past everything the smaller ones span.
+    (A few exotic interleaved layouts that do not overlap are counted as overlapping.)
+    """
+    if tensor.numel() <= 1:
+        return False
+    span = 1  # elements spanned by the dims so far, from the first to the last, inclusive
+    for stride, size in sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride()) if size > 1):
+        if stride < span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
+def _check_not_adapted(state: dict[str, Tensor], what: str) -> None:
+    """Refuse a base saved from a model svdtune.apply adapted: its ``*.svd_delta`` keys would not load into the plain model."""
+    key = next((key for key in state if key.rsplit(".", 1)[-1] == DELTA), None)
+    if key is not None:
+        raise SvdtuneError(
+            f"{what} holds the svdtune delta {key!r}: it was saved from a model adapted by svdtune.apply, and a merged "
+            "file would not load into the plain model. Save the plain base model's state dict instead (from before "
+            "svdtune.apply, or after svdtune.restore(model)), with the deltas in their own file (svdtune.save_delta); "
+            "or call svdtune.merge(model) and save that state dict.")
 
 
 def _load_failure(error: Exception) -> str:
@@ -142,9 +211,10 @@ def merge_files(
             anyway, with a warning.
 
     Raises:
-        SvdtuneError: unreadable files, a layer missing from the base or of another
+        SvdtuneError: unreadable files, a base refused by `read_state_dict`'s rules (e.g.
+            saved from an adapted model), a layer missing from the base or of another
             shape, a fingerprint mismatch (strict), a non-finite result, an ``out`` not
-            ending with ``.safetensors``.
+            ending with ``.safetensors`` or that is the base or the delta (by any path).
         OSError: ``out`` cannot be written, e.g. its folder does not exist.
 
     Example:
@@ -152,6 +222,7 @@ def merge_files(
     """
     base, out = as_path(base, "base"), as_path(out, "out")
     container.check_destination(out)  # before any work
+    container.check_not_an_input(out, [base] if isinstance(delta, DeltaFile) else [base, delta])
     scale = as_scale(scale)
     record = as_delta_file(delta)
     state = read_state_dict(base)
@@ -319,17 +390,22 @@ def _combined_layer(name: str, layers: list[LayerDelta], weights: list[float]) -
 
 def _combined_basis(name: str, layers: list[LayerDelta]) -> tuple[Basis, ...]:
     """Every input's recorded runs; where two inputs recorded other vectors for the same
-    columns (trained with another SVD), the first input's are kept, with a warning."""
-    kept: list[Basis] = []
+    columns (trained with another SVD), the first input's are kept, with a warning.
+
+    Linear in the number of recorded columns: the kept runs are disjoint, so each
+    column has at most one owner.
+    """
+    owner: dict[int, Basis] = {}  # column -> the kept run holding it
     for layer in layers:
         for run in layer.fingerprint.basis:
-            clash = [b for b in kept if b != run and set(b.columns) & set(run.columns)]
-            if clash:
+            owners = {id(owner[c]): owner[c] for c in run.columns if c in owner}
+            if any(b != run for b in owners.values()):
                 warnings.warn(
                     f"layer {name!r}: the deltas were trained with different singular vectors for the repeated "
                     f"singular values {list(run.columns)}, so their sum mixes directions there; the combined file "
                     "records the first delta's vectors.", RuntimeWarning, stacklevel=4,
                 )
-            elif run not in kept:
-                kept.append(run)
+            elif not owners:
+                owner.update((c, run) for c in run.columns)
+    kept = {id(run): run for run in owner.values()}.values()
     return tuple(sorted(kept, key=lambda run: run.columns))
