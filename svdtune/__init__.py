@@ -8,6 +8,7 @@ from svdtune.basis import Basis
 from svdtune.delta import DeltaFile, Fingerprint, LayerDelta, read_delta
 from svdtune.errors import SvdtuneError
 from svdtune.io import load_delta, save_delta
+from svdtune.lora import LoraExport, export_lora
 from svdtune.offline import combine, merge_files
 from svdtune.report import Report
 from svdtune.model import (
@@ -27,10 +28,12 @@ __all__ = [
     "DeltaFile",
     "Fingerprint",
     "LayerDelta",
+    "LoraExport",
     "Report",
     "SvdtuneError",
     "apply",
     "combine",
+    "export_lora",
     "load_delta",
     "merge",
     "merge_files",

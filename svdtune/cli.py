@@ -3,6 +3,7 @@
     svdtune inspect FILE [FILE ...]
     svdtune merge BASE DELTA -o OUT [--scale S] [--force]
     svdtune combine DELTA DELTA ... --weights W W ... -o OUT
+    svdtune export-lora DELTA --base BASE -o DIR [--rank R] [--max-rank N] [--format peft|diffusers]
 
 Exit status 0 on success; 1 with a one-line ``svdtune: error: ...`` on bad input
 or an unreadable/unwritable file; 2 for a malformed command line (argparse).
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 
 from svdtune.delta import DeltaFile, format_version, read_delta
 from svdtune.errors import SvdtuneError
+from svdtune.lora import add_command as add_export_lora
 from svdtune.offline import combine, merge_files
 from svdtune.report import table_lines
 
@@ -81,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     mix.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per delta file")
     mix.add_argument("-o", "--out", required=True, help="the combined .safetensors delta file to write")
     mix.set_defaults(run=_combine)
+    add_export_lora(commands)
     return parser
 
 
