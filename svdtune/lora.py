@@ -147,7 +147,7 @@ def export_lora(
         format: "peft": ``adapter_model.safetensors`` with keys ``base_model.model.<name>.lora_A.weight``
             and ``adapter_config.json``, for ``PeftModel.from_pretrained``; "diffusers":
             ``pytorch_lora_weights.safetensors`` with keys ``<prefix>.<name>.lora_A.weight``, for
-            ``load_lora_adapter(out_dir, prefix=prefix)`` / a pipeline's ``load_lora_weights``.
+            ``load_lora_adapter(out_dir, prefix=prefix, use_safetensors=True)`` / a pipeline's ``load_lora_weights``.
         prefix: the diffusers component ("unet", "text_encoder", "transformer", ...).
         max_rank: refuse an export with a layer rank above it (vLLM's ``--max-lora-rank``).
         strict: as for `merge_files`: refuse a base weight that does not match its fingerprint.

@@ -222,3 +222,115 @@ def test_a_delta_file_record_peft_cannot_express_is_refused_by_name(tmp_path):
     safetensors.torch.save_file(base.state_dict(), tmp_path / "b.safetensors")
     with pytest.raises(svdtune.SvdtuneError, match="'up' is a ConvTranspose1d"):
         svdtune.export_lora(tmp_path / "t.safetensors", tmp_path / "out", base=tmp_path / "b.safetensors")
+
+
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_llama() -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_a_tiny_llama_round_trips_through_peft_from_the_model_and_from_its_delta_file(tmp_path):
+    base = tiny_llama()
+    model = svdtune.apply(copy.deepcopy(base), LLAMA_TARGETS)
+    randomize_deltas(model, seed=2, std=0.2)
+    tokens = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        expected = model(tokens).logits
+    svdtune.export_lora(model, tmp_path / "model")
+    svdtune.save_delta(model, tmp_path / "task.safetensors")
+    safetensors.torch.save_file(base.state_dict(), tmp_path / "base.safetensors")
+    svdtune.export_lora(tmp_path / "task.safetensors", tmp_path / "file", base=tmp_path / "base.safetensors")
+    for folder in ("model", "file"):
+        with torch.no_grad():
+            logits = peft_model(base, tmp_path / folder)(tokens).logits
+        torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-5)
+    config = json.loads((tmp_path / "model" / "adapter_config.json").read_text())
+    assert len(config["target_modules"]) == 14 and config["fan_in_fan_out"] is False
+
+
+def conv1d_gpt2_delta(base: nn.Module, ranks: dict[str, int], seed: int) -> tuple[DeltaFile, dict[str, torch.Tensor]]:
+    """A delta file for transformers' Conv1D and Embedding layers, built by hand, and the dense W' of each."""
+    generator = torch.Generator().manual_seed(seed)
+    modules, layers, merged = dict(base.named_modules()), {}, {}
+    for name, k in ranks.items():
+        module = modules[name]
+        weight = module.weight.detach()
+        conv1d = type(module).__name__ == "Conv1D"
+        matrix = (weight.t() if conv1d else weight).double()  # Conv1D stores (in, out)
+        U, sigma, Vh = torch.linalg.svd(matrix, full_matrices=False)
+        delta = torch.randn(k, generator=generator) * 0.3
+        shift = torch.maximum(delta.double(), -sigma[:k])
+        adapted = matrix + U[:, :k] @ torch.diag(shift) @ Vh[:k]
+        merged[name] = (adapted.t() if conv1d else adapted).float()
+        layers[name] = LayerDelta(type(module).__name__, tuple(weight.shape), "shift", 1.0, fingerprint(weight, sigma), delta)
+    return DeltaFile(layers, {}, {}), merged
+
+
+def test_gpt2_conv1d_and_embedding_export_matches_the_dense_update(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    base = transformers.GPT2Model(transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)).eval()
+    ranks = {"h.0.attn.c_attn": 16, "h.1.mlp.c_fc": 5, "wte": 7}
+    delta, merged = conv1d_gpt2_delta(base, ranks, seed=4)
+    reference = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, weight in merged.items():
+            dict(reference.named_modules())[name].weight.copy_(weight)
+    safetensors.torch.save_file(base.state_dict(), tmp_path / "base.safetensors")
+    result = svdtune.export_lora(delta, tmp_path / "lora", base=tmp_path / "base.safetensors")
+    tokens = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(base, tmp_path / "lora")(tokens).last_hidden_state,
+                                   reference(tokens).last_hidden_state, rtol=1e-4, atol=1e-5)
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    tensors = safetensors.torch.load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert config["fan_in_fan_out"] is True and result.delta_bytes is None
+    assert tensors["base_model.model.wte.lora_embedding_A"].shape == (7, 50)
+    assert tensors["base_model.model.h.0.attn.c_attn.lora_A.weight"].shape == (16, 16)  # (r, in)
+
+
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1"]
+
+
+@pytest.mark.slow  # importing diffusers alone takes about 15 s on 2 loaded cores
+def test_diffusers_load_lora_adapter_takes_the_export_of_a_unet_delta(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = lambda: diffusers.UNet2DConditionModel(  # noqa: E731
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=8, attention_head_dim=2, norm_num_groups=4).eval()
+    base = unet()
+    model = svdtune.apply(copy.deepcopy(base), UNET_TARGETS)
+    randomize_deltas(model, seed=6, std=0.3)
+    svdtune.save_delta(model, tmp_path / "unet-task.safetensors")
+    safetensors.torch.save_file(base.state_dict(), tmp_path / "unet.safetensors")
+    result = svdtune.export_lora(tmp_path / "unet-task.safetensors", tmp_path / "lora", rank=3,
+                                 base=tmp_path / "unet.safetensors", format="diffusers")
+    assert [p.rsplit("/", 1)[-1] for p in result.files] == ["pytorch_lora_weights.safetensors"]
+    loaded = copy.deepcopy(base)
+    loaded.load_lora_adapter(str(tmp_path / "lora"), prefix="unet", use_safetensors=True)
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([3, 7]), torch.randn(2, 5, 8)
+    full = svdtune.export_lora(model, tmp_path / "full", format="diffusers")
+    exact = copy.deepcopy(base)
+    exact.load_lora_adapter(str(tmp_path / "full"), prefix="unet", use_safetensors=True)
+    with torch.no_grad():
+        torch.testing.assert_close(exact(x, t, text).sample, model(x, t, text).sample, rtol=1e-4, atol=1e-5)
+        truncated = loaded(x, t, text).sample
+    assert not torch.allclose(truncated, model(x, t, text).sample, atol=1e-5)  # rank 3 < the tuned ranks
+    lora_layers = {n: m for n, m in loaded.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert len(lora_layers) == len(result.layers)
+    for name, layer in lora_layers.items():  # the weight error diffusers' adapter makes is the reported one
+        adapted = dict(model.named_modules())[name]
+        with torch.no_grad():
+            error = (layer.get_delta_weight(layer.active_adapters[0]).double() - spectral_update(adapted))
+            weight = adapted.merged_weight().double()
+        m = weight.shape[0]
+        actual = float(torch.linalg.matrix_norm(error.reshape(m, -1))) / float(torch.linalg.matrix_norm(weight.reshape(m, -1)))
+        assert actual == pytest.approx(result.layers[name].weight_frobenius, rel=1e-3, abs=1e-6)
