@@ -78,6 +78,18 @@ def test_peft_loads_the_exact_export_with_the_same_outputs(tmp_path):
     assert result.layers["grouped"].rank == 3 * result.layers["grouped"].tuned  # one block per group
 
 
+def test_deltas_trained_at_rank_k_export_exactly_at_lora_rank_k(tmp_path):
+    torch.manual_seed(1)
+    base = Toy()
+    model = svdtune.apply(copy.deepcopy(base), ["conv", "conv1", "fc"], exclude=["head.fc"], rank=2)
+    randomize_deltas(model, seed=2, std=0.5)
+    result = svdtune.export_lora(model, tmp_path, max_rank=2)
+    assert {name: e.rank for name, e in result.layers.items()} == {"conv": 2, "conv1": 2, "fc": 2}
+    x = torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(base, tmp_path)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["conv", "grouped", "conv1", "conv3"])
 def test_conv_lora_is_the_spectral_update_as_a_conv(tmp_path, name):
     """lora_B(lora_A(x)), A with the layer's kernel, stride, padding, B 1x1 with its groups, is conv(x, W' - W)."""
