@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from svdtune import container
 from svdtune.cache import decompose_named
-from svdtune.delta import DeltaFile, as_delta_file, check_base
+from svdtune.delta import FLOATS, DeltaFile, as_delta_file, check_base
 from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, spectrum_shift
 from svdtune.model import adapted_layers, unwrap
@@ -51,7 +51,10 @@ NOT_EXPRESSIBLE = {  # class name -> why PEFT LoRA cannot hold its update
     **{f"ConvTranspose{d}d": "PEFT has no LoRA for transposed convolutions" for d in (1, 2, 3)},
     "EmbeddingBag": "PEFT has no LoRA for EmbeddingBag",
     "MultiheadAttention": "svdtune does not export nn.MultiheadAttention's q/k/v spectra to PEFT's packed layout yet",
+    "NonDynamicallyQuantizableLinear": "it is an nn.MultiheadAttention's out_proj, whose weight the attention reads "
+                                       "directly, so a PEFT LoRA on it has no effect",
 }
+READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)  # their forward reads child weights directly
 
 
 @dataclass(frozen=True)
@@ -164,21 +167,11 @@ def export_lora(
     Example:
         >>> svdtune.export_lora("task.safetensors", "task-lora", rank=16, base="base.safetensors")
     """
-    if format not in FORMATS:
-        raise SvdtuneError(f"format={format!r} is not one of {sorted(FORMATS)}.")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise SvdtuneError(f"rank={rank!r} must be a positive int, or None for an exact export.")
-    _check_rank_argument(max_rank)
-    files = [os.path.join(os.fspath(out_dir), FORMATS[format])] + ([os.path.join(os.fspath(out_dir), CONFIG_NAME)]
-                                                                    if format == "peft" else [])
+    _check_arguments(rank, format, prefix, max_rank, dtype)
+    folder = os.fspath(out_dir)
+    files = [os.path.join(folder, FORMATS[format]), *([os.path.join(folder, CONFIG_NAME)] if format == "peft" else [])]
     _check_not_inputs(files, source, base)
-    if isinstance(source, nn.Module):
-        if base is not None:
-            raise SvdtuneError("base= is for delta files; a model's layers hold their own base weights: drop base=.")
-        updates, names, delta_bytes = _model_updates(unwrap(source)), _module_names(unwrap(source)), None
-    else:
-        updates, names = _file_updates(source, base, strict)
-        delta_bytes = None if isinstance(source, DeltaFile) else os.path.getsize(source)
+    updates, names, delta_bytes = _updates(source, base, strict)
     tensors, norms, errors = {}, {}, {}
     for name, update in updates.items():
         _check_format(name, update.layout, format)
@@ -188,13 +181,38 @@ def export_lora(
         key = f"base_model.model.{name}" if format == "peft" else f"{prefix}.{name}"
         tensors.update({f"{key}.{k}": v for k, v in _lora_tensors(update, keep, dtype).items()})
     _check_max_rank(errors, max_rank)
-    config = _config(updates, errors, names)
-    os.makedirs(out_dir, exist_ok=True)
+    # Nothing above wrote anything.
+    os.makedirs(folder, exist_ok=True)
     container.atomic_write(files[0], container.encode(tensors, {"format": "pt"}))
     if format == "peft":
-        container.atomic_write(files[1], [json.dumps(config, indent=2, sort_keys=True).encode("utf-8") + b"\n"])
+        config = json.dumps(_config(updates, errors, names), indent=2, sort_keys=True)
+        container.atomic_write(files[1], [config.encode("utf-8") + b"\n"])
     size = sum(os.path.getsize(f) for f in files)
     return LoraExport(files, errors, _overall(list(norms.values()), list(errors.values())), size, delta_bytes)
+
+
+def _check_arguments(rank: object, format: object, prefix: object, max_rank: object, dtype: object) -> None:
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise SvdtuneError(f"rank={rank!r} must be a positive int, or None for an exact export.")
+    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
+        raise SvdtuneError(f"max_rank={max_rank!r} must be a positive int (e.g. vLLM's --max-lora-rank), or None.")
+    if format not in FORMATS:
+        raise SvdtuneError(f"format={format!r} is not one of {sorted(FORMATS)}.")
+    if not isinstance(prefix, str) or not prefix or prefix.startswith(".") or prefix.endswith("."):
+        raise SvdtuneError(f"prefix={prefix!r} must be a diffusers component name such as 'unet' or 'text_encoder'.")
+    if dtype is not None and dtype not in FLOATS:
+        raise SvdtuneError(f"dtype={dtype!r} must be one of {[str(d) for d in FLOATS]}, or None for the base weights' dtype.")
+
+
+def _updates(source: object, base: object, strict: bool) -> tuple[dict[str, _Update], set[str], int | None]:
+    """(the updates by layer name, every module name of the model, the delta file's size)."""
+    if isinstance(source, nn.Module):
+        if base is not None:
+            raise SvdtuneError("base= is for delta files; a model's layers hold their own base weights: drop base=.")
+        model = unwrap(source)
+        return _model_updates(model), {name for name, _ in model.named_modules() if name}, None
+    updates, names = _file_updates(source, base, strict)
+    return updates, names, None if isinstance(source, DeltaFile) else os.path.getsize(source)
 
 
 def _check_not_inputs(files: list[str], source: object, base: object) -> None:
@@ -211,6 +229,12 @@ def _model_updates(model: nn.Module) -> dict[str, _Update]:
     deltas = {id(layer._parameters[DELTA]) for _, layer in layers}
     trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in deltas]
     _refuse_trained(trained)
+    modules = dict(model.named_modules())
+    for name, _ in layers:
+        parent = modules[name.rpartition(".")[0]]
+        if isinstance(parent, READS_WEIGHTS):
+            raise _not_expressible(name, f"layer inside a {type(parent).__name__}", "its forward (the fused fast path) "
+                                   "reads this layer's weight directly, so a PEFT LoRA on it has no effect")
     with torch.no_grad():
         return {_checked_name(name): _layer_update(name, layer) for name, layer in layers}
 
@@ -263,10 +287,6 @@ def _checked_name(name: str) -> str:
         raise SvdtuneError("the root module itself is adapted, and PEFT cannot target the root; wrap it in a "
                            "container (e.g. nn.Sequential(layer)) and apply svdtune there.")
     return name
-
-
-def _module_names(model: nn.Module) -> set[str]:
-    return {name for name, _ in model.named_modules() if name}
 
 
 def _file_updates(source: str | os.PathLike | DeltaFile, base: str | os.PathLike | None,
@@ -380,11 +400,6 @@ def _conv_tensors(update: _Update, a: Tensor, b: Tensor) -> dict[str, Tensor]:
             blocks[g * r:(g + 1) * r, g * per_group:(g + 1) * per_group] = a
         a = blocks
     return {"lora_A.weight": a, "lora_B.weight": b.reshape(out, r, *[1] * len(kernel))}  # B: (out, groups*r/groups, 1..)
-
-
-def _check_rank_argument(max_rank: object) -> None:
-    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
-        raise SvdtuneError(f"max_rank={max_rank!r} must be a positive int (e.g. vLLM's --max-lora-rank), or None.")
 
 
 def _check_max_rank(errors: dict[str, LayerError], max_rank: int | None) -> None:
