@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -54,6 +55,7 @@ NOT_EXPRESSIBLE = {  # class name -> why PEFT LoRA cannot hold its update
     "NonDynamicallyQuantizableLinear": "it is an nn.MultiheadAttention's out_proj, whose weight the attention reads "
                                        "directly, so a PEFT LoRA on it has no effect",
 }
+LAYOUT_CLASS = {"linear": "Linear", "conv1d-gpt2": "Conv1D", "conv": "Conv2d", "embedding": "Embedding"}  # for matrix_view
 READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)  # their forward reads child weights directly
 
 
@@ -240,35 +242,36 @@ def _model_updates(model: nn.Module) -> dict[str, _Update]:
 
 
 def _layer_update(name: str, layer: SpectralLayer) -> _Update:
-    factors, base = layer._factors(), layer.base_weight
-    class_name = layer._spectral.original_class.__name__
-    layout = _module_layout(name, layer, class_name)
-    matrix = matrix_view(class_name, base.detach()).double()
+    factors, base, cls = layer._factors(), layer.base_weight, layer._spectral.original_class
+    layout = _module_layout(name, layer, cls)
+    matrix = matrix_view(LAYOUT_CLASS[layout], base.detach()).double()
     return _Update(layout, factors.U, layer._shift(factors), factors.Vh, factors.sigma, float(factors.next_sigma or 0.0),
                    float(matrix.square().sum()), base.dtype, getattr(layer, "groups", 1), tuple(base.shape))
 
 
-def _module_layout(name: str, layer: nn.Module, class_name: str) -> str:
-    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
-        raise _not_expressible(name, class_name, NOT_EXPRESSIBLE["ConvTranspose2d"])
+def _module_layout(name: str, layer: nn.Module, cls: type[nn.Module]) -> str:
+    """The layout of an adapted layer, from its original class and its ancestors (subclasses too)."""
     if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         dilated = any(d != 1 for d in layer.dilation)
         if dilated or layer.padding_mode != "zeros":
             what = f"dilation={layer.dilation}" if dilated else f"padding_mode={layer.padding_mode!r}"
-            raise _not_expressible(name, class_name, f"PEFT's conv LoRA cannot express {what} (its lora_A has neither)")
-        return "conv"
-    if isinstance(layer, nn.Linear):
-        return "linear"
-    if isinstance(layer, nn.Embedding) or class_name in ("Conv1D", "Embedding"):
-        return LAYOUTS.get(class_name, "embedding")
-    raise _not_expressible(name, class_name, NOT_EXPRESSIBLE.get(class_name, "PEFT has no LoRA for this layer class"))
+            raise _not_expressible(name, cls.__name__, f"PEFT's conv LoRA cannot express {what} (its lora_A has neither)")
+    for ancestor in cls.__mro__:  # by name: transformers' Conv1D is recognised without importing transformers
+        if ancestor.__name__ in NOT_EXPRESSIBLE and ancestor.__name__ != "NonDynamicallyQuantizableLinear":
+            raise _not_expressible(name, cls.__name__, NOT_EXPRESSIBLE[ancestor.__name__])
+        if ancestor.__name__ in LAYOUTS and ancestor.__module__.startswith(("torch.nn", "transformers")):
+            return LAYOUTS[ancestor.__name__]
+    raise _not_expressible(name, cls.__name__, "PEFT has no LoRA for this layer class")
 
 
-def _record_layout(name: str, class_name: str, ndim: int) -> str:
-    """The layout of a delta-file layer, from its class name (an unknown class: by the weight's ndim)."""
+def _record_layout(name: str, class_name: str) -> str:
+    """The layout of a delta-file layer, from its class name; a class svdtune cannot place is refused."""
     if class_name in NOT_EXPRESSIBLE:
         raise _not_expressible(name, class_name, NOT_EXPRESSIBLE[class_name])
-    return LAYOUTS.get(class_name, "linear" if ndim == 2 else "conv")
+    if class_name not in LAYOUTS:
+        raise SvdtuneError(f"layer {name!r} is a {class_name}, a class whose LoRA layout a delta file cannot tell; "
+                           "load the delta into the model (svdtune.load_delta) and export the model instead.")
+    return LAYOUTS[class_name]
 
 
 def _not_expressible(name: str, class_name: str, why: str) -> SvdtuneError:
@@ -300,14 +303,9 @@ def _file_updates(source: str | os.PathLike | DeltaFile, base: str | os.PathLike
     state = read_state_dict(base)
     weights = {name: _base_weight(state, f"{_checked_name(name)}.weight", name, layer)
                for name, layer in record.layers.items()}
-    layouts = {name: _record_layout(name, layer.layer_class, weights[name].ndim) for name, layer in record.layers.items()}
-    cache: dict[str, object] = {}
-
-    def factors(name: str):
-        if name not in cache:
-            matrix = matrix_view(record.layers[name].layer_class, weights[name])
-            cache[name] = decompose_named(name, matrix, None, None)  # every singular value, as merge_files
-        return cache[name]
+    layouts = {name: _record_layout(name, layer.layer_class) for name, layer in record.layers.items()}
+    factors = functools.cache(lambda name: decompose_named(  # every singular value, as merge_files
+        name, matrix_view(record.layers[name].layer_class, weights[name]), None, None))
 
     for name, layer in record.layers.items():  # every hash before any SVD: a wrong base fails fast
         check_base(name, layer.fingerprint, weights[name], lambda: factors(name).sigma, strict,
@@ -348,7 +346,7 @@ def _norms(update: _Update, keep: Tensor) -> tuple[float, float, float, float, f
     """
     shift, sigma = update.shift.double().cpu(), update.sigma.double().cpu()
     dropped = torch.ones(shift.numel(), dtype=torch.bool)
-    dropped[keep] = False
+    dropped[keep.cpu()] = False
     lost = shift[dropped].abs()
     top = float((sigma + shift).abs().max()) if shift.numel() else 0.0
     weight_fro2 = update.weight_frobenius2 + float((shift * (2 * sigma + shift)).sum())
@@ -386,7 +384,7 @@ def _lora_tensors(update: _Update, keep: Tensor, dtype: torch.dtype | None) -> d
     else:
         tensors = {"lora_A.weight": a, "lora_B.weight": b}
     out = dtype or update.dtype
-    return {key: value.to(out).contiguous() for key, value in tensors.items()}
+    return {key: value.to("cpu", out).contiguous() for key, value in tensors.items()}
 
 
 def _conv_tensors(update: _Update, a: Tensor, b: Tensor) -> dict[str, Tensor]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import warnings
 
@@ -354,3 +355,33 @@ def test_diffusers_load_lora_adapter_takes_the_export_of_a_unet_delta(tmp_path):
         m = weight.shape[0]
         actual = float(torch.linalg.matrix_norm(error.reshape(m, -1))) / float(torch.linalg.matrix_norm(weight.reshape(m, -1)))
         assert actual == pytest.approx(result.layers[name].weight_frobenius, rel=1e-3, abs=1e-6)
+
+
+def test_gpt2_from_the_model_once_svdtune_adapts_conv1d_and_embedding(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    base = transformers.GPT2Model(transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2)).eval()
+    try:
+        model = svdtune.apply(copy.deepcopy(base), ["c_attn", "c_fc", "wte"])
+    except svdtune.SvdtuneError as error:
+        pytest.skip(f"this svdtune does not adapt Conv1D/Embedding yet: {error}")
+    randomize_deltas(model, seed=3, std=0.3)
+    svdtune.export_lora(model, tmp_path)
+    tokens = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(base, tmp_path)(tokens).last_hidden_state,
+                                   model(tokens).last_hidden_state, rtol=1e-4, atol=1e-5)
+
+
+def test_a_delta_file_class_without_a_known_layout_is_refused(tmp_path):
+    base = layer_with("fc", nn.Linear, 4, 3)
+    delta = svdtune.read_delta(_saved(svdtune.apply(copy.deepcopy(base), ["fc"]), tmp_path / "t.safetensors"))
+    renamed = DeltaFile({"fc": dataclasses.replace(delta.layers["fc"], layer_class="MyLinear")})
+    safetensors.torch.save_file(base.state_dict(), tmp_path / "b.safetensors")
+    with pytest.raises(svdtune.SvdtuneError, match="'fc' is a MyLinear, a class whose LoRA layout a delta file cannot tell"):
+        svdtune.export_lora(renamed, tmp_path / "out", base=tmp_path / "b.safetensors")
+
+
+def _saved(model: nn.Module, path) -> object:
+    svdtune.save_delta(model, path)
+    return path
