@@ -16,7 +16,6 @@ from torch import nn
 import svdtune
 from svdtune.cli import main
 from svdtune.delta import DeltaFile, LayerDelta, fingerprint
-from svdtune.model import adapted_layers
 from tests.conftest import randomize_deltas
 
 peft = pytest.importorskip("peft")
