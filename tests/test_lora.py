@@ -218,6 +218,9 @@ def test_a_delta_file_exports_as_the_model_does_and_the_cli_prints_errors_and_si
     assert cli.keys() == ours.keys()
     assert main(["export-lora", str(tmp_path / "task.safetensors"), "-o", str(tmp_path / "x")]) == 1
     assert "svdtune: error: exporting a delta file needs base=" in capsys.readouterr().err
+    assert main(["export-lora", str(tmp_path / "task.safetensors"), "--base", str(tmp_path / "base.pt"),
+                 "-o", str(tmp_path / "x"), "--rank", "2", "--max-rank", "1"]) == 1
+    assert "above max_rank=1" in capsys.readouterr().err and not (tmp_path / "x").exists()
 
 
 def test_a_grouped_conv_from_a_delta_file_fails_to_load_loudly(tmp_path):
