@@ -19,7 +19,6 @@ from collections.abc import Sequence
 
 from svdtune.delta import DeltaFile, format_version, read_delta
 from svdtune.errors import SvdtuneError
-from svdtune.lora import add_command as add_export_lora
 from svdtune.offline import combine, merge_files
 from svdtune.report import table_lines
 
@@ -83,8 +82,33 @@ def _parser() -> argparse.ArgumentParser:
     mix.add_argument("--weights", type=float, nargs="+", required=True, help="one weight per delta file")
     mix.add_argument("-o", "--out", required=True, help="the combined .safetensors delta file to write")
     mix.set_defaults(run=_combine)
-    add_export_lora(commands)
+    _add_export_lora(commands)
     return parser
+
+
+def _add_export_lora(commands) -> None:
+    """``svdtune export-lora``: argparse only here; svdtune.lora (and torch) are imported when it runs."""
+    command = commands.add_parser(
+        "export-lora", help="write a delta as a PEFT LoRA adapter",
+        description="Write DELTA as a LoRA adapter (adapter_model.safetensors + adapter_config.json, or diffusers' "
+                    "pytorch_lora_weights.safetensors) in the folder OUT, and print the relative error per layer of "
+                    "keeping only the RANK largest shifts, and the sizes.")
+    command.add_argument("delta", metavar="DELTA", help="the delta file")
+    command.add_argument("-o", "--out", required=True, help="the folder to write (created if missing)")
+    command.add_argument("--base", help="the base state dict the delta was trained on (required)")
+    command.add_argument("--rank", type=int, help="keep the RANK largest shifts per layer (default: all, exact)")
+    command.add_argument("--max-rank", type=int, help="refuse a layer rank above this (vLLM's --max-lora-rank)")
+    command.add_argument("--format", choices=["diffusers", "peft"], default="peft", help="peft (default) or diffusers")
+    command.add_argument("--prefix", default="unet", help="the diffusers component of the keys (default unet)")
+    command.add_argument("--force", action="store_true", help="export even if a base weight's fingerprint differs")
+    command.set_defaults(run=_export_lora)
+
+
+def _export_lora(args: argparse.Namespace) -> None:
+    from svdtune.lora import export_lora
+
+    print(export_lora(args.delta, args.out, rank=args.rank, base=args.base, format=args.format, prefix=args.prefix,
+                      max_rank=args.max_rank, strict=not args.force))
 
 
 def _merge(args: argparse.Namespace) -> None:

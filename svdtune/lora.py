@@ -428,26 +428,3 @@ def _config(updates: dict[str, _Update], errors: dict[str, LayerError], names: s
         "modules_to_save": None, "init_lora_weights": True, "inference_mode": True, "task_type": None,
         "base_model_name_or_path": None,
     }
-
-
-def add_command(commands) -> None:
-    """Register ``svdtune export-lora`` on the CLI's subparsers (``argparse._SubParsersAction``)."""
-    command = commands.add_parser(
-        "export-lora", help="write a delta as a PEFT LoRA adapter",
-        description="Write DELTA as a LoRA adapter (adapter_model.safetensors + adapter_config.json, or diffusers' "
-                    "pytorch_lora_weights.safetensors) in folder OUT, and print the relative error per layer of "
-                    "keeping only the RANK largest shifts, and the sizes.")
-    command.add_argument("delta", help="the delta file")
-    command.add_argument("-o", "--out", required=True, help="the folder to write (created if missing)")
-    command.add_argument("--base", help="the base state dict the delta was trained on (required)")
-    command.add_argument("--rank", type=int, help="keep the RANK largest shifts per layer (default: all, exact)")
-    command.add_argument("--max-rank", type=int, help="refuse a layer rank above this (vLLM's --max-lora-rank)")
-    command.add_argument("--format", choices=sorted(FORMATS), default="peft", help="peft (default) or diffusers")
-    command.add_argument("--prefix", default="unet", help="diffusers component prefix (default unet)")
-    command.add_argument("--force", action="store_true", help="export even if a base weight's fingerprint differs")
-    command.set_defaults(run=_run_command)
-
-
-def _run_command(args) -> None:
-    print(export_lora(args.delta, args.out, rank=args.rank, base=args.base, format=args.format, prefix=args.prefix,
-                      max_rank=args.max_rank, strict=not args.force))
