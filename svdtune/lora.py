@@ -301,9 +301,9 @@ def _file_updates(source: str | os.PathLike | DeltaFile, base: str | os.PathLike
     record = as_delta_file(source)
     _refuse_trained([*record.params, *record.buffers])
     state = read_state_dict(base)
+    layouts = {name: _record_layout(name, layer.layer_class) for name, layer in record.layers.items()}  # refusals first
     weights = {name: _base_weight(state, f"{_checked_name(name)}.weight", name, layer)
                for name, layer in record.layers.items()}
-    layouts = {name: _record_layout(name, layer.layer_class) for name, layer in record.layers.items()}
     factors = functools.cache(lambda name: decompose_named(  # every singular value, as merge_files
         name, matrix_view(record.layers[name].layer_class, weights[name]), None, None))
 
