@@ -27,6 +27,8 @@ _EXPORTS = {
     "combine": "svdtune.offline",
     "merge_files": "svdtune.offline",
     "RandomizedSVD": "svdtune.randomized",
+    "LoraExport": "svdtune.lora",
+    "export_lora": "svdtune.lora",
     "Report": "svdtune.report",
     "apply": "svdtune.model",
     "merge": "svdtune.model",

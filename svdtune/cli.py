@@ -3,6 +3,7 @@
     svdtune inspect FILE [FILE ...]
     svdtune merge BASE DELTA -o OUT [--scale S] [--force]
     svdtune combine DELTA [DELTA ...] --weights W [W ...] -o OUT
+    svdtune export-lora DELTA --base BASE -o DIR [--rank R] [--max-rank N] [--format peft|diffusers]
     svdtune --version
 
 Exit status 0 on success; 1 with a one-line ``svdtune: error: ...`` on bad input
@@ -142,7 +143,35 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
                      help="one weight per delta file, in their order (also as one comma list: 0.5,0.5)")
     mix.add_argument("-o", "--out", required=True, help="the combined .safetensors delta file to write")
     mix.set_defaults(run=_combine, delta_files=[])
-    return parser, {"inspect": inspect, "merge": merge, "combine": mix}
+    return parser, {"inspect": inspect, "merge": merge, "combine": mix, "export-lora": _add_export_lora(commands)}
+
+
+def _add_export_lora(commands) -> argparse.ArgumentParser:
+    """``svdtune export-lora``: argparse only here; svdtune.lora (and torch) are imported when it runs."""
+    command = commands.add_parser(
+        "export-lora", help="write a delta as a PEFT LoRA adapter",
+        description="Write DELTA as a LoRA adapter (adapter_model.safetensors + adapter_config.json, or diffusers' "
+                    "pytorch_lora_weights.safetensors) in the folder OUT, and print the relative error per layer of "
+                    "keeping only the RANK largest shifts, and the sizes.")
+    command.add_argument("delta", metavar="DELTA", help="the delta file")
+    command.add_argument("-o", "--out", required=True, help="the folder to write (created if missing)")
+    command.add_argument("--base", help="the base state dict the delta was trained on (required)")
+    command.add_argument("--rank", type=int, help="keep the RANK largest shifts per layer (default: all, exact)")
+    command.add_argument("--max-rank", type=int, help="refuse a layer rank above this (vLLM's --max-lora-rank)")
+    command.add_argument("--format", choices=["diffusers", "peft"], default="peft", help="peft (default) or diffusers")
+    command.add_argument("--prefix", default="unet", help="the diffusers component of the keys (default unet)")
+    command.add_argument("--force", action="store_true", help="export even if a base weight's fingerprint differs")
+    command.set_defaults(run=_export_lora)
+    return command
+
+
+def _export_lora(args: argparse.Namespace) -> None:
+    from svdtune.lora import export_lora
+
+    with _deltas_in_plain_words([args.delta], "pass the delta file (written by svdtune.save_delta) as DELTA."):
+        result = export_lora(args.delta, args.out, rank=args.rank, base=args.base, format=args.format,
+                             prefix=args.prefix, max_rank=args.max_rank, strict=not args.force)
+    print("\n".join(printable(line) for line in str(result).splitlines()))
 
 
 class _DeltaFiles(argparse.Action):
