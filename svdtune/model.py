@@ -17,6 +17,7 @@ from svdtune.config import SpectralConfig
 from svdtune.cache import decompose_named
 from svdtune.decompose import SUPPORTED_TYPES, Decomposition
 from svdtune.errors import SvdtuneError
+from svdtune.integrations import guard
 from svdtune.layers import DELTA, SpectralLayer, adapt, check_finite_merge, unadapt
 from svdtune.report import Report, build_report
 from svdtune.targets import as_patterns, select
@@ -148,6 +149,7 @@ def adapt_layers(
     if record:
         model.__dict__.update(record)
         model.requires_grad_(False)
+        guard.install(model)  # warns on save_pretrained of the unmerged model
     for layer, factors, config in plan:
         layer.requires_grad_(False)
         adapt(layer, factors, config, cache_dir)
@@ -293,7 +295,27 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     deltas = [layer._parameters[DELTA] for _, layer in layers]
     seen = {id(p) for p in deltas}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    _warn_if_trainable_since_apply(unwrap(model))
     return [p for p in deltas if p.requires_grad] + others
+
+
+def _warn_if_trainable_since_apply(model: nn.Module) -> None:
+    """Warn about trainable parameters that `apply` did not leave trainable: created after it, or unfrozen since.
+    E.g. diffusers' fuse_qkv_projections() after apply builds new fused layers from the adapted weights; the
+    attention then uses those, fully trainable, and the deltas of to_q/to_k/to_v get no gradient."""
+    known, free = set(), trainable_modules(model)
+    for prefix, root in model.named_modules():
+        known.update(join_name(prefix, name) for name in root.__dict__.get(_FLAGS, ()))
+    extra = [name for name, p in model.named_parameters() if p.requires_grad and name.rpartition(".")[2] != DELTA
+             and (name not in known or name.rpartition(".")[0] not in free)]
+    if extra:
+        warnings.warn(
+            f"{len(extra)} trainable parameters were created or unfrozen after svdtune.apply (e.g. {extra[:3]}); "
+            "they are trained fully and the deltas of layers they replace get no gradient. If a library fused "
+            "layers after apply (diffusers' fuse_qkv_projections()), fuse first, then apply; for a new head, "
+            "create it before apply and pass apply(..., trainable=[its name]).",
+            RuntimeWarning, stacklevel=3,
+        )
 
 
 def report(model: nn.Module) -> Report:
