@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,7 +40,7 @@ class ZooEntry:
     batch: Callable[[nn.Module], Any]
     output: Callable[[Any], Tensor] = lambda out: out if isinstance(out, Tensor) else out.logits
     trainable: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = field(default=())
+    exclude: tuple[str, ...] = ()
 
     def available(self) -> bool:
         return all(importlib.util.find_spec(p) is not None for p in self.requires)
