@@ -18,6 +18,7 @@ from svdtune.config import SpectralConfig
 from svdtune.cache import decompose_layers
 from svdtune.decompose import Decomposition, warn_if_degenerate, warn_if_slow_svd
 from svdtune.errors import SvdtuneError
+from svdtune.integrations import guard
 from svdtune.layers import DELTA, SpectralLayer, adapt, check_finite_merge, delta_name, unadapt
 from svdtune.report import SKIPPED, Report, build_report
 from svdtune.targets import as_patterns, count_kinds, describe_counts, select, unadaptable
@@ -234,6 +235,7 @@ def adapt_layers(
     if record:
         model.__dict__.update(record)
         model.requires_grad_(False)
+        guard.install(model)  # warns on save_pretrained of the unmerged model
     for name, layer, factors, config in plan:
         progress.current = f"layer {name!r}"
         layer.requires_grad_(False)
@@ -411,7 +413,27 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     deltas = [layer.spectral_delta(part) for _, layer in layers for part in layer.spectral_parts()]
     seen = {id(p) for p in deltas}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
+    _warn_if_trainable_since_apply(unwrap(model))
     return [p for p in deltas if p.requires_grad] + others
+
+
+def _warn_if_trainable_since_apply(model: nn.Module) -> None:
+    """Warn about trainable parameters that `apply` did not leave trainable: created after it, or unfrozen since.
+    E.g. diffusers' fuse_qkv_projections() after apply builds new fused layers from the adapted weights; the
+    attention then uses those, fully trainable, and the deltas of to_q/to_k/to_v get no gradient."""
+    known, free = set(), trainable_modules(model)
+    for prefix, root in model.named_modules():
+        known.update(join_name(prefix, name) for name in root.__dict__.get(_FLAGS, ()))
+    extra = [name for name, p in model.named_parameters() if p.requires_grad and name.rpartition(".")[2] != DELTA
+             and (name not in known or name.rpartition(".")[0] not in free)]
+    if extra:
+        warnings.warn(
+            f"{len(extra)} trainable parameters were created or unfrozen after svdtune.apply (e.g. {extra[:3]}); "
+            "they are trained fully and the deltas of layers they replace get no gradient. If a library fused "
+            "layers after apply (diffusers' fuse_qkv_projections()), fuse first, then apply; for a new head, "
+            "create it before apply and pass apply(..., trainable=[its name]).",
+            RuntimeWarning, stacklevel=3,
+        )
 
 
 def report(model: nn.Module) -> Report:
