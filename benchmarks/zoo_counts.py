@@ -20,7 +20,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "zoo"))
 import svdtune  # noqa: E402
-from svdtune.decompose import SUPPORTED_TYPES, weight_matrix  # noqa: E402
+from svdtune import kinds  # noqa: E402
 from svdtune.targets import name_matches, select  # noqa: E402
 
 RANK = 8
@@ -28,11 +28,15 @@ RANK = 8
 
 def svdtune_layers(model: nn.Module, targets, exclude=()) -> dict[str, nn.Module]:
     """The layers `svdtune.apply(model, targets, exclude)` adapts (the same selection rule; works on meta)."""
-    return select(model, tuple(targets), tuple(exclude), SUPPORTED_TYPES, "targets")
+    return select(model, tuple(targets), tuple(exclude))
 
 
 def svdtune_count(layers: dict[str, nn.Module]) -> int:
-    return sum(min(weight_matrix(layer.weight).shape) for layer in layers.values())
+    total = 0
+    for layer in layers.values():  # one spectrum per matrix: q, k and v of an attention each have their own
+        kind = kinds.kind_of(layer)
+        total += sum(min(kinds.matrix(kind, layer._parameters[part.param], part).shape) for part in kind.parts(layer))
+    return total
 
 
 def peft_refuses(layer: nn.Module) -> bool:
@@ -120,7 +124,7 @@ PUBLISHED = [  # (name, builder, targets)
     ("gpt2", gpt2_small, ("c_attn", "c_proj", "c_fc")),
     ("t5-small", t5_small, ("q", "v")),
     ("SD 1.5 UNet", sd15_unet, ("to_q", "to_k", "to_v", "to_out.0")),
-    ("torchvision vit_b_16", vision("vit_b_16"), ("out_proj", "mlp.0", "mlp.3")),
+    ("torchvision vit_b_16", vision("vit_b_16"), ("self_attention", "out_proj", "mlp.0", "mlp.3")),
     ("torchvision resnet18", vision("resnet18"), ("conv*", "downsample.0")),
     ("timm vit_base_patch16_224", vision("timm vit_base_patch16_224"), ("attn.qkv", "attn.proj")),
     ("timm convnext_atto", vision("timm convnext_atto"), ("conv_dw", "mlp.fc1", "mlp.fc2")),

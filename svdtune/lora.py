@@ -35,13 +35,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from svdtune import container
+from svdtune import container, kinds
 from svdtune.cache import decompose_named
 from svdtune.delta import FLOATS, DeltaFile, as_delta_file, check_base
 from svdtune.errors import SvdtuneError
-from svdtune.layers import DELTA, SpectralLayer, spectrum_shift
-from svdtune.model import adapted_layers, unwrap
-from svdtune.offline import _base_weight, read_state_dict, warn_if_basis_dependent
+from svdtune.layers import SpectralLayer, spectrum_shift
+from svdtune.model import adapted_units, unwrap
+from svdtune.offline import _decompose, _file_unit, read_state_dict, warn_if_basis_dependent
 from svdtune.report import table_lines
 
 FORMATS = {"peft": "adapter_model.safetensors", "diffusers": "pytorch_lora_weights.safetensors"}
@@ -124,9 +124,9 @@ class _Update:
 
 
 def matrix_view(class_name: str, weight: Tensor) -> Tensor:
-    """The matrix (m, n) a layer's weight is decomposed as: weight.T for transformers' Conv1D,
-    else weight.reshape(shape[0], -1) (svdtune's view; to be served by svdtune.kinds once it exists)."""
-    return weight.t() if class_name == "Conv1D" else weight.reshape(weight.shape[0], -1)
+    """The matrix (m, n) a layer's weight is decomposed as (`svdtune.kinds.matrix`): weight.T for
+    transformers' Conv1D, else weight.reshape(shape[0], -1)."""
+    return kinds.matrix(kinds.kind_named(class_name), weight, kinds.Part("", "weight"))
 
 
 def export_lora(
@@ -225,27 +225,28 @@ def _check_not_inputs(files: list[str], source: object, base: object) -> None:
 
 
 def _model_updates(model: nn.Module) -> dict[str, _Update]:
-    layers = list(adapted_layers(model))
-    if not layers:
+    units = list(adapted_units(model))  # (unit name, layer, part)
+    if not units:
         raise SvdtuneError("the model has no svdtune layers to export; call svdtune.apply(model, targets=...) first.")
-    deltas = {id(layer._parameters[DELTA]) for _, layer in layers}
+    deltas = {id(layer.spectral_delta(part)) for _, layer, part in units}
     trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in deltas]
     _refuse_trained(trained)
     modules = dict(model.named_modules())
-    for name, _ in layers:
-        parent = modules[name.rpartition(".")[0]]
+    for name, _, part in units:
+        parent = modules[kinds.split_unit(name, part or None).rpartition(".")[0]]
         if isinstance(parent, READS_WEIGHTS):
-            raise _not_expressible(name, f"layer inside a {type(parent).__name__}", "its forward (the fused fast path) "
+            shown = parent._spectral.original_class if isinstance(parent, SpectralLayer) else type(parent)
+            raise _not_expressible(name, f"layer inside a {shown.__name__}", "its forward (the fused fast path) "
                                    "reads this layer's weight directly, so a PEFT LoRA on it has no effect")
     with torch.no_grad():
-        return {_checked_name(name): _layer_update(name, layer) for name, layer in layers}
+        return {_checked_name(name): _layer_update(name, layer, part) for name, layer, part in units}
 
 
-def _layer_update(name: str, layer: SpectralLayer) -> _Update:
-    factors, base, cls = layer._factors(), layer.base_weight, layer._spectral.original_class
+def _layer_update(name: str, layer: SpectralLayer, part: str) -> _Update:
+    factors, base, cls = layer.spectral_factors(part), layer.base_weight, layer._spectral.original_class
     layout = _module_layout(name, layer, cls)
-    matrix = matrix_view(LAYOUT_CLASS[layout], base.detach()).double()
-    return _Update(layout, factors.U, layer._shift(factors), factors.Vh, factors.sigma, float(factors.next_sigma or 0.0),
+    matrix = layer.base_matrix(part).detach().double()
+    return _Update(layout, factors.U, layer.spectral_shift(part), factors.Vh, factors.sigma, float(factors.next_sigma or 0.0),
                    float(matrix.square().sum()), base.dtype, getattr(layer, "groups", 1), tuple(base.shape))
 
 
@@ -302,10 +303,9 @@ def _file_updates(source: str | os.PathLike | DeltaFile, base: str | os.PathLike
     _refuse_trained([*record.params, *record.buffers])
     state = read_state_dict(base)
     layouts = {name: _record_layout(name, layer.layer_class) for name, layer in record.layers.items()}  # refusals first
-    weights = {name: _base_weight(state, f"{_checked_name(name)}.weight", name, layer)
-               for name, layer in record.layers.items()}
-    factors = functools.cache(lambda name: decompose_named(  # every singular value, as merge_files
-        name, matrix_view(record.layers[name].layer_class, weights[name]), None, None))
+    units = {name: _file_unit(state, _checked_name(name), layer) for name, layer in record.layers.items()}
+    weights = {name: unit.recorded for name, unit in units.items()}
+    factors = functools.cache(lambda name: _decompose(name, units[name].matrix, record.layers[name]))  # as merge_files
 
     for name, layer in record.layers.items():  # every hash before any SVD: a wrong base fails fast
         check_base(name, layer.fingerprint, weights[name], lambda: factors(name).sigma, strict,

@@ -413,18 +413,18 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     deltas = [layer.spectral_delta(part) for _, layer in layers for part in layer.spectral_parts()]
     seen = {id(p) for p in deltas}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
-    _warn_if_trainable_since_apply(unwrap(model))
+    _warn_if_trainable_since_apply(unwrap(model), seen)
     return [p for p in deltas if p.requires_grad] + others
 
 
-def _warn_if_trainable_since_apply(model: nn.Module) -> None:
+def _warn_if_trainable_since_apply(model: nn.Module, deltas: set[int]) -> None:
     """Warn about trainable parameters that `apply` did not leave trainable: created after it, or unfrozen since.
     E.g. diffusers' fuse_qkv_projections() after apply builds new fused layers from the adapted weights; the
     attention then uses those, fully trainable, and the deltas of to_q/to_k/to_v get no gradient."""
     known, free = set(), trainable_modules(model)
     for prefix, root in model.named_modules():
         known.update(join_name(prefix, name) for name in root.__dict__.get(_FLAGS, ()))
-    extra = [name for name, p in model.named_parameters() if p.requires_grad and name.rpartition(".")[2] != DELTA
+    extra = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in deltas
              and (name not in known or name.rpartition(".")[0] not in free)]
     if extra:
         warnings.warn(

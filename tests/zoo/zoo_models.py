@@ -145,8 +145,8 @@ def clip_output(out: Any) -> Tensor:
 
 
 ENTRIES: tuple[ZooEntry, ...] = (
-    # GPT-2's c_attn/c_proj/c_fc are transformers Conv1D layers; until svdtune adapts Conv1D the zoo tunes the untied lm_head.
-    ZooEntry("gpt2", ("transformers",), seeded(gpt2), ("lm_head",), tokens),
+    # GPT-2's c_attn/c_proj/c_fc are transformers Conv1D layers (weights stored (in, out)); lm_head is untied.
+    ZooEntry("gpt2", ("transformers",), seeded(gpt2), ("c_attn", "c_proj", "c_fc", "lm_head"), tokens),
     ZooEntry("llama", ("transformers",), seeded(llama),
              ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), tokens),
     ZooEntry("bert", ("transformers",), seeded(bert), ("query", "key", "value", "attention.output.dense"), tokens,
@@ -162,8 +162,9 @@ ENTRIES: tuple[ZooEntry, ...] = (
              lambda m: {"pixel_values": images()}, trainable=("classifier",)),
     ZooEntry("unet2d", ("diffusers",), seeded(unet), ("to_q", "to_k", "to_v", "to_out.0"), unet_batch,
              output=lambda out: out.sample),
-    # nn.MultiheadAttention's packed in_proj_weight is not a layer svdtune adapts yet: out_proj and the MLP only.
-    ZooEntry("torchvision-vit", (), seeded(torchvision_vit), ("out_proj", "mlp.0", "mlp.3"), lambda m: images(),
+    # self_attention is an nn.MultiheadAttention: its packed in_proj_weight gets q, k and v spectra, out_proj its own.
+    ZooEntry("torchvision-vit", (), seeded(torchvision_vit), ("self_attention", "out_proj", "mlp.0", "mlp.3"),
+             lambda m: images(),
              trainable=("heads",)),
     ZooEntry("torchvision-resnet18", (), seeded(lambda: vision_models.ResNet((8, 16, 32, 64), 3)),
              ("conv*", "downsample.0"), lambda m: images(), trainable=("fc",)),
