@@ -163,6 +163,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile one svdtune step of the last case")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cases", nargs="+", metavar="BATCHxPX", help="e.g. 32x224 (default: all five)")
+    parser.add_argument("--models", nargs="+", choices=["ResNet-18", "ConvNeXt-atto"], default=["ResNet-18", "ConvNeXt-atto"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -171,9 +173,13 @@ def main() -> None:
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
     cases = [(2, 112), (32, 112)] if args.quick else [(2, 112), (2, 224), (32, 112), (128, 112), (32, 224)]
+    if args.cases:
+        cases = [tuple(int(v) for v in case.split("x")) for case in args.cases]
     print(f"torch={torch.__version__} threads={torch.get_num_threads()}")
     print(f"{'model':<14} {'batch':>5} {'px':>4} {'full s':>8} {'svdtune':>8} {'floor':>7}")
     for name, build in (("ResNet-18", ResNet18), ("ConvNeXt-atto", ConvNeXtAtto)):
+        if name not in args.models:
+            continue
         models = forms(build().train())
         for batch, px in cases:
             x, y = torch.randn(batch, 3, px, px), torch.randint(0, 1000, (batch,))
