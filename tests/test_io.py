@@ -229,7 +229,7 @@ CASES = {
     "fingerprint": (lambda m: (m[3].weight.data.add_(1e-3), m)[1], None, "layer '3': its base weight differs"),
     "different adapters (rank)": (lambda m: svdtune.apply(m, ["0", "3", "5"], rank=1), None, "different adapter"),
     "different adapters (layers)": (lambda m: svdtune.apply(m, ["0"]), None, "adapters on other layers"),
-    "unknown version": (None, lambda t, md: md.update(format_version="4"), "format version '4'"),
+    "unknown version": (None, lambda t, md: md.update(format_version="5"), "format version '5'"),
     "not a delta": (None, lambda t, md: md.update(format="something"), "not an svdtune delta"),
     "wrong tensor shape": (None, lambda t, md: t.update({"3": torch.zeros(5)}), "layer '3' has a delta tensor of shape \\(5,\\)"),
     "wrong tensor dtype": (None, lambda t, md: t.update({"3": t["3"].to(torch.int32)}), "layer '3' has a delta tensor .*int32"),
