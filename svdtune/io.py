@@ -135,8 +135,8 @@ def load_delta(
     """Load a delta file into its base model, applying svdtune first if the model is plain.
 
     On a plain model, exactly the layers named in the file are adapted, with the
-    file's rank, mode and scale (as `svdtune.apply` would, freezing the rest). On a
-    model that already holds the same adapters (same layers, ranks and modes), the
+    file's rank, mode, scale and SVD method (as `svdtune.apply` would, freezing the rest).
+    On a model that already holds the same adapters (same layers, ranks, modes and SVD methods), the
     deltas and scales are copied in. Fully trained parameters in the file are
     copied into the model's parameters of the same names and left trainable; their
     modules' buffers into the model's buffers of the same names.

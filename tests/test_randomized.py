@@ -146,8 +146,15 @@ def trained(tmp_path, svd="auto"):
     return base, model
 
 
-def test_a_delta_file_records_the_method_and_load_delta_reproduces_it(tmp_path):
-    base, model = trained(tmp_path)
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """(base, trained model, folder with d.safetensors and base.safetensors), svd="auto" (randomized)."""
+    folder = tmp_path_factory.mktemp("randomized")
+    return (*trained(folder), folder)
+
+
+def test_a_delta_file_records_the_method_and_load_delta_reproduces_it(saved):
+    base, model, tmp_path = saved
     _, metadata = container.read(tmp_path / "d.safetensors", "d")
     record = json.loads(metadata["layers"])["0"]
     assert metadata["format_version"] == "4"
@@ -172,23 +179,22 @@ def test_an_exact_file_loads_with_the_exact_svd_even_where_auto_would_not(tmp_pa
         svdtune.load_delta(other, tmp_path / "d.safetensors")
 
 
-def test_merge_files_uses_the_recorded_method_and_equals_merge(tmp_path):
-    _, model = trained(tmp_path)
-    svdtune.merge_files(tmp_path / "base.safetensors", tmp_path / "d.safetensors", tmp_path / "m.safetensors")
+def test_merge_files_uses_the_recorded_method_and_equals_merge(saved, tmp_path):
+    _, model, folder = saved
+    svdtune.merge_files(folder / "base.safetensors", folder / "d.safetensors", tmp_path / "m.safetensors")
     merged = safetensors.torch.load_file(tmp_path / "m.safetensors")
     expected = svdtune.merge(copy.deepcopy(model)).state_dict()
     for key, value in expected.items():
         torch.testing.assert_close(merged[key], value, rtol=0, atol=1e-6, msg=key)
 
 
-def test_combine_keeps_the_method_and_refuses_to_mix_methods(tmp_path):
-    trained(tmp_path)
-    mix = svdtune.combine([tmp_path / "d.safetensors"] * 2, [0.5, 0.5])
+def test_combine_keeps_the_method_and_refuses_to_mix_methods(saved, tmp_path):
+    folder = saved[2]
+    mix = svdtune.combine([folder / "d.safetensors"] * 2, [0.5, 0.5])
     assert mix.layers["0"].svd == RandomizedSVD()
-    (tmp_path / "r").mkdir()
-    trained(tmp_path / "r", svd=RandomizedSVD(iterations=2))
+    trained(tmp_path, svd=RandomizedSVD(iterations=2))
     with pytest.raises(SvdtuneError, match="svd method"):
-        svdtune.combine([tmp_path / "d.safetensors", tmp_path / "r" / "d.safetensors"], [0.5, 0.5])
+        svdtune.combine([folder / "d.safetensors", tmp_path / "d.safetensors"], [0.5, 0.5])
 
 
 @pytest.mark.parametrize("svd, version, match", [
@@ -198,9 +204,8 @@ def test_combine_keeps_the_method_and_refuses_to_mix_methods(tmp_path):
     ({"method": "randomized", "oversample": 500, "iterations": 4, "seed": 0}, "4", "impossible for shape"),
     ({"method": "randomized", "oversample": 16, "iterations": 4, "seed": 0}, "3", "malformed record"),  # no svd in v3
 ])
-def test_a_bad_svd_record_is_refused(tmp_path, svd, version, match):
-    trained(tmp_path)
-    tensors, metadata = container.read(tmp_path / "d.safetensors", "d")
+def test_a_bad_svd_record_is_refused(saved, tmp_path, svd, version, match):
+    tensors, metadata = container.read(saved[2] / "d.safetensors", "d")
     records = json.loads(metadata["layers"])
     records["0"]["svd"] = svd
     metadata.update(layers=json.dumps(records), format_version=version)
