@@ -89,6 +89,29 @@ class DecodeTimer:
         images.decode_image, agiqa.check_images = self._decode, self._check
 
 
+def decode_costs(folder: Path, sizes: tuple[int, ...] = (256, 512, 1024), count: int = 20) -> dict[int, float]:
+    """Milliseconds Pillow takes to decode one procedural JPEG of each size (median of `count`), and to resize
+    it to a shorter side of 384 px, on this machine."""
+    from PIL import Image
+
+    costs = {}
+    rng = np.random.default_rng(1)
+    for size in sizes:
+        times = []
+        for k in range(count):
+            path = folder / f"cost_{size}_{k}.jpg"
+            coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            image = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), dtype=np.int16)
+            Image.fromarray(np.clip(image + rng.integers(-20, 21, image.shape), 0, 255).astype(np.uint8)).save(
+                path, quality=90)
+            start = time.perf_counter()
+            images.decode_image(path, 384)
+            times.append(time.perf_counter() - start)
+            path.unlink()
+        costs[size] = 1000 * float(np.median(times))
+    return costs
+
+
 def run(argv: list[str]) -> tuple[float, float]:
     """(wall seconds, decoding seconds) of one example run."""
     with DecodeTimer() as timer:
@@ -111,7 +134,14 @@ def main_benchmark() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--variants", default="head,svd-fc")
     p.add_argument("--modes", default="0,default", help="--cache-mb values to run, comma list ('default' = unset)")
+    p.add_argument("--costs-only", action="store_true", help="only time decoding one JPEG per size")
     args = p.parse_args()
+
+    args.folder.mkdir(parents=True, exist_ok=True)
+    costs = decode_costs(args.folder)
+    print("decoding + resizing to 384 px, one JPEG: " + ", ".join(f"{s} px {ms:.1f} ms" for s, ms in costs.items()))
+    if args.costs_only:
+        return
 
     folder = args.folder / f"{args.size}px"
     start = time.perf_counter()

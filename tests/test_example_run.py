@@ -29,7 +29,7 @@ def synthetic_run(tmp_path_factory):
     """One tiny default-style run through `python -m examples.cnniqa_agiqa`."""
     out = tmp_path_factory.mktemp("run")
     command = [sys.executable, "-m", "examples.cnniqa_agiqa", "--quick", "--out", str(out), *TINY]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
 

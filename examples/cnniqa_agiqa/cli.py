@@ -86,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     a("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     a("--workers", type=int, default=0, help="DataLoader workers for AGIQA-3K images (default 0)")
     a("--threads", type=int, help="torch CPU threads, 0 = torch's default " + _defaults("threads"))
-    a("--quick", action="store_true", help="small synthetic run, under a minute on 2 CPU cores")
+    a("--quick", action="store_true", help="small synthetic run (2 splits, 10 epochs, 40 target scenes)")
     a("--quiet", action="store_true", help="no progress bars or status lines; still prints the table, the merge "
       "check and the 'wrote ...' line (stdout), and warnings and errors (stderr)")
     a("--no-plots", action="store_true", help="skip the PNG plots")
