@@ -80,7 +80,7 @@ def test_delta_file_loads_into_a_fresh_svd_model(synthetic_run):
     from safetensors.torch import load_file
 
     source = load_file(str(out / "source_cnniqa.safetensors"))
-    config_like = type("C", (), {"lr_svd": 1e-2})()
+    config_like = type("C", (), {"lr_svd": 1e-2, "svd_mode": "shift"})()
     model, _, _ = build(VARIANTS["svd-fc"], source, config_like, seed=0)
     svdtune.load_delta(model, out / "deltas" / "svd-fc_split1.safetensors")
     stored = load_file(str(out / "deltas" / "svd-fc_split1.safetensors"))
