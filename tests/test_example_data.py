@@ -109,7 +109,7 @@ def test_unreadable_images_counted_and_listed(tmp_path):
     (tmp_path / names[3]).write_bytes(b"not a jpeg at all")
     with pytest.raises(ValueError, match=r"1 of 8 images .*cannot be decoded: " + names[3].replace(".", r"\.")):
         agiqa.load_agiqa(tmp_path)
-    assert len(agiqa.load_agiqa(tmp_path, decode=False)) == 8
+    assert len(agiqa.load_agiqa(tmp_path, decode=False)[0]) == 8
 
 
 def test_truncated_jpeg_is_caught_before_training(tmp_path):
@@ -137,8 +137,8 @@ def test_images_smaller_than_the_crop_are_caught_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"8 of 8 images .*smaller after --resize 24 than the 32 px crop.*"
                        + names[2].replace(".", r"\.") + r" \(36x24\)"):
         agiqa.load_agiqa(tmp_path, crop=32, resize=24)  # the sizes shown are after resizing: 30x20 -> 36x24
-    assert len(agiqa.load_agiqa(tmp_path, crop=32, resize=32)) == 8  # every shorter side becomes 32
-    assert len(agiqa.load_agiqa(tmp_path, crop=20)) == 8
+    assert len(agiqa.load_agiqa(tmp_path, crop=32, resize=32)[0]) == 8  # every shorter side becomes 32
+    assert len(agiqa.load_agiqa(tmp_path, crop=20)[0]) == 8
 
 
 def test_splits_group_by_prompt_and_are_seeded(tmp_path):
@@ -225,3 +225,74 @@ def test_distortions_change_images_monotonically():
     for name in ("blur", "contrast", "posterize", "color", "noise", "blocking", "ringing"):
         changes = [float((synthetic.DISTORTIONS[name](clean, s, g) - clean).abs().mean()) for s in strengths]
         assert changes[0] < 1e-6 and changes[0] < changes[1] < changes[2], name
+
+
+def _pil_reference(path: Path, resize: int) -> torch.Tensor:
+    """Pillow decoding written out: convert to RGB, bicubic resize of the shorter side, HWC -> CHW."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if resize:
+            scale = resize / min(image.size)
+            image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+        return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)
+
+
+def _unequal_images(root: Path) -> list[str]:
+    from PIL import Image
+
+    names = write_agiqa(root, per_prompt=2)
+    rng = np.random.default_rng(1)
+    for k, name in enumerate(names):  # unequal sizes, and one greyscale file (converted to RGB)
+        pixels = rng.integers(0, 256, size=(40 + 4 * k, 44 + 2 * k, 3), dtype=np.uint8)
+        image = Image.fromarray(pixels)
+        (image.convert("L") if k == 3 else image).save(root / name, quality=85)
+    return names
+
+
+@pytest.mark.parametrize("resize", [0, 36])
+def test_cache_holds_the_pixels_decoding_on_access_gives(tmp_path, resize):
+    names = _unequal_images(tmp_path)
+    records, cache = agiqa.load_agiqa(tmp_path, resize=resize, cache_bytes=1 << 30)
+    assert len(records) == len(cache) == 8 and cache.held == 8
+    assert cache.nbytes == sum(int(image.numel()) for image in cache.images)
+    for j, name in enumerate(names):
+        reference = _pil_reference(tmp_path / name, resize)
+        assert cache.images[j] is not None and torch.equal(cache.get(j), reference), name
+        assert cache.get(j).dtype == torch.uint8
+
+
+def test_cache_stays_within_its_budget_and_decodes_the_rest_on_access(tmp_path):
+    from examples.cnniqa_agiqa.images import image_bytes
+
+    names = _unequal_images(tmp_path)
+    budget = image_bytes(44, 40) * 3  # about three of the eight images
+    _, cache = agiqa.load_agiqa(tmp_path, cache_bytes=budget)
+    assert 1 <= cache.held < 8 and cache.nbytes <= budget
+    assert "decoded again on every access" in cache.describe()
+    for j, name in enumerate(names):
+        assert torch.equal(cache.get(j), _pil_reference(tmp_path / name, 0)), name
+    _, none = agiqa.load_agiqa(tmp_path, cache_bytes=0)  # --cache-mb 0: every access decodes
+    assert none.held == 0 and none.nbytes == 0
+    assert torch.equal(none.get(5), _pil_reference(tmp_path / names[5], 0))
+
+
+def test_hflip_mirrors_half_of_the_training_crops_and_never_evaluation():
+    from examples.cnniqa_agiqa.datasets import TensorImages
+
+    images = torch.randint(0, 256, (1, 3, 12, 16), dtype=torch.uint8)
+    plain = TensorImages(images, torch.zeros(1), [0], 8, True)
+    flipping = TensorImages(images, torch.zeros(1), [0], 8, True, hflip=True)
+    flipped = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        crop = plain[0][0]
+        torch.manual_seed(seed)  # the same crop offsets are drawn first
+        out = flipping[0][0]
+        assert torch.equal(out, crop) or torch.equal(out, crop.flip(-1))
+        flipped += not torch.equal(out, crop)
+    assert 10 <= flipped <= 30
+    evaluation = TensorImages(images, torch.zeros(1), [0], 8, False, hflip=True)
+    assert all(torch.equal(evaluation[0][0], evaluation[0][0]) for _ in range(5))
+    assert torch.equal(evaluation[0][0], images[0, :, 2:10, 4:12].float() / 255)

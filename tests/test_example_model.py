@@ -191,3 +191,104 @@ def test_svd_layers_keep_their_class():
     assert isinstance(model.conv1, nn.Conv2d) and isinstance(model.fc3, nn.Linear)
     assert sorted(k for k in model.state_dict() if k.endswith("svd_delta")) == [
         "conv1.svd_delta", "fc1.svd_delta", "fc2.svd_delta", "fc3.svd_delta"]
+
+
+def _pyiqa_load(path) -> dict[str, torch.Tensor]:
+    """What IQA-PyTorch's CNNIQA(pretrained_model_path=path) does with a file: load_pretrained_network(net, path,
+    strict=True, weight_keys='params'), i.e. take the "params" entry and drop a leading 'module.' from each key."""
+    state = torch.load(path, map_location="cpu", weights_only=True)["params"]
+    return {k[7:] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def test_save_pyiqa_writes_the_layout_iqa_pytorch_loads(tmp_path):
+    from examples.cnniqa_agiqa.model import save_pyiqa
+
+    state = _random_state(4)
+    model = CNNIQA()
+    model.load_state_dict(state)
+    path = tmp_path / "merged.pth"
+    save_pyiqa(model, path)
+    payload = torch.load(path, weights_only=True)  # only tensors: the safe loader reads it
+    assert list(payload) == ["params"] and list(payload["params"]) == KEYS
+    strict = CNNIQA()
+    strict.load_state_dict(_pyiqa_load(path), strict=True)  # IQA-PyTorch loads with strict key matching
+    x = torch.rand(2, 3, 20, 24)
+    torch.testing.assert_close(strict.eval()(x), _reference(state, x))
+    for key in KEYS:
+        assert torch.equal(load_pretrained(CNNIQA(), path).state_dict()[key], state[key])
+    with pytest.raises(ValueError, match="svdtune.merge"):
+        save_pyiqa(svdtune.apply(CNNIQA(), targets=["fc3"]), tmp_path / "adapted.pth")
+
+
+def test_dataparallel_prefix_loads_with_a_note(tmp_path, capsys):
+    state = _random_state(5)
+    wrapped = nn.DataParallel(CNNIQA())  # saves keys as module.conv1.weight, ...
+    wrapped.module.load_state_dict(state)
+    path = tmp_path / "dp.pth"
+    torch.save({"params": wrapped.state_dict()}, path)
+    assert all(k.startswith("module.") for k in torch.load(path, weights_only=True)["params"])
+    loaded = load_pretrained(CNNIQA(), path)
+    assert all(torch.equal(loaded.state_dict()[k], state[k]) for k in KEYS)
+    assert all(torch.equal(_pyiqa_load(path)[k], state[k]) for k in KEYS)  # the same keys IQA-PyTorch reads
+    note = capsys.readouterr().err
+    assert note.startswith(f"note: {path}: 8 of 8 keys start with 'module.'") and "DataParallel" in note
+
+
+def test_pyiqa_reads_the_merged_pth_when_installed(tmp_path):
+    """With IQA-PyTorch installed, its own CNNIQA loads the .pth and scores exactly as the example's model."""
+    pyiqa_arch = pytest.importorskip("pyiqa.archs.cnniqa_arch")
+    from examples.cnniqa_agiqa.model import save_pyiqa
+
+    model = CNNIQA()
+    model.load_state_dict(_random_state(6))
+    save_pyiqa(model, tmp_path / "m.pth")
+    theirs = pyiqa_arch.CNNIQA(pretrained=None, pretrained_model_path=str(tmp_path / "m.pth")).eval()
+    x = torch.rand(2, 3, 30, 30)
+    torch.testing.assert_close(theirs(x).squeeze(1), model.eval()(x))
+
+
+def test_multistep_schedule_equals_torch_multisteplr_stepped_per_epoch():
+    """--schedule multistep is IQA-PyTorch's MultiStepLR(milestones 10/20/30/40, gamma 0.5), stepped each epoch."""
+    from examples.cnniqa_agiqa.train import lr_lambda
+
+    epochs, per_epoch = 50, 3
+    ours_param, theirs_param = nn.Parameter(torch.zeros(1)), nn.Parameter(torch.zeros(1))
+    ours = torch.optim.AdamW([ours_param], lr=1e-3)
+    theirs = torch.optim.AdamW([theirs_param], lr=1e-3)
+    ours_schedule = torch.optim.lr_scheduler.LambdaLR(ours, lr_lambda("multistep", epochs * per_epoch, per_epoch))
+    theirs_schedule = torch.optim.lr_scheduler.MultiStepLR(theirs, milestones=[10, 20, 30, 40], gamma=0.5)
+    for _ in range(epochs):
+        for _ in range(per_epoch):
+            assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"], rel=1e-12)
+            ours.step()
+            ours_schedule.step()
+        theirs.step()
+        theirs_schedule.step()
+    assert theirs.param_groups[0]["lr"] == pytest.approx(1e-3 / 16)
+
+
+def test_recipe_pyiqa_sets_iqa_pytorch_s_options_and_explicit_ones_win():
+    config = parse_config(["--data-root", "AGIQA-3K", "--recipe", "pyiqa"])
+    assert (config.epochs, config.batch_size, config.crop, config.resize, config.eval_crop) == (50, 64, 384, 384, 0)
+    assert config.hflip and config.schedule == "multistep" and config.weight_decay == 0.01
+    assert config.lr_scratch == config.lr_full == config.lr_head == 1e-3
+    assert config.lr_svd == DEFAULTS["agiqa"]["lr_svd"]  # not part of the recipe
+    mine = parse_config(["--data-root", "A", "--recipe", "pyiqa", "--epochs", "3", "--crop", "224", "--lr-full", "1e-4"])
+    assert (mine.epochs, mine.crop, mine.lr_full, mine.batch_size) == (3, 224, 1e-4, 64)
+    default = parse_config(["--data-root", "A"])
+    assert (default.hflip, default.schedule, default.resize, default.cache_mb) == (False, "cosine", 0, 4096)
+    assert parse_config(["--quick", "--hflip"]).hflip
+    with pytest.raises(ValueError, match="--recipe pyiqa .* use it with --data-root"):
+        parse_config(["--quick", "--recipe", "pyiqa"])
+    with pytest.raises(ValueError, match="--cache-mb"):
+        parse_config(["--data-root", "A", "--cache-mb", "-1"])
+
+
+def test_svd_mode_reaches_svdtune():
+    for mode, expected in (("shift", lambda s: s + 0.5), ("scale", lambda s: s * 1.5)):
+        model, params, _ = build(VARIANTS["svd-fc"], CNNIQA().state_dict(), parse_config(["--quick", "--svd-mode", mode]), 0)
+        with torch.no_grad():
+            for p in params:
+                p.fill_(0.5)
+        for name, (sigma, adapted) in svdtune.singular_values(model).items():
+            torch.testing.assert_close(adapted, expected(sigma)), (mode, name)

@@ -29,7 +29,7 @@ def synthetic_run(tmp_path_factory):
     """One tiny default-style run through `python -m examples.cnniqa_agiqa`."""
     out = tmp_path_factory.mktemp("run")
     command = [sys.executable, "-m", "examples.cnniqa_agiqa", "--quick", "--out", str(out), *TINY]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return out, done
 
@@ -80,7 +80,7 @@ def test_delta_file_loads_into_a_fresh_svd_model(synthetic_run):
     from safetensors.torch import load_file
 
     source = load_file(str(out / "source_cnniqa.safetensors"))
-    config_like = type("C", (), {"lr_svd": 1e-2})()
+    config_like = type("C", (), {"lr_svd": 1e-2, "svd_mode": "shift"})()
     model, _, _ = build(VARIANTS["svd-fc"], source, config_like, seed=0)
     svdtune.load_delta(model, out / "deltas" / "svd-fc_split1.safetensors")
     stored = load_file(str(out / "deltas" / "svd-fc_split1.safetensors"))
@@ -98,6 +98,25 @@ def test_merged_file_is_a_plain_cnniqa(synthetic_run):
     merged = next(out.glob("merged_svd-*.safetensors"))
     model = load_pretrained(CNNIQA(), merged)
     assert list(model.state_dict()) == list(CNNIQA().state_dict())
+    pth = torch.load(merged.with_suffix(".pth"), weights_only=True)  # IQA-PyTorch's layout, safe to load
+    assert list(pth) == ["params"] and list(pth["params"]) == list(model.state_dict())
+    assert all(torch.equal(pth["params"][k], v) for k, v in model.state_dict().items())
+
+
+def test_table_md_holds_the_printed_numbers_and_the_readme_quotes_its_layout(synthetic_run):
+    out, done = synthetic_run
+    table = (out / "table.md").read_text(encoding="utf-8").splitlines()
+    payload = json.loads((out / "results.json").read_text())
+    rows = [line for line in table if line.startswith("| CNNIQA")]
+    assert len(rows) == len(payload["summary"])
+    for line, summary in zip(rows, payload["summary"]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == summary["model"] and cells[2] == f"{summary['srcc_mean']:.4f} ± {summary['srcc_std']:.4f}"
+        assert cells[0] in done.stdout and cells[2] in done.stdout  # the printed table has the same numbers
+        assert cells[7] == ("-" if summary["delta_bytes"] is None else f"{summary['delta_bytes']:,}")
+    header = next(line for line in table if line.startswith("| Model"))
+    readme = (ROOT / "examples" / "cnniqa_agiqa" / "README.md").read_text(encoding="utf-8")
+    assert header in readme.splitlines(), "the example README must quote table.md's layout"
 
 
 def _copy_cache(out: Path, tmp_path: Path) -> Path:
@@ -152,6 +171,24 @@ def test_agiqa_format_run_with_iqa_pytorch_weights(tmp_path, capsys):
     payload = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [row["variant"] for row in payload["summary"]] == ["zero-shot", "head", "svd-fc"]
     assert (tmp_path / "out" / "deltas" / "svd-fc_split2.safetensors").is_file()
+
+
+def test_agiqa_run_with_the_pyiqa_recipe_and_a_cache(tmp_path, capsys):
+    """--recipe pyiqa (sizes overridden to fit tiny images): multistep schedule, flips; images decoded once."""
+    _write_agiqa(tmp_path / "agiqa")
+    torch.save({"params": CNNIQA().state_dict()}, tmp_path / "w.pth")
+    argv = ["--data-root", str(tmp_path / "agiqa"), "--pretrained", str(tmp_path / "w.pth"), "--out",
+            str(tmp_path / "out"), "--variants", "zero-shot,svd-fc", "--splits", "1", "--recipe", "pyiqa",
+            "--epochs", "2", "--crop", "24", "--resize", "30", "--batch-size", "4", "--no-plots"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "decoded 18 images once" in err and "18 of 18 decoded images held in memory" in err
+    assert "estimate from the first epoch of svd-fc" in err and "\r" not in err
+    config = json.loads((tmp_path / "out" / "results.json").read_text())["config"]
+    assert (config["recipe"], config["schedule"], config["hflip"], config["resize"]) == ("pyiqa", "multistep", True, 30)
+    cached = (tmp_path / "out" / "table.md").read_text()
+    assert main(argv + ["--cache-mb", "0", "--quiet"]) == 0  # every image decoded on every access
+    assert (tmp_path / "out" / "table.md").read_text() == cached  # the cache changes no number
 
 
 @pytest.mark.parametrize(
@@ -270,15 +307,31 @@ def test_published_split_file_is_used(tmp_path, capsys):
     assert sorted(stored[0]["train"]["indices"] + stored[0]["val"]["indices"]) == list(range(12))
 
 
-def test_without_tqdm_a_plain_progress_line_is_printed(monkeypatch, capsys):
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
+    """Redirected output (capsys is not a TTY) gets plain lines without carriage returns, at most one per tenth."""
     from examples.cnniqa_agiqa.progress import progress
 
-    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails as if tqdm were absent
-    assert list(progress(range(20), "work")) == list(range(20))
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert lines[-1].startswith("work: 20/20") and 2 <= len(lines) <= 11
+    assert list(progress(range(20), "work", interval=0.0)) == list(range(20))
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "\r" not in err and lines[-1].startswith("work: 20/20") and 2 <= len(lines) <= 10
+    assert list(progress(range(20), "fast")) == list(range(20))  # under PLAIN_INTERVAL: only the last line
+    fast = capsys.readouterr().err.strip().splitlines()
+    assert len(fast) == 1 and fast[0].startswith("fast: 20/20")
     assert list(progress(range(3), "silent", enabled=False)) == [0, 1, 2]
     assert capsys.readouterr().err == ""
+
+
+def test_progress_uses_tqdm_only_on_a_terminal(monkeypatch, capsys):
+    from examples.cnniqa_agiqa.progress import progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    assert list(progress(range(5), "bar")) == list(range(5))
+    assert "\r" in capsys.readouterr().err  # tqdm redraws its bar
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # import fails as if tqdm were absent
+    assert list(progress(range(5), "plain")) == list(range(5))
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.strip().splitlines()[-1].startswith("plain: 5/5")
 
 
 def test_without_matplotlib_plots_are_skipped_with_a_message(synthetic_run, monkeypatch, tmp_path, capsys):

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from examples.cnniqa_agiqa.datasets import resized_size
+from examples.cnniqa_agiqa.images import ImageCache, image_bytes, resized_size
 from examples.cnniqa_agiqa.progress import progress
 
 __all__ = ["REQUIRED_COLUMNS", "MOS_SCALE", "Record", "read_csv", "check_images", "load_agiqa"]
@@ -123,18 +123,25 @@ def read_csv(path: str | Path, target: str = "quality") -> list[Record]:
     return records
 
 
-def _decode(path: Path) -> tuple[str | None, tuple[int, int]]:
+def _decode(index: int, path: Path, cache: ImageCache | None) -> tuple[str | None, tuple[int, int]]:
     """(None, (width, height)) if Pillow decodes every pixel of the file as the loader will, else (reason, (0, 0)).
 
     Image.verify() is not enough: it does not decode pixel data, so a truncated
-    JPEG passes it and fails only when training reads it.
+    JPEG passes it and fails only when training reads it. When the decoded
+    (and resized) image fits the cache's budget, the cache keeps it.
     """
     from PIL import Image
 
+    from examples.cnniqa_agiqa.images import decode_image
+
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB")  # decodes the whole file, exactly as datasets.FileImages does
-            return None, image.size
+            size = image.size  # from the header, before decoding
+            if cache is not None and cache.reserve(image_bytes(*size, cache.resize)):
+                cache.offer(index, decode_image(path, cache.resize))  # decodes exactly as the loader would
+            else:
+                image.convert("RGB")  # decodes the whole file, as images.decode_image does
+            return None, size
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, ... for broken files
         return (str(error).splitlines()[0] if str(error) else type(error).__name__), (0, 0)
 
@@ -155,12 +162,13 @@ def _too_small(names: list[str], sizes: list[tuple[int, int]], root: Path, crop:
 
 
 def check_images(root: str | Path, names: list[str], decode: bool = True, show: bool = False,
-                 crop: int = 0, resize: int = 0) -> None:
+                 crop: int = 0, resize: int = 0, cache: ImageCache | None = None) -> None:
     """Check that every named image exists and (optionally) decodes completely and is large enough.
 
     Decoding runs on a few threads (Pillow releases the GIL while it decodes):
     AGIQA-3K's 2,982 images take seconds to tens of seconds, once per run.
-    The size check uses the sizes that same pass decodes.
+    The size check uses the sizes that same pass decodes, and `cache` keeps the
+    decoded images that fit its budget, so training does not decode them again.
 
     Args:
         root: folder holding the images.
@@ -170,6 +178,7 @@ def check_images(root: str | Path, names: list[str], decode: bool = True, show: 
         show: print a progress bar while decoding.
         crop: the largest crop side the run takes (training and evaluation); 0: no size check.
         resize: the loader's --resize (shorter side after resizing); 0: original sizes.
+        cache: filled with the decoded images that fit its budget (its own resize applies).
 
     Raises:
         FileNotFoundError: some images are absent (says how many, lists the first).
@@ -188,8 +197,9 @@ def check_images(root: str | Path, names: list[str], decode: bool = True, show: 
         return
     threads = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(threads) as pool:
-        decoded = list(progress(pool.map(_decode, [root / n for n in names]), "checking that the images decode",
-                                total=len(names), enabled=show))
+        paths = [root / n for n in names]
+        decoded = list(progress(pool.map(_decode, range(len(names)), paths, [cache] * len(names)),
+                                "decoding the images", total=len(names), enabled=show))
     unreadable = [(n, why) for n, (why, _) in zip(names, decoded) if why is not None]
     if unreadable:
         raise ValueError(
@@ -200,7 +210,7 @@ def check_images(root: str | Path, names: list[str], decode: bool = True, show: 
 
 
 def load_agiqa(root: str | Path, target: str = "quality", decode: bool = True, show: bool = False,
-               crop: int = 0, resize: int = 0) -> list[Record]:
+               crop: int = 0, resize: int = 0, cache_bytes: int = 0) -> tuple[list[Record], ImageCache]:
     """Validate an extracted AGIQA-3K folder and return its records.
 
     Args:
@@ -210,9 +220,10 @@ def load_agiqa(root: str | Path, target: str = "quality", decode: bool = True, s
         show: print a progress bar while decoding.
         crop: the largest crop side the run takes; smaller images (after `resize`) are an error.
         resize: the loader's shorter side after resizing; 0: original sizes.
+        cache_bytes: budget of the image cache; 0 keeps no decoded image (each is decoded on access).
 
     Returns:
-        The records of data.csv.
+        The records of data.csv, and the cache of their decoded images.
 
     Raises:
         FileNotFoundError, ValueError: see `read_csv` and `check_images`.
@@ -221,5 +232,6 @@ def load_agiqa(root: str | Path, target: str = "quality", decode: bool = True, s
     if not root.is_dir():
         raise FileNotFoundError(f"--data-root {root} is not a folder; extract AGIQA-3K there (README.md)")
     records = read_csv(root / "data.csv", target)
-    check_images(root, [r.name for r in records], decode=decode, show=show, crop=crop, resize=resize)
-    return records
+    cache = ImageCache(root, [r.name for r in records], resize, cache_bytes)
+    check_images(root, cache.names, decode=decode, show=show, crop=crop, resize=resize, cache=cache)
+    return records, cache

@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from examples.cnniqa_agiqa import splits as splitting
-from examples.cnniqa_agiqa.config import DEFAULTS, RunConfig, resolve
+from examples.cnniqa_agiqa.config import DEFAULTS, RECIPES, RunConfig, resolve
 from examples.cnniqa_agiqa.distributed import DistInfo, setup, teardown
 from examples.cnniqa_agiqa.experiment import run_all
 from examples.cnniqa_agiqa.progress import say
 from examples.cnniqa_agiqa.results import format_table, summarize, write_files
 from examples.cnniqa_agiqa.task import Task, load_task
+from examples.cnniqa_agiqa.train import SCHEDULES
 from examples.cnniqa_agiqa.variants import VARIANTS, parse_variants
 
 __all__ = ["main", "parser", "parse_config"]
@@ -57,13 +58,24 @@ def parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, help="batch size per process " + _defaults("batch_size"))
     a("--crop", type=int, help="random training crop side in px " + _defaults("crop"))
     a("--eval-crop", type=int, help="centre crop for val/test in px; 0 = whole image " + _defaults("eval_crop"))
-    a("--resize", type=int, default=0, help="AGIQA-3K: resize the shorter side to this on load; 0 = keep (default 0)")
+    a("--resize", type=int, help="AGIQA-3K: resize the shorter side to this on load; 0 = keep (default 0; 384 with "
+      "--recipe pyiqa)")
+    a("--hflip", action="store_true", default=None, help="flip training crops left-right with probability 1/2 "
+      "(default off; on with --recipe pyiqa)")
+    a("--cache-mb", type=int, help="AGIQA-3K: MiB of decoded images kept in memory, shared by every split and "
+      "variant; images beyond it are decoded on every access; 0 = decode on every access (default 4096)")
+    a("--recipe", choices=tuple(RECIPES), default="default", help="'pyiqa': IQA-PyTorch's CNNIQA KonIQ-10k recipe "
+      "(--resize 384 --crop 384 --hflip --batch-size 64 --epochs 50 --schedule multistep, lr 1e-3 for scratch, "
+      "full and head); options given explicitly override it (default: default)")
     a("--lr-scratch", type=float, help="learning rate of scratch " + _defaults("lr_scratch"))
     a("--lr-full", type=float, help="learning rate of full " + _defaults("lr_full"))
     a("--lr-head", type=float, help="learning rate of head " + _defaults("lr_head"))
     a("--lr-svd", type=float, help="learning rate of the svd deltas " + _defaults("lr_svd"))
-    a("--weight-decay", type=float, default=1e-2, help="AdamW weight decay (default 0.01)")
-    a("--schedule", choices=("cosine", "constant"), default="cosine", help="learning-rate schedule (default cosine)")
+    a("--svd-mode", choices=("shift", "scale"), help="svdtune.apply mode of the svd variants: shift (SVDiff, "
+      "sigma + delta) or scale (sigma * (1 + delta)) (default shift)")
+    a("--weight-decay", type=float, help="AdamW weight decay (default 0.01)")
+    a("--schedule", choices=SCHEDULES, help="learning-rate schedule: cosine to 0 over all steps, constant, or "
+      "multistep (x0.5 after epochs 10, 20, 30, 40, as IQA-PyTorch) (default cosine; multistep with --recipe pyiqa)")
     a("--select", choices=("val", "last"), default="val",
       help="checkpoint to test: best validation SRCC (default) or the last epoch")
     a("--pretrain-epochs", type=int, help="synthetic: source-domain pretraining epochs " + _defaults("pretrain_epochs"))
@@ -74,7 +86,7 @@ def parser() -> argparse.ArgumentParser:
     a("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     a("--workers", type=int, default=0, help="DataLoader workers for AGIQA-3K images (default 0)")
     a("--threads", type=int, help="torch CPU threads, 0 = torch's default " + _defaults("threads"))
-    a("--quick", action="store_true", help="small synthetic run, under a minute on 2 CPU cores")
+    a("--quick", action="store_true", help="small synthetic run (2 splits, 10 epochs, 40 target scenes)")
     a("--quiet", action="store_true", help="no progress bars or status lines; still prints the table, the merge "
       "check and the 'wrote ...' line (stdout), and warnings and errors (stderr)")
     a("--no-plots", action="store_true", help="skip the PNG plots")
@@ -121,7 +133,7 @@ def _report(task: Task, config: RunConfig, outcome) -> None:
     if outcome.merge:
         m = outcome.merge
         print(f"merge check ({m['variant']}, split 1, {m['images']} test images): merged plain CNNIQA "
-              f"{m['file']} vs adapted model, max abs diff {m['max_abs_diff']:.3g}")
+              f"{m['file']} and {m['pth']} vs adapted model, max abs diff {m['max_abs_diff']:.3g}")
     written = write_files(config.out, rows, outcome, config, task.name, task.synthetic)
     if config.plots:
         from examples.cnniqa_agiqa.plots import write_plots

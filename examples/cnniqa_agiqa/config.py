@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["RunConfig", "DEFAULTS", "resolve"]
+__all__ = ["RunConfig", "DEFAULTS", "COMMON", "RECIPES", "resolve"]
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,16 @@ class RunConfig:
     crop: int  # side of the random training crop, pixels
     eval_crop: int  # side of the centre crop for val/test; 0: the whole image
     resize: int  # AGIQA only: shorter image side after resizing on load; 0: keep
+    hflip: bool  # flip training crops left-right with probability 1/2
+    cache_mb: int  # AGIQA only: MiB of decoded images kept in memory; 0: decode on every access
+    recipe: str  # "default", or "pyiqa" (IQA-PyTorch's CNNIQA KonIQ-10k recipe, see RECIPES)
     lr_scratch: float  # AdamW learning rate of the scratch variant
     lr_full: float  # AdamW learning rate of full fine-tuning
     lr_head: float  # learning rate of the head variant (fc3 only)
     lr_svd: float  # learning rate of the singular-value deltas
+    svd_mode: str  # svdtune.apply mode of the svd variants: "shift" (SVDiff) or "scale"
     weight_decay: float  # AdamW weight decay, all variants
-    schedule: str  # "cosine" (to 0 over all steps) or "constant"
+    schedule: str  # "cosine" (to 0 over all steps), "constant", or "multistep" (x0.5 at epochs 10, 20, 30, 40)
     select: str  # checkpoint kept: "val" (best validation SRCC, epoch 0 included) or "last"
     pretrain_epochs: int  # synthetic only: epochs of source-domain pretraining
     source_scenes: int  # synthetic only: scenes of the source domain
@@ -64,6 +68,20 @@ DEFAULTS: dict[str, dict[str, object]] = {
                   pretrain_epochs=0, source_scenes=0, target_scenes=0, versions=0, image_size=0),
 }
 
+# Defaults that do not depend on the data source.
+COMMON: dict[str, object] = dict(resize=0, hflip=False, cache_mb=4096, weight_decay=1e-2, schedule="cosine",
+                                 svd_mode="shift")
+
+# IQA-PyTorch's recipe that produced CNNIQA_koniq10k-e6f14c91.pth (options/train/CNNIQA/train_CNNIQA.yml):
+# KonIQ-10k at 512x384 (shorter side 384), random 384 crops, horizontal flips, batch 64, AdamW lr 1e-3
+# (torch's default weight decay 0.01), MultiStepLR x0.5 after epochs 10/20/30/40, 50 epochs, MSE loss,
+# whole images for validation. lr_svd is not part of it and keeps its default.
+RECIPES: dict[str, dict[str, object]] = {
+    "default": {},
+    "pyiqa": dict(epochs=50, batch_size=64, crop=384, eval_crop=0, resize=384, hflip=True, lr_scratch=1e-3,
+                  lr_full=1e-3, lr_head=1e-3, weight_decay=1e-2, schedule="multistep"),
+}
+
 
 def resolve(options: dict[str, object]) -> RunConfig:
     """Fill options that are None with the defaults of the chosen data source.
@@ -78,10 +96,17 @@ def resolve(options: dict[str, object]) -> RunConfig:
         ValueError: an option combination that cannot work.
     """
     source = "agiqa" if options.get("data_root") else "quick" if options.get("quick") else "synthetic"
-    filled = dict(options)
-    for key, value in DEFAULTS[source].items():
-        if filled.get(key) is None:
-            filled[key] = value
+    recipe = options.get("recipe") or "default"
+    if recipe not in RECIPES:
+        raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    if recipe == "pyiqa" and source != "agiqa":
+        raise ValueError("--recipe pyiqa trains on 384 px crops of real images: use it with --data-root "
+                         "(on the synthetic stand-in pass --schedule multistep --hflip instead)")
+    filled = {**options, "recipe": recipe}
+    for defaults in (RECIPES[recipe], DEFAULTS[source], COMMON):  # an option given explicitly always wins
+        for key, value in defaults.items():
+            if filled.get(key) is None:
+                filled[key] = value
     config = RunConfig(**filled)
     if config.crop < 7 or (config.eval_crop and config.eval_crop < 7):
         raise ValueError("--crop and --eval-crop must be at least 7 (CNNIQA's kernel size)")
@@ -89,6 +114,8 @@ def resolve(options: dict[str, object]) -> RunConfig:
         raise ValueError(f"--crop {config.crop} is larger than the synthetic --image-size {config.image_size}")
     if config.epochs < 0 or config.batch_size < 1:
         raise ValueError("--epochs must be >= 0 and --batch-size >= 1")
+    if config.cache_mb < 0 or config.resize < 0:
+        raise ValueError("--cache-mb and --resize must be >= 0")
     return config
 
 

@@ -1,26 +1,19 @@
 """Torch datasets over in-memory (synthetic) or on-disk (AGIQA-3K) images.
 
 Both yield (image (3, h, w) float in [0, 1], target float). Training takes a
-random crop of side `crop`; evaluation takes the centre crop of side
-`eval_crop`, or the whole image when eval_crop is 0.
+random crop of side `crop`, flipped left-right with probability 1/2 when
+`hflip`; evaluation takes the centre crop of side `eval_crop`, or the whole
+image when eval_crop is 0.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-__all__ = ["TensorImages", "FileImages", "make_loader", "resized_size"]
+from examples.cnniqa_agiqa.images import ImageCache
 
-
-def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
-    """(width, height) after scaling the shorter side to `resize` px (0 keeps the size), as FileImages does."""
-    if not resize:
-        return width, height
-    scale = resize / min(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
+__all__ = ["TensorImages", "FileImages", "make_loader"]
 
 
 def _crop(image: torch.Tensor, side: int, random: bool) -> torch.Tensor:
@@ -38,6 +31,14 @@ def _crop(image: torch.Tensor, side: int, random: bool) -> torch.Tensor:
     return image[:, top : top + side, left : left + side]
 
 
+def _augment(image: torch.Tensor, crop: int, train: bool, hflip: bool) -> torch.Tensor:
+    """Crop (random when training, else centred), flip left-right half the time if `hflip`, scale to [0, 1]."""
+    image = _crop(image, crop, train)
+    if train and hflip and bool(torch.rand(()) < 0.5):
+        image = image.flip(-1)
+    return image.float() / 255.0
+
+
 class TensorImages(Dataset):
     """Images held as a uint8 tensor (N, 3, S, S) with one target each.
 
@@ -47,58 +48,45 @@ class TensorImages(Dataset):
         indices: which of the N to expose.
         crop: crop side (random when `train`, else centred); 0: whole image.
         train: random crops (True) or centre crops (False).
+        hflip: when training, flip each crop left-right with probability 1/2.
     """
 
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, indices: list[int], crop: int, train: bool) -> None:
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor, indices: list[int], crop: int, train: bool,
+                 hflip: bool = False) -> None:
         self.images, self.targets = images, targets
-        self.indices, self.crop, self.train = list(indices), crop, train
+        self.indices, self.crop, self.train, self.hflip = list(indices), crop, train, hflip
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         j = self.indices[i]
-        image = _crop(self.images[j], self.crop, self.train).float() / 255.0
-        return image, self.targets[j]
+        return _augment(self.images[j], self.crop, self.train, self.hflip), self.targets[j]
 
 
 class FileImages(Dataset):
-    """Images decoded from files on every access (AGIQA-3K).
+    """AGIQA-3K images, taken from an ImageCache (decoded once per run, or on access beyond its budget).
 
     Args:
-        root: image folder.
-        names: file names, one per record.
+        images: the decoded images of every record (shared by every split and variant).
         targets: (N,) float targets.
         indices: which records to expose.
         crop: crop side (random when `train`, else centred); 0: whole image.
         train: random or centre crops.
-        resize: shorter side after resizing (bicubic); 0 keeps the original.
+        hflip: when training, flip each crop left-right with probability 1/2.
     """
 
-    def __init__(self, root: str | Path, names: list[str], targets: torch.Tensor, indices: list[int],
-                 crop: int, train: bool, resize: int = 0) -> None:
-        self.root, self.names, self.targets = Path(root), names, targets
-        self.indices, self.crop, self.train, self.resize = list(indices), crop, train, resize
+    def __init__(self, images: ImageCache, targets: torch.Tensor, indices: list[int], crop: int, train: bool,
+                 hflip: bool = False) -> None:
+        self.images, self.targets = images, targets
+        self.indices, self.crop, self.train, self.hflip = list(indices), crop, train, hflip
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _read(self, name: str) -> torch.Tensor:
-        """Decode one file to (3, H, W) uint8, resized if asked."""
-        import numpy as np
-        from PIL import Image
-
-        with Image.open(self.root / name) as image:
-            image = image.convert("RGB")
-            if self.resize:
-                image = image.resize(resized_size(image.width, image.height, self.resize), Image.BICUBIC)
-            array = np.asarray(image, dtype=np.uint8).copy()
-        return torch.from_numpy(array).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         j = self.indices[i]
-        image = _crop(self._read(self.names[j]), self.crop, self.train).float() / 255.0
-        return image, self.targets[j]
+        return _augment(self.images.get(j), self.crop, self.train, self.hflip), self.targets[j]
 
 
 def make_loader(dataset: Dataset, batch_size: int, train: bool, seed: int, workers: int = 0,

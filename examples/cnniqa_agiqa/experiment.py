@@ -22,8 +22,9 @@ import svdtune
 from examples.cnniqa_agiqa.config import RunConfig
 from examples.cnniqa_agiqa.datasets import make_loader
 from examples.cnniqa_agiqa.distributed import DistInfo
+from examples.cnniqa_agiqa.estimate import RunClock
 from examples.cnniqa_agiqa.metrics import all_metrics
-from examples.cnniqa_agiqa.model import CNNIQA, load_pretrained, save_plain
+from examples.cnniqa_agiqa.model import CNNIQA, load_pretrained, save_plain, save_pyiqa
 from examples.cnniqa_agiqa.progress import say
 from examples.cnniqa_agiqa.task import Task
 from examples.cnniqa_agiqa.train import fit, predict
@@ -79,8 +80,21 @@ def _save_outputs(model: nn.Module, name: str, split: int, task: Task, config: R
         outcome.spectra[name] = {k: (a.tolist(), b.tolist()) for k, (a, b) in svdtune.singular_values(model).items()}
 
 
+def _announcer(clock: RunClock, name: str, show: bool):
+    """on_epoch callback of fit that prints the whole-run estimate after the first epoch."""
+    seen: dict[int, float] = {}
+
+    def on_epoch(epoch: int, seconds: float) -> None:
+        seen[epoch] = seconds
+        if epoch == 1:
+            line = clock.first_epoch(name, seen[0], seconds - seen[0])
+            say(line or "", show and line is not None)
+
+    return on_epoch
+
+
 def _run_one(name: str, split_no: int, split: dict[str, list[int]], task: Task, config: RunConfig,
-             info: DistInfo) -> tuple[nn.Module, dict]:
+             info: DistInfo, clock: RunClock) -> tuple[nn.Module, dict]:
     """Build, train, select on val and score on test one variant on one split."""
     seed = config.seed * 1000 + split_no
     model, params, lr = build(VARIANTS[name], task.pretrained, config, seed)
@@ -90,9 +104,10 @@ def _run_one(name: str, split_no: int, split: dict[str, list[int]], task: Task, 
     torch.manual_seed(seed * 31 + info.rank)  # crops and dropout differ per rank, repeat per run
     train_loader, val_loader, test_loader = _loaders(task, split, config, info, seed)
     epochs = config.epochs if params else 0
+    show = info.main and not config.quiet
     result = fit(model, params, lr, epochs, train_loader, val_loader, info, config.weight_decay,
-                 config.schedule, desc=f"split {split_no} {name}", show=info.main and not config.quiet,
-                 select=config.select)
+                 config.schedule, desc=f"split {split_no} {name}", show=show, select=config.select,
+                 on_epoch=_announcer(clock, name, show))
     pred, target = predict(model, test_loader, info.device)
     run = {"variant": name, "split": split_no, "epochs": epochs, "best_epoch": result.best_epoch,
            "trainable": sum(p.numel() for p in params), "lr": lr, "seconds": round(result.seconds, 2),
@@ -102,16 +117,21 @@ def _run_one(name: str, split_no: int, split: dict[str, list[int]], task: Task, 
 
 def _merge_check(model: nn.Module, name: str, split: dict[str, list[int]], task: Task,
                  config: RunConfig, info: DistInfo) -> dict[str, object]:
-    """Merge a copy of an svd model, save it plain, reload it without svdtune, compare predictions."""
+    """Merge a copy of an svd model, save it plain (.safetensors and IQA-PyTorch's .pth), reload both
+    without svdtune, and compare their predictions with the adapted model's."""
     test = make_loader(task.dataset(split["test"], config.eval_crop, False), 64, False, 0, config.workers)
     adapted, _ = predict(model, test, info.device)
     merged = svdtune.merge(copy.deepcopy(model)).cpu()
-    path = Path(config.out) / f"merged_{name}.safetensors"
+    out = Path(config.out)
+    path, pth = out / f"merged_{name}.safetensors", out / f"merged_{name}.pth"
     save_plain(merged, path, metadata={"dataset": task.name, "variant": name, "note": "svdtune.merge of split 1"})
-    plain = load_pretrained(CNNIQA(), path).to(info.device)  # a plain CNNIQA, no svdtune involved
-    reloaded, _ = predict(plain, test, info.device)
-    diff = float(abs(adapted - reloaded).max())
-    return {"variant": name, "file": path.name, "max_abs_diff": diff, "images": len(adapted)}
+    save_pyiqa(merged, pth)
+    diff = 0.0
+    for written in (path, pth):
+        plain = load_pretrained(CNNIQA(), written).to(info.device)  # a plain CNNIQA, no svdtune involved
+        reloaded, _ = predict(plain, test, info.device)
+        diff = max(diff, float(abs(adapted - reloaded).max()))
+    return {"variant": name, "file": path.name, "pth": pth.name, "max_abs_diff": diff, "images": len(adapted)}
 
 
 def _best_by_validation(outcome: Outcome, names: list[str]) -> str:
@@ -137,16 +157,20 @@ def run_all(task: Task, splits: list[dict[str, list[int]]], config: RunConfig, i
     """
     start, outcome = time.perf_counter(), Outcome()
     kept: dict[str, nn.Module] = {}  # split-1 model of each svd variant, for the merge
+    jobs = [(s, name) for s in range(1, len(splits) + 1) for name in config.variants]
+    clock = RunClock(jobs, {n for n in config.variants if VARIANTS[n].trains != "none"}, config.epochs)
     for split_no, split in enumerate(splits, 1):
         for name in config.variants:
-            model, run = _run_one(name, split_no, split, task, config, info)
+            started = time.perf_counter()
+            model, run = _run_one(name, split_no, split, task, config, info, clock)
             outcome.runs.append(run)
             outcome.trainable[name] = run["trainable"]
             _save_outputs(model, name, split_no, task, config, info, outcome)
             if split_no == 1 and VARIANTS[name].trains == "svd":
                 kept[name] = model
+            left = clock.finished(name, time.perf_counter() - started)
             say(f"split {split_no}/{len(splits)} {name:9s} test SRCC {run['srcc']:.4f} PLCC {run['plcc']:.4f} "
-                f"(best epoch {run['best_epoch']}, {run['seconds']:.1f} s)", info.main and not config.quiet)
+                f"(best epoch {run['best_epoch']}, {run['seconds']:.1f} s; {left})", info.main and not config.quiet)
     if kept and info.main:
         best = _best_by_validation(outcome, list(kept))
         outcome.merge = _merge_check(kept[best], best, splits[0], task, config, info)

@@ -19,7 +19,9 @@ from svdtune import container
 from svdtune.errors import SvdtuneError
 from svdtune.offline import BASE_SUFFIXES, read_state_dict
 
-__all__ = ["CNNIQA", "load_pretrained", "save_plain", "EXPECTED_SHAPES"]
+from examples.cnniqa_agiqa.progress import say
+
+__all__ = ["CNNIQA", "load_pretrained", "save_plain", "save_pyiqa", "EXPECTED_SHAPES", "PARALLEL_PREFIX"]
 
 # Key -> shape of the reference architecture (ker_size 7, 50 kernels, 800 nodes).
 EXPECTED_SHAPES: dict[str, tuple[int, ...]] = {
@@ -32,6 +34,7 @@ EXPECTED_SHAPES: dict[str, tuple[int, ...]] = {
     "fc3.weight": (1, 800),
     "fc3.bias": (1,),
 }
+PARALLEL_PREFIX = "module."  # what (Distributed)DataParallel puts before every key of a saved state dict
 
 
 class CNNIQA(nn.Module):
@@ -81,6 +84,16 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def _strip_parallel_prefix(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """Drop the 'module.' prefix (DataParallel) from the keys that carry it, as IQA-PyTorch does, with a note."""
+    prefixed = [k for k in state if k.startswith(PARALLEL_PREFIX)]
+    if not prefixed:
+        return state
+    say(f"note: {path}: {len(prefixed)} of {len(state)} keys start with {PARALLEL_PREFIX!r} (saved from "
+        "DataParallel); reading them without it, as IQA-PyTorch's load_pretrained_network does")
+    return {k[len(PARALLEL_PREFIX):] if k.startswith(PARALLEL_PREFIX) else k: v for k, v in state.items()}
+
+
 def _check_state_dict(state: dict[str, torch.Tensor], model: nn.Module, path: Path) -> None:
     """Raise a ValueError naming every missing, unexpected or misshaped key."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -111,7 +124,8 @@ def load_pretrained(model: CNNIQA, path: str | Path) -> CNNIQA:
     Args:
         model: the CNNIQA to fill (plain, before svdtune.apply).
         path: IQA-PyTorch .pth ({"params": state_dict}), a bare state-dict
-            .pth/.pt, or a .safetensors file.
+            .pth/.pt, or a .safetensors file. Keys that start with 'module.'
+            (a DataParallel checkpoint) are read without it, with a note on stderr.
 
     Returns:
         The same model, for chaining.
@@ -132,7 +146,7 @@ def load_pretrained(model: CNNIQA, path: str | Path) -> CNNIQA:
             f"pretrained weights {path} not found; download IQA-PyTorch's CNNIQA_koniq10k-e6f14c91.pth "
             "(see examples/cnniqa_agiqa/README.md) or drop --pretrained"
         )
-    state = _read_state_dict(path)
+    state = _strip_parallel_prefix(_read_state_dict(path), path)
     _check_state_dict(state, model, path)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     return model
@@ -155,8 +169,37 @@ def save_plain(model: nn.Module, path: str | Path, metadata: dict[str, str] | No
         ValueError: the model still carries adapter keys (merge it first).
         OSError: the folder is not writable, the disk is full, ...
     """
+    container.atomic_write(path, container.encode(_plain_state(model), metadata or {}))
+
+
+def _plain_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The reference keys of a plain CNNIQA, on the CPU; a model still carrying adapter keys is refused."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     extra = sorted(set(state) - set(EXPECTED_SHAPES))
     if extra:
         raise ValueError(f"model has non-CNNIQA keys {extra}; call svdtune.merge(model) before saving it plain")
-    container.atomic_write(path, container.encode(state, metadata or {}))
+    return state
+
+
+def save_pyiqa(model: nn.Module, path: str | Path) -> None:
+    """Save a plain (or merged) CNNIQA as IQA-PyTorch's {"params": state_dict} .pth, atomically.
+
+    IQA-PyTorch loads it with
+    ``pyiqa.create_metric("cnniqa", pretrained_model_path=path)`` (its CNNIQA
+    reads the "params" entry with strict key matching); the example reads it back
+    with `load_pretrained`. The file is a torch.save zip holding only tensors, so
+    ``torch.load(path, weights_only=True)`` reads it.
+
+    Args:
+        model: a CNNIQA whose state dict has exactly the reference keys.
+        path: destination .pth file.
+
+    Raises:
+        ValueError: the model still carries adapter keys (merge it first).
+        OSError: the folder is not writable, the disk is full, ...
+    """
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"params": _plain_state(model)}, buffer)
+    container.atomic_write(path, [buffer.getvalue()])

@@ -1,9 +1,11 @@
-"""Summaries of an experiment: the printed table, results.json and results.csv.
+"""Summaries of an experiment: the printed table, table.md, results.json and results.csv.
 
 The table follows the layout of the original report's Table I (Model, Epochs,
 SRCC, PLCC, KRCC), with mean +- std over splits, then PLCC after the
-4-parameter logistic fit, the number of trained parameters and the size of
-the delta file of svd variants.
+4-parameter logistic fit, the number of trained parameters, the size in bytes
+of the delta file of svd variants, and the epoch kept on each split (0 = the
+untrained starting point). table.md holds the same table in Markdown, for docs
+to quote as written.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 from examples.cnniqa_agiqa.config import RunConfig, as_dict
 from examples.cnniqa_agiqa.experiment import Outcome
 
-__all__ = ["summarize", "format_table", "write_files", "METRICS"]
+__all__ = ["summarize", "format_table", "format_markdown", "write_files", "METRICS", "HEADER"]
 
 METRICS = ("srcc", "plcc", "krcc", "plcc_logistic")
 _MODEL_NAMES = {
@@ -29,6 +31,7 @@ _MODEL_NAMES = {
     "svd-conv": "CNNIQA + SVD deltas conv1",
     "svd-all": "CNNIQA + SVD deltas all layers",
 }
+HEADER = ("Model", "Epochs", "SRCC", "PLCC", "KRCC", "PLCC (fit)", "Trainable", "Delta file (bytes)", "Kept epochs")
 
 
 def summarize(outcome: Outcome, variants: tuple[str, ...]) -> list[dict[str, object]]:
@@ -40,7 +43,7 @@ def summarize(outcome: Outcome, variants: tuple[str, ...]) -> list[dict[str, obj
 
     Returns:
         One row per variant: variant, model, epochs, splits, <metric>_mean,
-        <metric>_std, trainable, delta_bytes, best_epoch_mean, seconds_mean.
+        <metric>_std, trainable, delta_bytes, best_epoch_mean, best_epochs (per split), seconds_mean.
     """
     rows = []
     for name in variants:
@@ -55,16 +58,27 @@ def summarize(outcome: Outcome, variants: tuple[str, ...]) -> list[dict[str, obj
         row["trainable"] = outcome.trainable.get(name, 0)
         row["delta_bytes"] = outcome.delta_bytes.get(name)
         row["best_epoch_mean"] = float(np.mean([r["best_epoch"] for r in runs]))
+        row["best_epochs"] = [int(r["best_epoch"]) for r in runs]
         row["seconds_mean"] = float(np.mean([r["seconds"] for r in runs]))
         rows.append(row)
     return rows
 
 
-def _size(n: int | None) -> str:
-    """Bytes as a short string ('-' for none)."""
-    if n is None:
-        return "-"
-    return f"{n / 1024:.1f} KB" if n >= 1024 else f"{n} B"
+def _cells(row: dict[str, object]) -> list[str]:
+    """The table cells of one summary row."""
+    size = "-" if row["delta_bytes"] is None else f"{row['delta_bytes']:,}"
+    kept = ", ".join(str(e) for e in row["best_epochs"]) if row["epochs"] else "-"
+    return ([str(row["model"]), str(row["epochs"])]
+            + [f"{row[f'{m}_mean']:.4f} ± {row[f'{m}_std']:.4f}" for m in METRICS]
+            + [f"{row['trainable']:,}", size, kept])
+
+
+def _caption(rows: list[dict[str, object]], title: str, synthetic: bool) -> list[str]:
+    splits = rows[0]["splits"] if rows else 0
+    lines = [f"Results on {title}: test set, mean ± std over {splits} split(s)"]
+    if synthetic:
+        lines.append("NOTE: SYNTHETIC DATA (built-in procedural stand-in). These are not AGIQA-3K results.")
+    return lines
 
 
 def format_table(rows: list[dict[str, object]], title: str, synthetic: bool) -> str:
@@ -78,23 +92,33 @@ def format_table(rows: list[dict[str, object]], title: str, synthetic: bool) -> 
     Returns:
         The table, ready to print.
     """
-    header = ("Model", "Epochs", "SRCC", "PLCC", "KRCC", "PLCC (fit)", "Trainable", "Delta file")
-    lines = [[str(r["model"]), str(r["epochs"])]
-             + [f"{r[f'{m}_mean']:.4f} ± {r[f'{m}_std']:.4f}" for m in METRICS]
-             + [f"{r['trainable']:,}", _size(r["delta_bytes"])] for r in rows]
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    lines = [_cells(r) for r in rows]
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(HEADER)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    splits = rows[0]["splits"] if rows else 0
-    out = [f"Results on {title}: test set, mean ± std over {splits} split(s)"]
-    if synthetic:
-        out.append("NOTE: SYNTHETIC DATA (built-in procedural stand-in). These are not AGIQA-3K results.")
-    out += [fmt(header), fmt(["-" * w for w in widths])] + [fmt(line) for line in lines]
-    return "\n".join(out)
+    return "\n".join(_caption(rows, title, synthetic) + [fmt(HEADER), fmt(["-" * w for w in widths])]
+                     + [fmt(line) for line in lines])
+
+
+def format_markdown(rows: list[dict[str, object]], title: str, synthetic: bool) -> str:
+    """The same table as Markdown (what table.md holds).
+
+    Args:
+        rows: from `summarize`.
+        title: the dataset line above the table.
+        synthetic: add the warning that the numbers come from synthetic data.
+
+    Returns:
+        The caption lines, a blank line and a Markdown table, ending with a newline.
+    """
+    caption = [line + "." if not line.endswith(".") else line for line in _caption(rows, title, synthetic)]
+    table = ["| " + " | ".join(HEADER) + " |", "| --- |" + " ---: |" * (len(HEADER) - 1)]
+    table += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
+    return "\n".join([" ".join(caption), ""] + table) + "\n"
 
 
 def write_files(out: str | Path, rows: list[dict[str, object]], outcome: Outcome, config: RunConfig,
                 title: str, synthetic: bool) -> list[Path]:
-    """Write results.json (everything) and results.csv (the summary rows).
+    """Write results.json (everything), results.csv (the summary rows) and table.md (the table in Markdown).
 
     Args:
         out: output folder.
@@ -110,10 +134,11 @@ def write_files(out: str | Path, rows: list[dict[str, object]], outcome: Outcome
     out = Path(out)
     payload = {"dataset": title, "synthetic": synthetic, "config": as_dict(config), "summary": rows,
                "runs": outcome.runs, "merge_check": outcome.merge, "seconds": round(outcome.seconds, 1)}
-    json_path, csv_path = out / "results.json", out / "results.csv"
+    json_path, csv_path, table_path = out / "results.json", out / "results.csv", out / "table.md"
     json_path.write_text(json.dumps(payload, indent=1))
+    table_path.write_text(format_markdown(rows, title, synthetic), encoding="utf-8")
     with csv_path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["variant"])
         writer.writeheader()
-        writer.writerows(rows)
-    return [json_path, csv_path]
+        writer.writerows({**r, "best_epochs": " ".join(map(str, r["best_epochs"]))} for r in rows)
+    return [json_path, csv_path, table_path]

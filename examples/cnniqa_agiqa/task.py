@@ -9,6 +9,7 @@ reused when the data and pretraining options match).
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from svdtune.errors import SvdtuneError
 from examples.cnniqa_agiqa import agiqa, synthetic
 from examples.cnniqa_agiqa.config import RunConfig
 from examples.cnniqa_agiqa.datasets import TensorImages, FileImages, make_loader
+from examples.cnniqa_agiqa.images import MEBIBYTE, ImageCache
 from examples.cnniqa_agiqa.distributed import DistInfo, barrier
 from examples.cnniqa_agiqa.model import CNNIQA, EXPECTED_SHAPES, load_pretrained, save_plain
 from examples.cnniqa_agiqa.progress import say
@@ -44,14 +46,14 @@ class Task:
     targets: torch.Tensor  # (N,) MOS / 5, in [0, 1]
     pretrained: dict[str, torch.Tensor] | None  # plain CNNIQA weights
     images: torch.Tensor | None = None  # synthetic only: (N, 3, S, S) uint8
-    root: str | None = None  # AGIQA only: image folder
-    resize: int = 0  # AGIQA only: shorter side on load
+    cache: ImageCache | None = None  # AGIQA only: the decoded images, shared by every split and variant
+    hflip: bool = False  # flip training crops left-right half the time
 
     def dataset(self, indices: list[int], crop: int, train: bool) -> Dataset:
-        """The images `indices` with their targets, cropped for training or evaluation."""
+        """The images `indices` with their targets, cropped (and flipped) for training, or for evaluation."""
         if self.images is not None:
-            return TensorImages(self.images, self.targets, indices, crop, train)
-        return FileImages(self.root, self.names, self.targets, indices, crop, train, self.resize)
+            return TensorImages(self.images, self.targets, indices, crop, train, self.hflip)
+        return FileImages(self.cache, self.targets, indices, crop, train, self.hflip)
 
 
 def _fingerprint(config: RunConfig) -> dict[str, object]:
@@ -126,22 +128,27 @@ def _synthetic_task(config: RunConfig, info: DistInfo) -> Task:
         pretrained = _source_model(config, info)
     return Task(name="SYNTHETIC target domain (built-in stand-in, not AGIQA-3K)", synthetic=True,
                 names=[f"target-{i:05d}" for i in range(len(target.groups))], groups=target.groups,
-                targets=target.mos / agiqa.MOS_SCALE, pretrained=pretrained, images=target.images)
+                targets=target.mos / agiqa.MOS_SCALE, pretrained=pretrained, images=target.images,
+                hflip=config.hflip)
 
 
 def _agiqa_task(config: RunConfig) -> Task:
     """AGIQA-3K from --data-root, validated before anything trains."""
     trains = any(VARIANTS[v].trains != "none" for v in config.variants)  # zero-shot alone takes no training crop
     crop = max(config.crop if trains else 0, config.eval_crop)
-    records = agiqa.load_agiqa(config.data_root, config.target, show=not config.quiet, crop=crop,
-                               resize=config.resize)
+    start = time.perf_counter()
+    records, cache = agiqa.load_agiqa(config.data_root, config.target, show=not config.quiet, crop=crop,
+                                      resize=config.resize, cache_bytes=config.cache_mb * MEBIBYTE)
+    say(f"decoded {len(records)} images once in {time.perf_counter() - start:.1f} s"
+        f"{f' (shorter side resized to {config.resize} px)' if config.resize else ''}: {cache.describe()}",
+        not config.quiet)
     pretrained = None
     if config.pretrained:
         pretrained = load_pretrained(CNNIQA(), config.pretrained).state_dict()
     return Task(name=f"AGIQA-3K mos_{config.target}", synthetic=False, names=[r.name for r in records],
                 groups=[r.group for r in records],
                 targets=torch.tensor([r.mos for r in records]) / agiqa.MOS_SCALE,
-                pretrained=pretrained, root=config.data_root, resize=config.resize)
+                pretrained=pretrained, cache=cache, hflip=config.hflip)
 
 
 def _make_out(out: Path) -> None:

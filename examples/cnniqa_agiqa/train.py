@@ -11,6 +11,7 @@ import copy
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -23,7 +24,11 @@ from examples.cnniqa_agiqa.distributed import DistInfo
 from examples.cnniqa_agiqa.metrics import srcc
 from examples.cnniqa_agiqa.progress import progress
 
-__all__ = ["TrainResult", "predict", "fit", "lr_lambda"]
+__all__ = ["TrainResult", "predict", "fit", "lr_lambda", "SCHEDULES", "MILESTONES", "GAMMA"]
+
+SCHEDULES = ("cosine", "constant", "multistep")
+MILESTONES = (10, 20, 30, 40)  # "multistep": epochs after which the rate is multiplied by GAMMA (IQA-PyTorch's)
+GAMMA = 0.5
 
 
 @dataclass
@@ -55,12 +60,14 @@ def predict(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple
     return torch.cat(preds).double().numpy(), torch.cat(targets).double().numpy()
 
 
-def lr_lambda(schedule: str, total_steps: int):
-    """Multiplier of the base learning rate at each step.
+def lr_lambda(schedule: str, total_steps: int, steps_per_epoch: int = 1):
+    """Multiplier of the base learning rate at each optimizer step.
 
     Args:
-        schedule: "cosine" (from 1 down to 0 over total_steps) or "constant".
+        schedule: "cosine" (from 1 down to 0 over total_steps), "constant", or
+            "multistep" (IQA-PyTorch's MultiStepLR: x0.5 after each of the epochs in MILESTONES).
         total_steps: optimizer steps of the whole run.
+        steps_per_epoch: optimizer steps per epoch (for "multistep").
 
     Returns:
         A function step -> factor, for torch.optim.lr_scheduler.LambdaLR.
@@ -72,7 +79,10 @@ def lr_lambda(schedule: str, total_steps: int):
         return lambda step: 1.0
     if schedule == "cosine":
         return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
-    raise ValueError(f"--schedule must be 'cosine' or 'constant', got {schedule!r}")
+    if schedule == "multistep":
+        per_epoch = max(steps_per_epoch, 1)
+        return lambda step: GAMMA ** sum(step // per_epoch >= m for m in MILESTONES)
+    raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
 
 
 def _train_epoch(model: nn.Module, loader: DataLoader, optimizer, scheduler, device: torch.device) -> float:
@@ -109,7 +119,8 @@ def _wrap(model: nn.Module, info: DistInfo) -> nn.Module:
 
 def fit(model: nn.Module, params: list[nn.Parameter], lr: float, epochs: int, train_loader: DataLoader,
         val_loader: DataLoader, info: DistInfo, weight_decay: float = 1e-2, schedule: str = "cosine",
-        desc: str = "train", show: bool = True, select: str = "val") -> TrainResult:
+        desc: str = "train", show: bool = True, select: str = "val",
+        on_epoch: Callable[[int, float], None] | None = None) -> TrainResult:
     """Train `params` of `model` and leave the weights of the best validation epoch in it.
 
     Args:
@@ -126,12 +137,16 @@ def fit(model: nn.Module, params: list[nn.Parameter], lr: float, epochs: int, tr
         show: show progress bars.
         select: "val" keeps the epoch with the best validation SRCC (0 = untrained
             included); "last" keeps the final weights.
+        on_epoch: called as on_epoch(epoch, seconds since the start) after the
+            validation of every epoch, 0 (before training) included.
 
     Returns:
         The validation curve, kept epoch and time.
     """
     start = time.perf_counter()
     result = TrainResult(val_srcc=[_val_srcc(model, val_loader, info.device, desc, 0)])
+    tick = on_epoch or (lambda epoch, seconds: None)
+    tick(0, time.perf_counter() - start)
     if not params or epochs == 0:
         result.seconds = time.perf_counter() - start
         return result
@@ -139,12 +154,13 @@ def fit(model: nn.Module, params: list[nn.Parameter], lr: float, epochs: int, tr
     runner = _wrap(model, info)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     steps = epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(schedule, steps, len(train_loader)))
     for epoch in progress(range(1, epochs + 1), desc, enabled=show):
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         _train_epoch(runner, train_loader, optimizer, scheduler, info.device)
         result.val_srcc.append(_val_srcc(model, val_loader, info.device, desc, epoch))
+        tick(epoch, time.perf_counter() - start)
         if select == "last" or result.val_srcc[-1] > result.val_srcc[result.best_epoch]:
             result.best_epoch, best_state = epoch, copy.deepcopy(model.state_dict())
     model.load_state_dict(best_state)

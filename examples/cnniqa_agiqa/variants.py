@@ -78,7 +78,7 @@ def build(variant: Variant, pretrained: dict[str, torch.Tensor] | None, config: 
     Args:
         variant: what to build.
         pretrained: the plain CNNIQA state dict; None only if no variant needs it.
-        config: for the learning rates.
+        config: for the learning rates and the svd mode.
         seed: seeds the random initialization (scratch, and layers before loading).
 
     Returns:
@@ -102,5 +102,5 @@ def build(variant: Variant, pretrained: dict[str, torch.Tensor] | None, config: 
         model.requires_grad_(False)
         model.fc3.requires_grad_(True)
         return model, list(model.fc3.parameters()), config.lr_head
-    svdtune.apply(model, targets=list(variant.targets))
+    svdtune.apply(model, targets=list(variant.targets), mode=config.svd_mode)
     return model, svdtune.trainable_parameters(model), config.lr_svd
