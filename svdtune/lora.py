@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from svdtune import container, kinds
+from svdtune.arguments import as_optional_path, as_path
 from svdtune.cache import decompose_named
 from svdtune.delta import FLOATS, DeltaFile, as_delta_file, check_base
 from svdtune.errors import SvdtuneError
@@ -170,7 +171,9 @@ def export_lora(
         >>> svdtune.export_lora("task.safetensors", "task-lora", rank=16, base="base.safetensors")
     """
     _check_arguments(rank, format, prefix, max_rank, dtype)
-    folder = os.fspath(out_dir)
+    folder, base = as_path(out_dir, "out_dir"), as_optional_path(base, "base")
+    if not isinstance(source, nn.Module):
+        source = source if isinstance(source, DeltaFile) else as_path(source, "the delta file path")
     files = [os.path.join(folder, FORMATS[format]), *([os.path.join(folder, CONFIG_NAME)] if format == "peft" else [])]
     _check_not_inputs(files, source, base)
     updates, names, delta_bytes = _updates(source, base, strict)
@@ -198,11 +201,11 @@ def _check_arguments(rank: object, format: object, prefix: object, max_rank: obj
         raise SvdtuneError(f"rank={rank!r} must be a positive int, or None for an exact export.")
     if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
         raise SvdtuneError(f"max_rank={max_rank!r} must be a positive int (e.g. vLLM's --max-lora-rank), or None.")
-    if format not in FORMATS:
+    if not isinstance(format, str) or format not in FORMATS:
         raise SvdtuneError(f"format={format!r} is not one of {sorted(FORMATS)}.")
     if not isinstance(prefix, str) or not prefix or prefix.startswith(".") or prefix.endswith("."):
         raise SvdtuneError(f"prefix={prefix!r} must be a diffusers component name such as 'unet' or 'text_encoder'.")
-    if dtype is not None and dtype not in FLOATS:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in FLOATS):
         raise SvdtuneError(f"dtype={dtype!r} must be one of {[str(d) for d in FLOATS]}, or None for the base weights' dtype.")
 
 

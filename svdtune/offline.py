@@ -222,9 +222,9 @@ def merge_files(
     """
     base, out = as_path(base, "base"), as_path(out, "out")
     container.check_destination(out)  # before any work
-    container.check_not_an_input(out, [base] if isinstance(delta, DeltaFile) else [base, delta])
     scale = as_scale(scale)
     record = as_delta_file(delta)
+    container.check_not_an_input(out, [base] if isinstance(delta, DeltaFile) else [base, delta])
     state = read_state_dict(base)
     merged = {**state, **_trained_tensors(state, record)}
     units = {name: _file_unit(state, name, layer) for name, layer in record.layers.items()}

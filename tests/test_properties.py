@@ -248,7 +248,8 @@ def _context(tmp_path):
         torch.save(small().state_dict(), tmp_path / "base.pt")
     out = tmp_path / "out.safetensors"
     return {
-        svdtune.apply: dict(model=base, targets=["0"], exclude=(), rank=None, mode="shift", trainable=(), cache_dir=None),
+        svdtune.apply: dict(model=base, targets=["0"], exclude=(), rank=None, mode="shift", trainable=(), cache_dir=None,
+                            svd="auto", progress=False),
         svdtune.merge: dict(model=adapted), svdtune.restore: dict(model=adapted), svdtune.report: dict(model=adapted),
         svdtune.set_scale: dict(model=adapted, scale=0.5), svdtune.singular_values: dict(model=adapted),
         svdtune.trainable_parameters: dict(model=adapted),
@@ -257,6 +258,8 @@ def _context(tmp_path):
         svdtune.read_delta: dict(path=delta_path),
         svdtune.merge_files: dict(base=tmp_path / "base.pt", delta=delta_path, out=out, scale=1.0, strict=True),
         svdtune.combine: dict(deltas=[delta_path], weights=[1.0]),
+        svdtune.export_lora: dict(source=delta_path, out_dir=tmp_path / "lora", rank=None, base=tmp_path / "base.pt",
+                                  format="peft", prefix="unet", max_rank=None, strict=True, dtype=None),
     }
 
 
