@@ -122,6 +122,8 @@ def apply(
                            "deltas added now would not be synchronised; call apply on the model first, then wrap it.")
     wrapper, model = model, unwrap(model)
     config = SpectralConfig(mode=mode, rank=rank)
+    if not isinstance(progress, bool):
+        raise SvdtuneError(f"progress={progress!r:.40} must be True (a progress bar on a terminal) or False.")
     targets, exclude = as_patterns(targets, "targets"), as_patterns(exclude, "exclude")
     layers = select(model, targets, exclude)
     found = unadaptable(model, targets, exclude)  # {name: class} of what the patterns meet but cannot adapt
