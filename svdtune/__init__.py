@@ -30,7 +30,7 @@ _EXPORTS = {
     "LoraExport": "svdtune.lora",
     "export_lora": "svdtune.lora",
     "Report": "svdtune.report",
-    "apply": "svdtune.model",
+    "apply": "svdtune.adapting",
     "merge": "svdtune.model",
     "report": "svdtune.model",
     "restore": "svdtune.model",

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import stat
 import struct
 import sys
 import warnings

@@ -16,7 +16,6 @@ writes a file it would refuse. Its limits are listed in docs/format.md ("Limits"
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
 import os
 import struct

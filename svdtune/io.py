@@ -29,9 +29,9 @@ from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, merged_matrix, spectrum_shift
 from svdtune.randomized import RandomizedSVD
 from svdtune.offline import warn_if_basis_dependent
-from svdtune.model import (
-    _check_adaptable, adapt_layers, adapted_units, check_not_shared, join_name, own_persistent_buffers, root_record,
-    trainable_modules, unwrap, warn_if_buffers_changed,
+from svdtune.adapting import _check_adaptable, adapt_layers, check_not_shared
+from svdtune.walk import (
+    adapted_units, join_name, own_persistent_buffers, root_record, trainable_modules, unwrap, warn_if_buffers_changed,
 )
 from svdtune.transaction import Progress, all_or_nothing, writable
 

@@ -37,7 +37,6 @@ from torch import Tensor, nn
 
 from svdtune import container, kinds
 from svdtune.arguments import as_optional_path, as_path
-from svdtune.cache import decompose_named
 from svdtune.delta import FLOATS, DeltaFile, as_delta_file, check_base
 from svdtune.errors import SvdtuneError
 from svdtune.layers import SpectralLayer, spectrum_shift

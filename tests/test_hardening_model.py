@@ -210,14 +210,14 @@ class Failure(RuntimeError):
 def test_apply_rolls_back_whatever_fails_inside(monkeypatch, fail_at):
     model = small()
     calls = []
-    adapt = svdtune.model.adapt
+    adapt = svdtune.adapting.adapt
 
     def failing(layer, *args):
         calls.append(layer)
         adapt(layer, *args)  # the layer is half changed when the failure comes
         if len(calls) > fail_at:
             raise Failure("disk on fire")
-    monkeypatch.setattr(svdtune.model, "adapt", failing)
+    monkeypatch.setattr(svdtune.adapting, "adapt", failing)
     name = ["0", "3", "5"][fail_at]
     refused(lambda: svdtune.apply(model, ["0", "3", "5"], trainable=["1"] if fail_at else ()), model,
             f"svdtune.apply failed at layer '{name}': disk on fire; the model was rolled back")

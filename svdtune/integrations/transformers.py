@@ -24,7 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from svdtune.errors import SvdtuneError
 from svdtune.io import save_delta
 from svdtune.layers import DELTA
-from svdtune.model import adapted_layers, own_persistent_buffers, join_name, unwrap
+from svdtune.walk import adapted_layers, own_persistent_buffers, join_name, unwrap
 
 DELTA_FILE = "svdtune_delta.safetensors"  # the delta file the callback writes into each checkpoint folder
 _WEIGHTS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json",
