@@ -12,6 +12,7 @@ import torch
 from svdtune.errors import SvdtuneError
 
 MODES = ("shift", "scale")
+_PLAIN_NUMBERS = frozenset({int, float})  # the number types JSON gives (a bool is neither)
 
 
 @dataclass(frozen=True)
@@ -78,9 +79,6 @@ def all_finite_numbers(values: list | tuple) -> bool:
         except OverflowError:  # an int beyond the float range
             return False
     return all(finite_number(value) is not None for value in values)
-
-
-_PLAIN_NUMBERS = frozenset({int, float})
 
 
 def as_scale(scale: object) -> float:

@@ -65,6 +65,7 @@ DTYPES: dict[str, torch.dtype] = {
     "C64": torch.complex64,
 }  # the names and meanings of safetensors' own dtype table
 ENTRY_KEYS = {"dtype", "shape", "data_offsets"}  # of a tensor's header entry
+_INT = {int}  # the set of item types of a list of ints
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
 
@@ -324,9 +325,12 @@ def _entry(name: str, info: object, what: str) -> tuple[torch.dtype, tuple[int, 
         raise _unsupported_dtype(what, name, code)
     if not _ints(shape) or not _ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
         raise _damaged(what, f"tensor {name!r} has a malformed shape or data_offsets")
-    if len(shape) > MAX_DIMS or math.prod(max(d, 1) for d in shape) >= 2**63:  # torch's limits, even for 0 elements
+    if len(shape) > MAX_DIMS:  # first: a product of very many sizes would take long
         raise _damaged(what, f"tensor {name!r} has a shape torch cannot hold ({len(shape)} dimensions, sizes {shape[:4]}...)")
-    if (offsets[1] - offsets[0]) != math.prod(shape) * dtype.itemsize:
+    elements = math.prod(shape)
+    if (elements if elements else math.prod(max(d, 1) for d in shape)) >= 2**63:  # torch's limits, even for 0 elements
+        raise _damaged(what, f"tensor {name!r} has a shape torch cannot hold ({len(shape)} dimensions, sizes {shape[:4]}...)")
+    if (offsets[1] - offsets[0]) != elements * dtype.itemsize:
         raise _damaged(what, f"tensor {name!r} has {offsets[1] - offsets[0]} bytes for shape {shape} of {code}")
     return dtype, tuple(shape), offsets[0], offsets[1]
 
@@ -340,7 +344,7 @@ def _unsupported_dtype(what: str, name: str, code: object) -> SvdtuneError:
 
 def _ints(values: object) -> bool:
     """A list of non-negative ints (JSON gives exact types: ``type(True) is bool``, not int)."""
-    return type(values) is list and all(type(v) is int and v >= 0 for v in values)
+    return type(values) is list and (not values or set(map(type, values)) == _INT and min(values) >= 0)
 
 
 def _check_tiling(layout: dict[str, tuple], size: int, what: str) -> None:

@@ -296,7 +296,7 @@ def _check_values(kind: str, name: str, tensor: Tensor, bad) -> None:
     """Parameters are floats; every float value in a delta file is finite."""
     if kind == "parameter" and tensor.dtype not in FLOATS:
         raise bad(f"parameter {name!r} has dtype {tensor.dtype}, not a float")
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
         raise bad(f"{kind} {name!r} holds NaN or infinity")
 
 
