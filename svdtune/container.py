@@ -24,6 +24,7 @@ in `svdtune.writing` (`atomic_write`, re-exported here).
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -31,7 +32,7 @@ import mmap
 import os
 import stat
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 import torch
@@ -81,6 +82,23 @@ def unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
         repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
         raise DuplicateKeyError(f"the key {repeated!r} appears twice in one JSON object")
     return result
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a header is parsed, checked or written.
+
+    A 10 MB header is millions of small objects, none of them garbage; the collector would
+    walk all of them again and again (half the time of reading such a file). Reference
+    counting still frees everything; the collector is resumed (if it was running) on exit.
+    """
+    running = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if running:
+            gc.enable()
 
 
 def canonical_json(value: object) -> bytes:
@@ -328,7 +346,7 @@ def _entry(name: str, info: object, what: str) -> tuple[torch.dtype, tuple[int, 
     if len(shape) > MAX_DIMS:  # first: a product of very many sizes would take long
         raise _damaged(what, f"tensor {name!r} has a shape torch cannot hold ({len(shape)} dimensions, sizes {shape[:4]}...)")
     elements = math.prod(shape)
-    if (elements if elements else math.prod(max(d, 1) for d in shape)) >= 2**63:  # torch's limits, even for 0 elements
+    if (elements or math.prod(filter(None, shape))) >= 2**63:  # torch's limits hold for the non-zero sizes too
         raise _damaged(what, f"tensor {name!r} has a shape torch cannot hold ({len(shape)} dimensions, sizes {shape[:4]}...)")
     if (offsets[1] - offsets[0]) != elements * dtype.itemsize:
         raise _damaged(what, f"tensor {name!r} has {offsets[1] - offsets[0]} bytes for shape {shape} of {code}")

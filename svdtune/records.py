@@ -228,15 +228,16 @@ def _fingerprint(fp: object, rank: int, wrong) -> Fingerprint:
 
 def _basis(basis: object, rank: int, wrong) -> Basis:
     fields = isinstance(basis, dict) and basis.keys() == BASIS_KEYS
-    columns, probes = (basis["columns"], basis["probes"]) if fields else (None, None)
+    columns, sha, probes = (basis["columns"], basis["sha256"], basis["probes"]) if fields else (None, None, None)
     if not (isinstance(columns, list) and columns and _naturals(columns) and isinstance(probes, list)):
         raise wrong("has a malformed fingerprint basis")
-    consecutive = columns == list(range(columns[0], columns[0] + len(columns)))
-    if not consecutive or columns[-1] >= rank or not _is_sha256(basis["sha256"]):
+    first = columns[0]
+    consecutive = columns == list(range(first, first + len(columns)))
+    if not consecutive or columns[-1] >= rank or not (isinstance(sha, str) and SHA256.fullmatch(sha)):
         raise wrong(f"has a fingerprint basis with columns {columns!r:.80} not consecutive below rank {rank}, or a bad hash")
     if len(probes) != 2 * PROBES * len(columns) or not all_finite_numbers(probes):
         raise wrong(f"has a fingerprint basis whose probes are not {2 * PROBES * len(columns)} finite numbers")
-    return Basis(tuple(columns), basis["sha256"], tuple(map(float, probes)))
+    return Basis(tuple(columns), sha, tuple(map(float, probes)))
 
 
 def _naturals(values: list) -> bool:
