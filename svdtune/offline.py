@@ -317,6 +317,7 @@ def _merged_matrix(name: str, matrix: Tensor, factors: Decomposition, layer: Lay
     return result
 
 
+@container.paused_gc()  # a file can hold very many basis runs: many objects, none garbage
 def combine(deltas: Iterable[str | os.PathLike | DeltaFile], weights: Iterable[float]) -> DeltaFile:
     """A weighted sum of delta files trained on the same base, in their shared singular basis.
 
@@ -397,7 +398,10 @@ def _combined_basis(name: str, layers: list[LayerDelta]) -> tuple[Basis, ...]:
     column has at most one owner.
     """
     owner: dict[int, Basis] = {}  # column -> the kept run holding it
-    for layer in layers:
+    first = layers[0].fingerprint.basis
+    for i, layer in enumerate(layers):
+        if i and layer.fingerprint.basis == first:
+            continue  # all kept already (the first input's runs are disjoint): nothing to add or warn about
         for run in layer.fingerprint.basis:
             owners = {id(owner[c]): owner[c] for c in run.columns if c in owner}
             if any(b != run for b in owners.values()):

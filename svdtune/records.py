@@ -106,8 +106,14 @@ def _plain(value: object) -> object:
         return value
     if kind is float:
         return value if math.isfinite(value) else repr(value)
-    if (kind is list or kind is tuple) and set(map(type, value)) <= _PLAIN_SCALARS:
-        return [v if type(v) is not float or math.isfinite(v) else repr(v) for v in value]
+    if kind is list or kind is tuple:
+        types = set(map(type, value))
+        if types <= _KEPT or (types == _FLOAT and all(map(math.isfinite, value))):
+            return list(value)
+        if types <= _PLAIN_SCALARS:
+            return [v if type(v) is not float or math.isfinite(v) else repr(v) for v in value]
+    if kind is dict and set(map(type, value)) <= _STR:
+        return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, (str, bool)):
         return value
     if isinstance(value, numbers.Integral):
@@ -122,7 +128,9 @@ def _plain(value: object) -> object:
     return repr(value)
 
 
-_PLAIN_SCALARS = frozenset({int, float, str, bool, type(None)})  # what `_plain` keeps as they are (but NaN/inf)
+_KEPT = frozenset({int, str, bool, type(None)})  # items `_plain` keeps as they are
+_PLAIN_SCALARS = _KEPT | {float}  # and floats, but NaN and infinity
+_FLOAT, _STR = frozenset({float}), frozenset({str})
 
 
 def layer_from_record(name: str, record: object, delta: Tensor, version: int,
