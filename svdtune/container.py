@@ -341,16 +341,17 @@ def _entry(name: str, info: object, what: str) -> tuple[torch.dtype, tuple[int, 
     dtype = DTYPES.get(code) if isinstance(code, str) else None
     if dtype is None:
         raise _unsupported_dtype(what, name, code)
-    if not _ints(shape) or not _ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+    begin, end = offsets if type(offsets) is list and len(offsets) == 2 else (None, None)
+    if not (_ints(shape) and type(begin) is int and type(end) is int and 0 <= begin <= end):  # exact types: no bool
         raise _damaged(what, f"tensor {name!r} has a malformed shape or data_offsets")
     if len(shape) > MAX_DIMS:  # first: a product of very many sizes would take long
         raise _damaged(what, f"tensor {name!r} has a shape torch cannot hold ({len(shape)} dimensions, sizes {shape[:4]}...)")
     elements = math.prod(shape)
     if (elements or math.prod(filter(None, shape))) >= 2**63:  # torch's limits hold for the non-zero sizes too
         raise _damaged(what, f"tensor {name!r} has a shape torch cannot hold ({len(shape)} dimensions, sizes {shape[:4]}...)")
-    if (offsets[1] - offsets[0]) != elements * dtype.itemsize:
-        raise _damaged(what, f"tensor {name!r} has {offsets[1] - offsets[0]} bytes for shape {shape} of {code}")
-    return dtype, tuple(shape), offsets[0], offsets[1]
+    if end - begin != elements * dtype.itemsize:
+        raise _damaged(what, f"tensor {name!r} has {end - begin} bytes for shape {shape} of {code}")
+    return dtype, tuple(shape), begin, end
 
 
 def _unsupported_dtype(what: str, name: str, code: object) -> SvdtuneError:
