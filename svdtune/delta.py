@@ -275,12 +275,13 @@ def from_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], what: str
         raise bad("it has malformed layers/params/buffers/metadata entries")
     if not container.is_str_map(user):
         raise bad("it has user metadata that is not str -> str")
-    _check_names([*records, *params, *buffers], bad)
-    _check_tensor_names(set(tensors), [*records, *params, *buffers], what)
+    names = [*records, *params, *buffers]
+    _check_names(names, bad)
+    _check_tensor_names(set(tensors), names, what)
     layers = {name: layer_from_record(name, record, tensors[name], version, bad) for name, record in records.items()}
     _check_version(layers, version, bad)
-    for kind, names in (("parameter", params), ("buffer", buffers)):
-        for name in names:
+    for kind, listed in (("parameter", params), ("buffer", buffers)):
+        for name in listed:
             _check_values(kind, name, tensors[name], bad)
     return DeltaFile(layers, {n: tensors[n] for n in params}, user, metadata.get("svdtune_version", ""),
                      {n: tensors[n] for n in buffers})
