@@ -227,12 +227,14 @@ def _combine(args: argparse.Namespace) -> None:
 
 
 def _inspect(args: argparse.Namespace) -> None:
+    from svdtune.container import paused_gc
     from svdtune.delta import read_delta
 
     for i, path in enumerate(args.files):
         with _deltas_in_plain_words([path], "svdtune inspect shows delta files, written by svdtune.save_delta."):
             delta = read_delta(path)
-        print("\n".join(([""] if i else []) + describe(delta, path)))
+        with paused_gc():  # a row per tensor: many objects, none garbage
+            print("\n".join(([""] if i else []) + describe(delta, path)))
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ import torch
 from svdtune.errors import SvdtuneError
 
 MODES = ("shift", "scale")
+_PLAIN_NUMBERS = frozenset({int, float})  # the number types JSON gives (a bool is neither)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,14 @@ def finite_number(value: object) -> float | None:
     integer or floating dtype. Refused: bools, complex numbers, strings, None, NaN, infinity,
     integers beyond the float range (e.g. 10**400), meta tensors.
     """
+    kind = type(value)  # fast paths for what JSON gives: exactly float or int (a bool is neither)
+    if kind is float:
+        return value if math.isfinite(value) else None
+    if kind is int:
+        try:
+            return float(value)  # finite unless it overflows
+        except OverflowError:
+            return None
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dtype == torch.bool or value.is_complex() or value.is_meta:
             return None  # a meta tensor has no value to read
@@ -57,6 +66,19 @@ def finite_number(value: object) -> float | None:
     except (OverflowError, ValueError, TypeError):
         return None
     return number if math.isfinite(number) else None
+
+
+def all_finite_numbers(values: list | tuple) -> bool:
+    """True if every item of ``values`` is a finite real number (`finite_number` is not None for each).
+
+    Linear, and fast for what JSON gives (plain floats and ints): the per-item work runs in C.
+    """
+    if set(map(type, values)) <= _PLAIN_NUMBERS:
+        try:
+            return all(map(math.isfinite, values))
+        except OverflowError:  # an int beyond the float range
+            return False
+    return all(finite_number(value) is not None for value in values)
 
 
 def as_scale(scale: object) -> float:

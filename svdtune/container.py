@@ -24,6 +24,7 @@ in `svdtune.writing` (`atomic_write`, re-exported here).
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -31,7 +32,7 @@ import mmap
 import os
 import stat
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
 
 import torch
@@ -65,6 +66,7 @@ DTYPES: dict[str, torch.dtype] = {
     "C64": torch.complex64,
 }  # the names and meanings of safetensors' own dtype table
 ENTRY_KEYS = {"dtype", "shape", "data_offsets"}  # of a tensor's header entry
+_INT = {int}  # the set of item types of a list of ints
 DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
 
@@ -80,6 +82,23 @@ def unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
         repeated = next(key for key, _ in pairs if key in seen or seen.add(key))
         raise DuplicateKeyError(f"the key {repeated!r} appears twice in one JSON object")
     return result
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a header is parsed, checked or written.
+
+    A 10 MB header is millions of small objects, none of them garbage; the collector would
+    walk all of them again and again (half the time of reading such a file). Reference
+    counting still frees everything; the collector is resumed (if it was running) on exit.
+    """
+    running = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if running:
+            gc.enable()
 
 
 def canonical_json(value: object) -> bytes:
@@ -322,13 +341,17 @@ def _entry(name: str, info: object, what: str) -> tuple[torch.dtype, tuple[int, 
     dtype = DTYPES.get(code) if isinstance(code, str) else None
     if dtype is None:
         raise _unsupported_dtype(what, name, code)
-    if not _ints(shape) or not _ints(offsets) or len(offsets) != 2 or offsets[0] > offsets[1]:
+    begin, end = offsets if type(offsets) is list and len(offsets) == 2 else (None, None)
+    if not (_ints(shape) and type(begin) is int and type(end) is int and 0 <= begin <= end):  # exact types: no bool
         raise _damaged(what, f"tensor {name!r} has a malformed shape or data_offsets")
-    if len(shape) > MAX_DIMS or math.prod(max(d, 1) for d in shape) >= 2**63:  # torch's limits, even for 0 elements
+    if len(shape) > MAX_DIMS:  # first: a product of very many sizes would take long
         raise _damaged(what, f"tensor {name!r} has a shape torch cannot hold ({len(shape)} dimensions, sizes {shape[:4]}...)")
-    if (offsets[1] - offsets[0]) != math.prod(shape) * dtype.itemsize:
-        raise _damaged(what, f"tensor {name!r} has {offsets[1] - offsets[0]} bytes for shape {shape} of {code}")
-    return dtype, tuple(shape), offsets[0], offsets[1]
+    elements = math.prod(shape)
+    if (elements or math.prod(filter(None, shape))) >= 2**63:  # torch's limits hold for the non-zero sizes too
+        raise _damaged(what, f"tensor {name!r} has a shape torch cannot hold ({len(shape)} dimensions, sizes {shape[:4]}...)")
+    if end - begin != elements * dtype.itemsize:
+        raise _damaged(what, f"tensor {name!r} has {end - begin} bytes for shape {shape} of {code}")
+    return dtype, tuple(shape), begin, end
 
 
 def _unsupported_dtype(what: str, name: str, code: object) -> SvdtuneError:
@@ -340,7 +363,7 @@ def _unsupported_dtype(what: str, name: str, code: object) -> SvdtuneError:
 
 def _ints(values: object) -> bool:
     """A list of non-negative ints (JSON gives exact types: ``type(True) is bool``, not int)."""
-    return type(values) is list and all(type(v) is int and v >= 0 for v in values)
+    return type(values) is list and (not values or set(map(type, values)) == _INT and min(values) >= 0)
 
 
 def _check_tiling(layout: dict[str, tuple], size: int, what: str) -> None:

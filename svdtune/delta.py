@@ -77,9 +77,10 @@ class DeltaFile:
         """
         path = as_path(path, "path")
         container.check_destination(path)
-        tensors, metadata = to_tensors(self)
-        from_tensors(tensors, metadata, f"the delta to write to {path!r}", "svdtune does not write such a file")
-        chunks = container.encode(tensors, metadata)
+        with container.paused_gc():
+            tensors, metadata = to_tensors(self)
+            from_tensors(tensors, metadata, f"the delta to write to {path!r}", "svdtune does not write such a file")
+            chunks = container.encode(tensors, metadata)
         if len(chunks[1]) > container.MAX_HEADER:
             raise SvdtuneError(f"the delta to write to {path!r} needs a {len(chunks[1])}-byte header, over the "
                                f"{container.MAX_HEADER}-byte limit; save fewer or shorter names and metadata.")
@@ -117,14 +118,15 @@ def read_delta(path: str | os.PathLike) -> DeltaFile:
         if kind is not None:
             raise _not_a_delta(what, kind)
 
-    try:
-        tensors, metadata = container.read(path, what, check_header=refuse_other_kinds)
-    except SvdtuneError:
-        kind = None if parsed else _other_kind(path)  # no safetensors header: a checkpoint?
-        if kind is None:  # a damaged svdtune file, or unrecognisable: the container's message says so
-            raise
-        raise _not_a_delta(what, kind) from None
-    return from_tensors(tensors, metadata, what)
+    with container.paused_gc():
+        try:
+            tensors, metadata = container.read(path, what, check_header=refuse_other_kinds)
+        except SvdtuneError:
+            kind = None if parsed else _other_kind(path)  # no safetensors header: a checkpoint?
+            if kind is None:  # a damaged svdtune file, or unrecognisable: the container's message says so
+                raise
+            raise _not_a_delta(what, kind) from None
+        return from_tensors(tensors, metadata, what)
 
 
 def _other_kind(path: str | os.PathLike) -> str | None:
@@ -183,7 +185,8 @@ def as_delta_file(source: str | os.PathLike | DeltaFile) -> DeltaFile:
         SvdtuneError: as `read_delta`, naming the layer or entry that is wrong.
     """
     if isinstance(source, DeltaFile):
-        return from_tensors(*to_tensors(source), "the in-memory DeltaFile", "fix the DeltaFile")
+        with container.paused_gc():
+            return from_tensors(*to_tensors(source), "the in-memory DeltaFile", "fix the DeltaFile")
     return read_delta(source)
 
 
@@ -271,12 +274,13 @@ def from_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], what: str
         raise bad("it has malformed layers/params/buffers/metadata entries")
     if not container.is_str_map(user):
         raise bad("it has user metadata that is not str -> str")
-    _check_names([*records, *params, *buffers], bad)
-    _check_tensor_names(set(tensors), [*records, *params, *buffers], what)
+    names = [*records, *params, *buffers]
+    _check_names(names, bad)
+    _check_tensor_names(set(tensors), names, what)
     layers = {name: layer_from_record(name, record, tensors[name], version, bad) for name, record in records.items()}
     _check_version(layers, version, bad)
-    for kind, names in (("parameter", params), ("buffer", buffers)):
-        for name in names:
+    for kind, listed in (("parameter", params), ("buffer", buffers)):
+        for name in listed:
             _check_values(kind, name, tensors[name], bad)
     return DeltaFile(layers, {n: tensors[n] for n in params}, user, metadata.get("svdtune_version", ""),
                      {n: tensors[n] for n in buffers})
@@ -295,21 +299,36 @@ def _check_values(kind: str, name: str, tensor: Tensor, bad) -> None:
     """Parameters are floats; every float value in a delta file is finite."""
     if kind == "parameter" and tensor.dtype not in FLOATS:
         raise bad(f"parameter {name!r} has dtype {tensor.dtype}, not a float")
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
         raise bad(f"{kind} {name!r} holds NaN or infinity")
 
 
 def _check_names(names: list[str], bad) -> None:
     """Names are what ``named_modules()``/``named_parameters()`` give: dotted parts, printable, bounded."""
-    for name in names:
+    if not names or _all_valid_names(names):
+        return
+    for name in names:  # find the first invalid name, for the message
         if not (0 < len(name) <= MAX_NAME and name.isprintable() and name != "__metadata__"
                 and "" not in name.split(".")):
             raise bad(f"the name {name[:80]!r} is not a module, parameter or buffer name (non-empty dotted parts "
                       f"of printable characters, at most {MAX_NAME} characters, not '__metadata__')")
 
 
+def _all_valid_names(names: list[str]) -> bool:
+    """The per-name rules of `_check_names` for all names at once, in C: a character is printable
+    wherever it stands, and joined with "\n" (never printable), an empty dotted part shows as "..",
+    ".\n", "\n." or a "." at either end."""
+    joined = "\n".join(names)
+    return (0 < min(map(len, names)) and max(map(len, names)) <= MAX_NAME and "".join(names).isprintable()
+            and "__metadata__" not in names and ".." not in joined and ".\n" not in joined and "\n." not in joined
+            and not joined.startswith(".") and not joined.endswith("."))
+
+
 def _names(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(n, str) for n in value)
+    return isinstance(value, list) and (set(map(type, value)) <= _STR or all(isinstance(n, str) for n in value))
+
+
+_STR = {str}  # the item types of a list of plain strings
 
 
 def _repeated(names: list[str]) -> list[str]:

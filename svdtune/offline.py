@@ -317,6 +317,7 @@ def _merged_matrix(name: str, matrix: Tensor, factors: Decomposition, layer: Lay
     return result
 
 
+@container.paused_gc()  # a file can hold very many basis runs: many objects, none garbage
 def combine(deltas: Iterable[str | os.PathLike | DeltaFile], weights: Iterable[float]) -> DeltaFile:
     """A weighted sum of delta files trained on the same base, in their shared singular basis.
 
@@ -343,15 +344,16 @@ def combine(deltas: Iterable[str | os.PathLike | DeltaFile], weights: Iterable[f
     except TypeError:
         raise SvdtuneError(f"combine needs a list of deltas and a list of weights, got {type(deltas).__name__} and "
                            f"{type(weights).__name__}.") from None
-    files = [as_delta_file(d) for d in deltas]
-    labels = [f"delta {i} ({os.fspath(d) if not isinstance(d, DeltaFile) else 'in memory'})" for i, d in enumerate(deltas)]
-    if not files or len(weights) != len(files):
-        raise SvdtuneError(f"combine needs one weight per delta, got {len(files)} deltas and {len(weights)} weights.")
+    if not deltas or len(weights) != len(deltas):
+        raise SvdtuneError(f"combine needs one weight per delta, got {len(deltas)} deltas and {len(weights)} weights.")
     numbers = [finite_number(w) for w in weights]
     if None in numbers:
         raise SvdtuneError(f"weights={weights!r} must be finite numbers.")
-    for label, file in zip(labels, files):
-        _check_compatible(files[0], file, labels[0], label)
+    labels = [f"delta {i} ({os.fspath(d) if not isinstance(d, DeltaFile) else 'in memory'})" for i, d in enumerate(deltas)]
+    files: list[DeltaFile] = []
+    for label, delta in zip(labels, deltas):  # each input is checked as soon as it is read: a refusal reads no more
+        files.append(as_delta_file(delta))
+        _check_compatible(files[0], files[-1], labels[0], label)
     layers = {name: _combined_layer(name, [f.layers[name] for f in files], numbers) for name in files[0].layers}
     sources = [[label, w] for label, w in zip(labels, numbers)]
     return DeltaFile(layers, {}, {"combined_from": json.dumps(sources)})
@@ -396,7 +398,10 @@ def _combined_basis(name: str, layers: list[LayerDelta]) -> tuple[Basis, ...]:
     column has at most one owner.
     """
     owner: dict[int, Basis] = {}  # column -> the kept run holding it
-    for layer in layers:
+    first = layers[0].fingerprint.basis
+    for i, layer in enumerate(layers):
+        if i and layer.fingerprint.basis == first:
+            continue  # all kept already (the first input's runs are disjoint): nothing to add or warn about
         for run in layer.fingerprint.basis:
             owners = {id(owner[c]): owner[c] for c in run.columns if c in owner}
             if any(b != run for b in owners.values()):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -18,7 +20,7 @@ from torch import Tensor
 
 from svdtune import container, kinds
 from svdtune.basis import PROBES, Basis
-from svdtune.config import MODES, finite_number
+from svdtune.config import MODES, all_finite_numbers, finite_number
 from svdtune.errors import SvdtuneError
 from svdtune.fingerprint import FLOAT_NAMES, FLOATS, TOP_SIGMA, Fingerprint
 from svdtune.randomized import RandomizedSVD, from_record
@@ -32,6 +34,9 @@ PARTS = kinds.MHA_PARTS  # a "part" of a MultiheadAttention (format version 4)
 SVD_LIMITS = {"oversample": 10**6, "iterations": 100, "seed": 2**31 - 1}  # a randomized "svd" record's maxima
 RECORD_KEYS = frozenset({"class", "weight_shape", "rank", "mode", "scale", "fingerprint"})
 VERSION_4_KEYS = frozenset({"part", "svd"})  # optional
+FINGERPRINT_KEYS = frozenset({"sha256", "top_sigma", "dtype"})  # and optionally "basis"
+BASIS_KEYS = frozenset({"columns", "sha256", "probes"})
+SHA256 = re.compile("[0-9a-f]{64}")  # lowercase hex, as hashlib's hexdigest() writes it
 
 
 @dataclass(frozen=True)
@@ -96,7 +101,20 @@ def _basis_record(basis: object) -> object:
 def _plain(value: object) -> object:
     """``value`` as JSON holds it: NumPy and Python numbers as int/float, tuples as lists. What JSON cannot
     hold (NaN, infinity, other objects) becomes its repr, a string, which the validator then refuses by name."""
-    if value is None or isinstance(value, (str, bool)):
+    kind = type(value)  # fast paths first: a basis has many runs of plain numbers
+    if kind is str or kind is int or kind is bool or value is None:
+        return value
+    if kind is float:
+        return value if math.isfinite(value) else repr(value)
+    if kind is list or kind is tuple:
+        types = set(map(type, value))
+        if types <= _KEPT or (types == _FLOAT and all(map(math.isfinite, value))):
+            return list(value)
+        if types <= _PLAIN_SCALARS:
+            return [v if type(v) is not float or math.isfinite(v) else repr(v) for v in value]
+    if kind is dict and set(map(type, value)) <= _STR:
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (str, bool)):
         return value
     if isinstance(value, numbers.Integral):
         return int(value)
@@ -108,6 +126,11 @@ def _plain(value: object) -> object:
     if isinstance(value, Mapping):
         return {k if isinstance(k, str) else repr(k): _plain(v) for k, v in value.items()}
     return repr(value)
+
+
+_KEPT = frozenset({int, str, bool, type(None)})  # items `_plain` keeps as they are
+_PLAIN_SCALARS = _KEPT | {float}  # and floats, but NaN and infinity
+_FLOAT, _STR = frozenset({float}), frozenset({str})
 
 
 def layer_from_record(name: str, record: object, delta: Tensor, version: int,
@@ -191,10 +214,10 @@ def _natural(value: object) -> bool:
 
 
 def _fingerprint(fp: object, rank: int, wrong) -> Fingerprint:
-    if not isinstance(fp, dict) or set(fp) - {"basis"} != {"sha256", "top_sigma", "dtype"}:
+    if not isinstance(fp, dict) or fp.keys() - {"basis"} != FINGERPRINT_KEYS:
         raise wrong("has a malformed fingerprint")
     sha, top, dtype = fp["sha256"], fp["top_sigma"], fp["dtype"]
-    numbers_ok = isinstance(top, list) and len(top) <= TOP_SIGMA and all(finite_number(s) is not None and s >= 0 for s in top)
+    numbers_ok = isinstance(top, list) and len(top) <= TOP_SIGMA and all_finite_numbers(top) and all(s >= 0 for s in top)
     if not (numbers_ok and all(a >= b for a, b in zip(top, top[1:]))):
         raise wrong(f"has a fingerprint whose top_sigma {top!r:.120} is not up to {TOP_SIGMA} descending finite numbers >= 0")
     if not (_is_sha256(sha) and isinstance(dtype, str) and dtype in FLOAT_NAMES):
@@ -202,25 +225,35 @@ def _fingerprint(fp: object, rank: int, wrong) -> Fingerprint:
     runs = fp.get("basis", [])
     if "basis" in fp and not (isinstance(runs, list) and runs):
         raise wrong("has a malformed fingerprint basis")
-    basis = tuple(_basis(run, rank, wrong) for run in runs)
-    columns = [c for run in basis for c in run.columns]
-    if any(a >= b for a, b in zip(columns, columns[1:])):
+    basis = tuple([_basis(run, rank, wrong) for run in runs])
+    # Each run's columns are consecutive (checked in _basis): the runs are disjoint and in order if each
+    # ends before the next begins.
+    lasts, firsts = [run.columns[-1] for run in basis], [run.columns[0] for run in basis]
+    if not all(map(operator.lt, lasts, firsts[1:])):
         raise wrong(f"has fingerprint basis runs that overlap or are out of order ({[list(run.columns) for run in basis]})")
-    return Fingerprint(sha, tuple(float(s) for s in top), dtype, basis)
+    return Fingerprint(sha, tuple(map(float, top)), dtype, basis)
 
 
 def _basis(basis: object, rank: int, wrong) -> Basis:
-    fields = isinstance(basis, dict) and set(basis) == {"columns", "sha256", "probes"}
-    columns, probes = (basis.get("columns"), basis.get("probes")) if fields else (None, None)
-    if not (isinstance(columns, list) and columns and all(_natural(c) for c in columns) and isinstance(probes, list)):
+    fields = isinstance(basis, dict) and basis.keys() == BASIS_KEYS
+    columns, sha, probes = (basis["columns"], basis["sha256"], basis["probes"]) if fields else (None, None, None)
+    if not (isinstance(columns, list) and columns and _naturals(columns) and isinstance(probes, list)):
         raise wrong("has a malformed fingerprint basis")
-    consecutive = all(b == a + 1 for a, b in zip(columns, columns[1:]))
-    if not consecutive or columns[-1] >= rank or not _is_sha256(basis["sha256"]):
+    first = columns[0]
+    consecutive = columns == list(range(first, first + len(columns)))
+    if not consecutive or columns[-1] >= rank or not (isinstance(sha, str) and SHA256.fullmatch(sha)):
         raise wrong(f"has a fingerprint basis with columns {columns!r:.80} not consecutive below rank {rank}, or a bad hash")
-    if len(probes) != 2 * PROBES * len(columns) or not all(finite_number(p) is not None for p in probes):
+    if len(probes) != 2 * PROBES * len(columns) or not all_finite_numbers(probes):
         raise wrong(f"has a fingerprint basis whose probes are not {2 * PROBES * len(columns)} finite numbers")
-    return Basis(tuple(columns), basis["sha256"], tuple(float(p) for p in probes))
+    return Basis(tuple(columns), sha, tuple(map(float, probes)))
+
+
+def _naturals(values: list) -> bool:
+    """Every item is an int >= 0 (not a bool); the per-item work runs in C."""
+    if set(map(type, values)) == {int}:
+        return min(values) >= 0
+    return all(_natural(v) for v in values)
 
 
 def _is_sha256(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    return isinstance(value, str) and SHA256.fullmatch(value) is not None

@@ -124,9 +124,9 @@ def format_bytes(count: int) -> str:
 
 def table_lines(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     """Left-aligned columns: the header, a rule of dashes, then one line per row."""
-    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(len(header))]
+    widths = [max(map(len, column)) for column in zip(header, *rows)]
     cells = [header, tuple("-" * w for w in widths), *rows]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in cells]
+    return ["  ".join(map(str.ljust, row, widths)).rstrip() for row in cells]  # per cell in C: a row per tensor
 
 
 def _percent(part: int, whole: int) -> str:
