@@ -349,7 +349,8 @@ def combine(deltas: Iterable[str | os.PathLike | DeltaFile], weights: Iterable[f
     numbers = [finite_number(w) for w in weights]
     if None in numbers:
         raise SvdtuneError(f"weights={weights!r} must be finite numbers.")
-    labels = [f"delta {i} ({os.fspath(d) if not isinstance(d, DeltaFile) else 'in memory'})" for i, d in enumerate(deltas)]
+    deltas = [d if isinstance(d, DeltaFile) else as_path(d, f"delta {i}") for i, d in enumerate(deltas)]
+    labels = [f"delta {i} ({d if not isinstance(d, DeltaFile) else 'in memory'})" for i, d in enumerate(deltas)]
     files: list[DeltaFile] = []
     for label, delta in zip(labels, deltas):  # each input is checked as soon as it is read: a refusal reads no more
         files.append(as_delta_file(delta))
