@@ -55,7 +55,6 @@ NOT_EXPRESSIBLE = {  # class name -> why PEFT LoRA cannot hold its update
     "NonDynamicallyQuantizableLinear": "it is an nn.MultiheadAttention's out_proj, whose weight the attention reads "
                                        "directly, so a PEFT LoRA on it has no effect",
 }
-LAYOUT_CLASS = {"linear": "Linear", "conv1d-gpt2": "Conv1D", "conv": "Conv2d", "embedding": "Embedding"}  # for matrix_view
 READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)  # their forward reads child weights directly
 
 
@@ -121,12 +120,6 @@ class _Update:
     dtype: torch.dtype
     groups: int = 1
     conv_shape: tuple[int, ...] = field(default=())  # (out, in/groups, *kernel) for convs
-
-
-def matrix_view(class_name: str, weight: Tensor) -> Tensor:
-    """The matrix (m, n) a layer's weight is decomposed as (`svdtune.kinds.matrix`): weight.T for
-    transformers' Conv1D, else weight.reshape(shape[0], -1)."""
-    return kinds.matrix(kinds.kind_named(class_name), weight, kinds.Part("", "weight"))
 
 
 def export_lora(
@@ -312,19 +305,20 @@ def _file_updates(source: str | os.PathLike | DeltaFile, base: str | os.PathLike
     for name, layer in record.layers.items():  # every hash before any SVD: a wrong base fails fast
         check_base(name, layer.fingerprint, weights[name], lambda: factors(name).sigma, strict,
                    "use the base checkpoint the delta was trained on (or --force on the command line)", "exporting")
-    updates = {name: _file_update(name, layer, weights[name], factors(name), layouts[name])
+    updates = {name: _file_update(name, layer, units[name], factors(name), layouts[name])
                for name, layer in record.layers.items()}
     return updates, {key.rpartition(".")[0] for key in state if "." in key}
 
 
-def _file_update(name: str, layer, weight: Tensor, factors, layout: str) -> _Update:
+def _file_update(name: str, layer, unit, factors, layout: str) -> _Update:
+    """The update of one delta record; ``unit`` is where its matrix is in the base (`offline._file_unit`)."""
     k, sigma = layer.rank, factors.sigma
     shift = spectrum_shift(sigma[:k], layer.delta.to(sigma.dtype), layer.scale, layer.mode)
     warn_if_basis_dependent(name, factors, shift, layer.fingerprint)
     untuned = float(sigma[k]) if k < sigma.numel() else 0.0
-    matrix = matrix_view(layer.layer_class, weight).double()
-    return _Update(layout, factors.U[:, :k], shift, factors.Vh[:k], sigma[:k], untuned, float(matrix.square().sum()),
-                   weight.dtype, 1, tuple(weight.shape))
+    weight = unit.recorded
+    return _Update(layout, factors.U[:, :k], shift, factors.Vh[:k], sigma[:k], untuned,
+                   float(unit.matrix.double().square().sum()), weight.dtype, 1, tuple(weight.shape))
 
 
 def _check_format(name: str, layout: str, format: str) -> None:
