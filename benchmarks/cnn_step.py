@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import svdtune
+import train_step  # the benchmark beside this one (the script's folder is on sys.path)
 
 
 class BasicBlock(nn.Module):
@@ -120,21 +121,8 @@ def forms(base: nn.Module) -> dict[str, nn.Module]:
 
 
 def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    if not params:
-        x = x.detach().clone().requires_grad_(True)
-
-    def step():
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        else:
-            x.grad = None
-
-    return step
+    """train_step.py's step (forward, backward, AdamW; the floor differentiates the input), on a classification loss."""
+    return train_step.step_fn(model, x, y, F.cross_entropy)
 
 
 def measure(steps: dict[str, callable], repeats: int) -> dict[str, float]:

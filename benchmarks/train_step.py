@@ -162,14 +162,15 @@ def retype(layer: nn.Linear, cls: type[nn.Linear]) -> nn.Linear:
     return layer
 
 
-def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+def step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn=F.mse_loss):
+    """One train step (forward, backward, AdamW) of ``model`` on (x, y), as a function of no arguments."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     if not params:  # the floor: gradients w.r.t. activations only, on its own copy of the input
         x = x.detach().clone().requires_grad_(True)
 
     def step():
-        loss = F.mse_loss(model(x), y)
+        loss = loss_fn(model(x), y)
         loss.backward()
         if optimizer is not None:
             optimizer.step()
