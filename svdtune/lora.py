@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -37,11 +36,11 @@ from torch import Tensor, nn
 
 from svdtune import container, kinds
 from svdtune.arguments import as_optional_path, as_path
-from svdtune.delta import FLOATS, DeltaFile, as_delta_file, check_base
+from svdtune.delta import FLOATS, DeltaFile, as_delta_file
 from svdtune.errors import SvdtuneError
 from svdtune.layers import SpectralLayer, spectrum_shift
 from svdtune.model import adapted_units, unwrap
-from svdtune.offline import _decompose, _file_unit, read_state_dict, warn_if_basis_dependent
+from svdtune.offline import base_units, read_state_dict, warn_if_basis_dependent
 from svdtune.report import table_lines
 
 FORMATS = {"peft": "adapter_model.safetensors", "diffusers": "pytorch_lora_weights.safetensors"}
@@ -298,13 +297,9 @@ def _file_updates(source: str | os.PathLike | DeltaFile, base: str | os.PathLike
     _refuse_trained([*record.params, *record.buffers])
     state = read_state_dict(base)
     layouts = {name: _record_layout(name, layer.layer_class) for name, layer in record.layers.items()}  # refusals first
-    units = {name: _file_unit(state, _checked_name(name), layer) for name, layer in record.layers.items()}
-    weights = {name: unit.recorded for name, unit in units.items()}
-    factors = functools.cache(lambda name: _decompose(name, units[name].matrix, record.layers[name]))  # as merge_files
-
-    for name, layer in record.layers.items():  # every hash before any SVD: a wrong base fails fast
-        check_base(name, layer.fingerprint, weights[name], lambda: factors(name).sigma, strict,
-                   "use the base checkpoint the delta was trained on (or --force on the command line)", "exporting")
+    for name in record.layers:
+        _checked_name(name)
+    units, factors = base_units(state, record, strict, "exporting")  # as merge_files
     updates = {name: _file_update(name, layer, units[name], factors(name), layouts[name])
                for name, layer in record.layers.items()}
     return updates, {key.rpartition(".")[0] for key in state if "." in key}

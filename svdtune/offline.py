@@ -227,11 +227,7 @@ def merge_files(
     container.check_not_an_input(out, [base] if isinstance(delta, DeltaFile) else [base, delta])
     state = read_state_dict(base)
     merged = {**state, **_trained_tensors(state, record)}
-    units = {name: _file_unit(state, name, layer) for name, layer in record.layers.items()}
-    factors = functools.cache(lambda name: _decompose(name, units[name].matrix, record.layers[name]))
-    for name, layer in record.layers.items():  # every hash before any SVD: a wrong base fails fast
-        check_base(name, layer.fingerprint, units[name].recorded, lambda: factors(name).sigma, strict,
-                   "use the base checkpoint the delta was trained on (or --force on the command line)", "merging")
+    units, factors = base_units(state, record, strict, "merging")
     blocks: dict[str, dict[int | None, Tensor]] = {}  # state-dict key -> {part's row block: merged matrix}
     for name, layer in record.layers.items():
         unit = units[name]
@@ -239,6 +235,26 @@ def merge_files(
     for key, merged_blocks in blocks.items():
         merged[key] = _in_layout(state[key], kinds.kind_named(record.layers[_first(units, key)].layer_class), merged_blocks)
     container.atomic_write(out, container.encode(merged, {"format": "pt"}))
+
+
+def base_units(state: dict[str, Tensor], record: DeltaFile, strict: bool, action: str):
+    """Where each record's matrix is in the base state dict, checked against its fingerprint, and its decomposition.
+
+    Every hash is checked before any SVD, so a wrong base fails fast.
+
+    Returns:
+        ({name: _FileUnit}, factors), where ``factors(name)`` decomposes that unit's matrix with the record's
+        method (computed once, on first use).
+
+    Raises:
+        SvdtuneError: a record's weight is missing or misshaped in the base, or does not match (strict).
+    """
+    units = {name: _file_unit(state, name, layer) for name, layer in record.layers.items()}
+    factors = functools.cache(lambda name: _decompose(name, units[name].matrix, record.layers[name]))
+    for name, layer in record.layers.items():
+        check_base(name, layer.fingerprint, units[name].recorded, lambda: factors(name).sigma, strict,
+                   "use the base checkpoint the delta was trained on (or --force on the command line)", action)
+    return units, factors
 
 
 def _trained_tensors(state: dict[str, Tensor], record: DeltaFile) -> dict[str, Tensor]:
