@@ -15,9 +15,10 @@ from svdtune.config import SpectralConfig
 from svdtune.decompose import Decomposition, warn_if_degenerate, warn_if_slow_svd
 from svdtune.errors import SvdtuneError
 from svdtune.integrations import guard
-from svdtune.layers import SpectralLayer, adapt, delta_name
+from svdtune.layers import SpectralLayer, adapt, added_names
 from svdtune.randomized import RandomizedSVD
 from svdtune.report import SKIPPED
+from svdtune.sharding import refuse_sharded
 from svdtune.targets import as_patterns, count_kinds, describe_counts, select, unadaptable
 from svdtune.transaction import Progress, all_or_nothing
 from svdtune.walk import _PARALLEL, _TRAINABLE, _wrapper_chain, root_record, unwrap
@@ -93,6 +94,7 @@ def apply(
         raise SvdtuneError(f"apply got a model wrapped in {parallel[0]}, which records its parameters when built, so "
                            "deltas added now would not be synchronised; call apply on the model first, then wrap it.")
     wrapper, model = model, unwrap(model)
+    refuse_sharded(model, "svdtune.apply", "call svdtune.apply before fully_shard.")
     config = SpectralConfig(mode=mode, rank=rank)
     if not isinstance(progress, bool):
         raise SvdtuneError(f"progress={progress!r:.40} must be True (a progress bar on a terminal) or False.")
@@ -247,8 +249,8 @@ def _check_adaptable(name: str, layer: nn.Module) -> None:
         if weight.numel() == 0 or not weight.is_floating_point():
             raise SvdtuneError(f"layer {where!r} has a weight of shape {list(weight.shape)} and dtype {weight.dtype}, "
                                "which has no singular values to tune (empty, or not floating point); exclude the layer.")
-    names = [delta_name(part.name) for part in kind.parts(layer)]
-    taken = [n for n in names if n in layer._buffers or n in layer._modules or n in layer.__dict__ or hasattr(type(layer), n)]
+    names = added_names([part.name for part in kind.parts(layer)])
+    taken = [n for n in names if n in layer._parameters or n in layer._buffers or n in layer._modules or n in layer.__dict__ or hasattr(type(layer), n)]
     if taken:
         raise SvdtuneError(f"layer {name!r} already has an attribute {taken[0]!r}, the parameter svdtune adds; "
                            "rename that attribute or exclude the layer.")

@@ -28,6 +28,7 @@ from svdtune.fingerprint import check_base, fingerprint
 from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA, SpectralLayer, merged_matrix, spectrum_shift
 from svdtune.randomized import RandomizedSVD
+from svdtune.sharding import full, refuse_sharded, sharded_tensors, write_on_rank_zero
 from svdtune.offline import warn_if_basis_dependent
 from svdtune.adapting import _check_adaptable, adapt_layers, check_not_shared
 from svdtune.walk import (
@@ -65,14 +66,19 @@ def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
         raise SvdtuneError("the model has no svdtune layers to save; call svdtune.apply(model, targets=...) and train first.")
     metadata = as_metadata(metadata)  # before any work
     container.check_destination(path)
+    gathered = bool(sharded_tensors(model))  # FSDP2: every rank gathers, rank 0 writes (svdtune.sharding)
     with torch.no_grad():
         layers = {name: _layer_delta(name, layer, part) for name, layer, part in adapted}
-    deltas = {id(layer.spectral_delta(part)) for _, layer, part in adapted}
-    params = {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters()
-              if p.requires_grad and id(p) not in deltas}
+        deltas = {id(layer.spectral_delta(part)) for _, layer, part in adapted}
+        params = {name: full(p).detach().to("cpu", copy=True) for name, p in model.named_parameters()
+                  if p.requires_grad and id(p) not in deltas}
     buffers = _trained_buffers(model, params)
     warn_if_buffers_changed(model, set(buffers))
-    DeltaFile(layers, params, metadata, buffers=buffers).save(path)
+    delta = DeltaFile(layers, params, metadata, buffers=buffers)
+    if gathered:
+        write_on_rank_zero(lambda: delta.save(path), path, adapted[0][1].spectral_delta(adapted[0][2]))
+    else:
+        delta.save(path)
 
 
 def _trained_buffers(model: nn.Module, params: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -86,20 +92,21 @@ def _trained_buffers(model: nn.Module, params: dict[str, Tensor]) -> dict[str, T
 
 def _layer_delta(name: str, layer: SpectralLayer, part: str) -> LayerDelta:
     """The record of one unit: for a part, of its matrix; else of the weight as stored (Conv1D: (in, out))."""
-    param = layer._unit(part).part.param
-    if layer._parameters[param].requires_grad:
-        raise SvdtuneError(f"layer {name!r} trains its base weight too, which a delta file cannot hold; "
-                           f"freeze {kinds.split_unit(name, part)}.{param}, or merge and save the whole model instead.")
-    delta, config = layer.spectral_delta(part).detach().to("cpu", copy=True), layer._spectral.config
+    unit, config = layer._unit(part), layer._spectral.config
+    if layer._parameters[unit.part.param].requires_grad:
+        raise SvdtuneError(f"layer {name!r} trains its base weight too, which a delta file cannot hold; freeze "
+                           f"{kinds.split_unit(name, part)}.{unit.part.param}, or merge and save the whole model instead.")
+    held = layer._factors(part)  # under FSDP2, each gathered whole (svdtune.sharding.full)
+    factors = dataclasses.replace(held, U=full(held.U), sigma=full(held.sigma), Vh=full(held.Vh))
+    delta, base = full(layer.spectral_delta(part)).detach(), full(layer._parameters[unit.part.param])
     if not bool(torch.isfinite(delta).all()):
         raise SvdtuneError(f"layer {name!r} has non-finite deltas; training diverged: lower the learning rate.")
-    class_name = layer._spectral.original_class.__name__
-    factors = layer._factors(part)
-    weight = layer.base_matrix(part) if part else layer._parameters[param]
-    pairs = repeated_pairs(factors.sigma, layer._shift(factors, part), factors.next_sigma)
+    weight = kinds.matrix(layer._spectral.kind, base, unit.part) if part else base
+    shift = spectrum_shift(factors.sigma, delta, config.scale, config.mode)
+    pairs = repeated_pairs(factors.sigma, shift, factors.next_sigma)
     stamp = dataclasses.replace(fingerprint(weight, factors.sigma), basis=basis_of(factors.U, factors.Vh, pairs))
-    return LayerDelta(class_name, tuple(weight.shape), config.mode, config.scale, stamp, delta, part or None,
-                      factors.svd)
+    return LayerDelta(layer._spectral.original_class.__name__, tuple(weight.shape), config.mode, config.scale, stamp,
+                      delta.to("cpu", copy=True), part or None, factors.svd)
 
 
 @dataclass(eq=False)
@@ -165,6 +172,7 @@ def load_delta(
         >>> svdtune.load_delta(model, "task.safetensors")
     """
     wrapper, model = model, unwrap(model)
+    refuse_sharded(model, "load a delta into", "call svdtune.load_delta before fully_shard.")
     cache_dir = as_optional_path(cache_dir, "cache_dir")
     delta = as_delta_file(source)
     adapted = {name: (layer, part) for name, layer, part in adapted_units(model)}

@@ -17,13 +17,20 @@ for most kinds (part "", deltas ``svd_delta``), three for attention (parts
 q_proj, k_proj, v_proj, deltas ``svd_delta_q_proj``...), each with its own SVD
 of its own (m, n) matrix and its own spectrum.
 
-The factors U, sigma, Vh are plain tensors moved by ``_apply`` (``.to``,
-``.cuda``, ``.half``...), not buffers: they never enter the state dict and
-DistributedDataParallel never re-broadcasts them.
+The factors U, sigma, Vh of each unit are frozen parameters of the layer
+(``svd_U``, ``svd_sigma``, ``svd_Vh``; ``svd_U_q_proj``... for a part), hidden
+from the state dict (a checkpoint holds the base weights and deltas only):
+as parameters they move with ``.to``/``.cuda``/``.half`` (sigma stays float32,
+float64 for float64 weights), DistributedDataParallel broadcasts them once and
+never again, and FSDP2's ``fully_shard`` shards them like any parameter, so each
+rank holds its share (see `svdtune.sharding`). Every read goes through
+`SpectralLayer._factors`, which takes the tensors registered now (FSDP2 swaps in
+gathered ones for a forward).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -34,8 +41,11 @@ from svdtune.config import SpectralConfig
 from svdtune.cache import decompose_cached
 from svdtune.decompose import Decomposition, svd_dtype
 from svdtune.errors import SvdtuneError
+from svdtune.randomized import RandomizedSVD
+from svdtune.sharding import is_dtensor
 
 DELTA = "svd_delta"  # parameter name of the trainable deltas: state-dict key "<layer>.svd_delta"
+FACTORS = ("U", "sigma", "Vh")  # the frozen factor parameters "svd_U", "svd_sigma", "svd_Vh" (+ "_<part>")
 
 
 def spectrum_shift(sigma: Tensor, delta: Tensor, scale: float, mode: str) -> Tensor:
@@ -81,10 +91,16 @@ def check_finite_merge(name: str, weight: Tensor) -> None:
 
 @dataclass(eq=False)
 class Unit:
-    """One decomposed matrix of an adapted layer, with its own spectrum."""
+    """One decomposed matrix of an adapted layer, with its own spectrum. Its factors are parameters
+    of the layer (`factor_name`); the unit holds what describes them."""
 
     part: kinds.Part
-    factors: Decomposition
+    full_rank: bool
+    next_sigma: float | None = None
+    svd: RandomizedSVD | None = None
+
+    def describe(self, factors: Decomposition) -> None:
+        self.full_rank, self.next_sigma, self.svd = factors.full_rank, factors.next_sigma, factors.svd
 
 
 @dataclass(eq=False)
@@ -96,16 +112,11 @@ class SpectralState:
     original_class: type[nn.Module]
     units: dict[str, Unit]  # part name ("" for a layer's only matrix) -> Unit, in part order
     params: tuple[str, ...]  # the names of the parameters the units are in, in part order
-    stamps: tuple[tuple[int, int], ...]  # per parameter, (id, _version) when it was decomposed
+    stamps: tuple[tuple[int, int], ...]  # (id, _version) per base weight, then per factor, when last checked
     cache_dir: str | None = None  # where decompositions are cached on disk (see svdtune.cache)
     # parameter name -> (key, version of the tensor when built, W'): the no-grad W' of `SpectralLayer._cached_weight`
     cached: dict[str, tuple[tuple, int, Tensor]] = field(default_factory=dict, repr=False)
     live: dict[str, Tensor] = field(default_factory=dict, repr=False)  # W' built once for one training forward
-
-    @property
-    def factors(self) -> Decomposition:
-        """The decomposition of the first (for most kinds the only) unit."""
-        return next(iter(self.units.values())).factors
 
 
 class SpectralLayer(nn.Module):
@@ -203,21 +214,63 @@ class SpectralLayer(nn.Module):
 
     def _factors(self, part: str = "") -> Decomposition:
         """A unit's decomposition, recomputed first if the base weight was edited in place
-        (e.g. DistributedDataParallel broadcasting rank 0's weights)."""
+        (e.g. DistributedDataParallel broadcasting rank 0's weights). Under FSDP2, whose forward
+        swaps gathered copies in for the sharded weights, the weights count as unchanged."""
         if not torch.compiler.is_compiling() and self._stamps() != self._spectral.stamps:
+            self._check_current()
+        return self._held_factors(part)
+
+    def _check_current(self) -> None:
+        """Decompose again if a base weight changed but its factors did not all change with it. Replaced or
+        written together (FSDP2's gathered copies, DDP's broadcast, ``torch.func.functional_call`` with
+        ``named_parameters()``), weight and factors still belong together."""
+        state, stamps = self._spectral, self._stamps()
+        count = len(state.params)
+        base_changed = stamps[:count] != state.stamps[:count]
+        if base_changed and not all(now != then for now, then in zip(stamps[count:], state.stamps[count:])):
             self.redecompose()
-        return self._unit(part).factors
+        else:
+            state.stamps = stamps
+
+    def _held_factors(self, part: str = "") -> Decomposition:
+        """The factor parameters registered now, as they are (no staleness check)."""
+        unit = self._unit(part)
+        U, sigma, Vh = (self._parameters[factor_name(f, unit.part.name)] for f in FACTORS)
+        return Decomposition(U, sigma, Vh, unit.full_rank, unit.next_sigma, unit.svd)
+
+    def _set_factors(self, part: str, factors: Decomposition) -> None:
+        """Register a unit's factors as frozen parameters (replacing the old ones in place, same order)."""
+        unit = self._unit(part)
+        unit.describe(factors)
+        for f in FACTORS:
+            self._parameters[factor_name(f, unit.part.name)] = nn.Parameter(getattr(factors, f), requires_grad=False)
+
+    def _factor_names(self) -> list[str]:
+        return [factor_name(f, part) for part in self._spectral.units for f in FACTORS]
+
+    def _sharded(self) -> bool:
+        """Managed by FSDP2's ``fully_shard`` (which marks every module it manages)."""
+        return bool(self.__dict__.get("_is_fsdp_managed_module", False))
 
     def _stamps(self) -> tuple[tuple[int, int], ...]:
-        """Change when a base weight is replaced or edited in place (not through ``.data``)."""
-        return tuple((id(p), version_of(p)) for p in map(self._parameters.__getitem__, self._spectral.params))
+        """(id, version) of each base weight, then of each factor: change when one is replaced or edited
+        in place (not through ``.data``)."""
+        names = (*self._spectral.params, *self._factor_names())
+        return tuple((id(p), version_of(p)) for p in map(self._parameters.__getitem__, names))
 
     def redecompose(self) -> None:
-        """Decompose the current base weights again (the deltas are kept)."""
+        """Decompose the current base weights again (the deltas are kept).
+
+        Raises:
+            SvdtuneError: the layer is sharded by FSDP2 (its factors are FSDP's parameters now).
+        """
         state = self._spectral
-        for part, unit in state.units.items():
-            unit.factors = decompose_cached(self.base_matrix(part), state.config.rank, state.cache_dir,
-                                            unit.factors.svd)  # the same method
+        if self._sharded():
+            raise SvdtuneError("a layer sharded by FSDP2 cannot be decomposed again; load the base weights, then "
+                               "svdtune.apply, then fully_shard.")
+        for part, unit in state.units.items():  # the same method as before
+            self._set_factors(part, decompose_cached(self.base_matrix(part), state.config.rank, state.cache_dir,
+                                                     unit.svd))
         state.stamps = self._stamps()
         self._clear_cache()
 
@@ -232,7 +285,7 @@ class SpectralLayer(nn.Module):
 
     def _cached_weight(self, param: str) -> Tensor:
         """W' without autograd, rebuilt only when the deltas, weight or scale change."""
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or self._sharded():  # sharded: a full W' per layer on each rank
             return self.adapted_weight(param)
         base, state = self._parameters[param], self._spectral
         deltas = [self._parameters[delta_name(part)] for part, _ in self._units_of(param)]
@@ -252,11 +305,11 @@ class SpectralLayer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         stale = self._stamps() != self._spectral.stamps
+        sigmas = {part: self._parameters[factor_name("sigma", part)].data for part in self._spectral.units}
         super()._apply(fn, recurse)
-        for unit in self._spectral.units.values():
-            factors = unit.factors
-            factors.U, factors.Vh = fn(factors.U), fn(factors.Vh)
-            factors.sigma = factors.sigma.to(factors.U.device, svd_dtype(factors.U.dtype))
+        for part, sigma in sigmas.items():  # sigma from its own precision, never through fn's half precision
+            U = self._parameters[factor_name("U", part)]
+            self._parameters[factor_name("sigma", part)].data = sigma.to(U.device, svd_dtype(U.dtype))
         self._spectral.stamps = self._stamps()
         self._clear_cache()
         if stale:  # edited before the move: the factors are of the old weight
@@ -270,18 +323,41 @@ class SpectralLayer(nn.Module):
             if incoming is None or incoming.shape != base.shape or torch.equal(incoming.to(base), base):
                 continue
             try:  # decompose before loading, so a weight without an SVD is not half-loaded
+                if self._sharded():
+                    raise SvdtuneError("it is sharded by FSDP2: load base weights before apply and fully_shard")
                 new[part] = decompose_cached(kinds.matrix(kind, incoming.to(base), unit.part), state.config.rank,
-                                             state.cache_dir, unit.factors.svd)
+                                             state.cache_dir, unit.svd)
             except SvdtuneError as error:
                 error_msgs.append(f"svdtune layer {prefix[:-1]!r}: new base weight refused: {error}")
                 return
         errors_before = len(error_msgs)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
+        with self._factors_hidden():  # not in checkpoints: neither expected (missing) nor loaded
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
         self._clear_cache()
         if len(error_msgs) == errors_before:  # else leave the stamps: the next forward re-decomposes if needed
             for part, factors in new.items():
-                state.units[part].factors = factors
+                self._set_factors(part, factors)
             state.stamps = self._stamps()
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in self._factor_names():
+            destination.pop(prefix + name, None)
+
+    @contextlib.contextmanager
+    def _factors_hidden(self):
+        """Take the factor parameters out of ``_parameters`` for a while; put them back in their places
+        (the parameters loading replaced, with ``assign=True``, stay replaced)."""
+        params = self._parameters
+        held, names = dict(params), set(self._factor_names())
+        for name in names:
+            del params[name]
+        try:
+            yield
+        finally:
+            now = dict(params)
+            params.clear()
+            params.update((name, held[name] if name in names else now.get(name, held[name])) for name in held)
 
     def __getstate__(self):
         self._factors()  # a copy or pickle gets factors of the weight it holds
@@ -299,8 +375,8 @@ class SpectralLayer(nn.Module):
 
     def extra_repr(self) -> str:
         config, units = self._spectral.config, self._spectral.units
-        ranks = [f"{part + '=' if part else ''}{unit.factors.sigma.numel()}/{min(self.base_matrix(part).shape)}"
-                 for part, unit in units.items()]
+        ranks = [f"{part + '=' if part else ''}{self._held_factors(part).sigma.numel()}/"
+                 f"{min(self.base_matrix(part).shape)}" for part in units]
         rank = ranks[0] if len(ranks) == 1 else f"({', '.join(ranks)})"
         text = super().extra_repr()
         return f"{text + ', ' if text else ''}svd={config.mode}, rank={rank}, scale={config.scale:g}"
@@ -315,14 +391,27 @@ def delta_name(part: str) -> str:
     return f"{DELTA}_{part}" if part else DELTA
 
 
+def factor_name(factor: str, part: str) -> str:
+    """The parameter name of a unit's factor ("U", "sigma", "Vh"): "svd_U", or "svd_U_<part>"."""
+    return f"svd_{factor}_{part}" if part else f"svd_{factor}"
+
+
+def added_names(parts: tuple[str, ...] | list[str]) -> list[str]:
+    """Every parameter name an adapted layer with these parts gains: deltas, then factors."""
+    return [delta_name(p) for p in parts] + [factor_name(f, p) for p in parts for f in FACTORS]
+
+
 _CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
 
 
 def _weight_property(param: str) -> property:
     def read(self: SpectralLayer) -> Tensor | None:
+        raw = self._parameters[param]
+        if is_dtensor(raw):  # an FSDP2 shard, outside a forward: FSDP2 reads it to manage it (svdtune.sharding)
+            return raw
         if any(unit.part.param == param for unit in self._spectral.units.values()):
             return self._adapted_param(param)
-        return self._parameters[param]  # e.g. in_proj_weight (None) of attention with separate q/k/v weights
+        return raw  # e.g. in_proj_weight (None) of attention with separate q/k/v weights
 
     return property(read, doc=f"The adapted {param} W' (same shape and dtype as the base weight).")
 
@@ -358,16 +447,18 @@ def adapt(module: nn.Module, factors: dict[str, Decomposition] | Decomposition, 
     parts = kind.parts(module)
     if isinstance(factors, Decomposition):
         factors = {parts[0].name: factors}
-    units = {part.name: Unit(part, factors[part.name]) for part in parts}
+    units = {part.name: Unit(part, factors[part.name].full_rank) for part in parts}
     params = {part.param: module._parameters[part.param] for part in parts}
-    stamps = tuple((id(p), version_of(p)) for p in params.values())
-    state = SpectralState(config, kind, type(module), units, tuple(params), stamps, cache_dir)
+    state = SpectralState(config, kind, type(module), units, tuple(params), (), cache_dir)
     module.__class__ = spectral_class(type(module))
     module.__dict__["_spectral"] = state
-    for part in parts:
+    for part in parts:  # deltas first, then factors: the factors stay the last parameters
         base = params[part.param]
-        delta = torch.zeros(units[part.name].factors.sigma.numel(), dtype=base.dtype, device=base.device)
+        delta = torch.zeros(factors[part.name].sigma.numel(), dtype=base.dtype, device=base.device)
         module.register_parameter(delta_name(part.name), nn.Parameter(delta))
+    for part in parts:
+        module._set_factors(part.name, factors[part.name])
+    state.stamps = module._stamps()
 
 
 def unadapt(module: SpectralLayer, weights: dict[str, Tensor] | Tensor | None = None) -> nn.Module:
@@ -376,8 +467,8 @@ def unadapt(module: SpectralLayer, weights: dict[str, Tensor] | Tensor | None = 
     state = module._spectral
     if isinstance(weights, Tensor):
         weights = {module._unit("").part.param: weights}
-    for part in state.units:
-        del module._parameters[delta_name(part)]
+    for name in added_names(list(state.units)):
+        del module._parameters[name]
     del module.__dict__["_spectral"]
     module.__class__ = state.original_class
     for param, weight in (weights or {}).items():

@@ -13,6 +13,7 @@ from svdtune.adapting import apply  # noqa: F401  (svdtune.model.apply, as befor
 from svdtune import kinds
 from svdtune.layers import check_finite_merge, unadapt
 from svdtune.report import SKIPPED, Report, build_report
+from svdtune.sharding import refuse_sharded
 from svdtune.transaction import writable
 from svdtune.walk import (  # adapted_layers and adapted_units are also used as svdtune.model.*
     _BUFFERS, _FLAGS, _TRAINABLE, _require_adapted, adapted_layers, adapted_units, join_name, trainable_modules, unwrap,
@@ -138,6 +139,8 @@ def merge(model: nn.Module) -> nn.Module:
         >>> torch.save(model.state_dict(), "merged.pt")
     """
     wrapper, model = model, unwrap(model)
+    refuse_sharded(model, "merge", "save the delta with svdtune.save_delta (on every rank) and merge it into a "
+                   "plain model (load_delta, then merge) or offline with svdtune merge BASE DELTA -o OUT.")
     layers = _require_adapted(model, "merge")
     with torch.no_grad():
         weights = {name: layer.merged_params() for name, layer in layers}
@@ -168,6 +171,7 @@ def restore(model: nn.Module) -> nn.Module:
         >>> svdtune.restore(model)
     """
     wrapper, model = model, unwrap(model)
+    refuse_sharded(model, "restore", "restore the model before fully_shard, or rebuild the plain model.")
     for _, layer in _require_adapted(model, "restore"):
         unadapt(layer)
     _restore_flags(model)

@@ -135,9 +135,10 @@ def _percent(part: int, whole: int) -> str:
 
 def build_report(model: nn.Module) -> Report:
     """The rows for every svdtune layer and every other trainable parameter of ``model``."""
-    rows, deltas = [], set()
+    rows, deltas = [], set()  # ids of svdtune's own parameters (deltas, factors): not the model's
     for name, module in model.named_modules():
         if isinstance(module, SpectralLayer):
+            deltas.update(id(module._parameters[n]) for n in module._factor_names())
             for part in module.spectral_parts():
                 delta = module.spectral_delta(part)
                 deltas.add(id(delta))
@@ -160,7 +161,7 @@ def layer_memory(layer: SpectralLayer, part: str = "") -> LayerMemory:
     """What one unit of ``layer`` holds now: its base matrix, its factors and deltas, and the cached W' of its
     parameter (counted with the parameter's first part)."""
     state, unit = layer._spectral, layer._unit(part)
-    factors, matrix = unit.factors, layer.base_matrix(part)
+    factors, matrix = layer._held_factors(part), layer.base_matrix(part)
     first = layer._units_of(unit.part.param)[0][0] == part
     entry = state.cached.get(unit.part.param)
     device = str(factors.U.device)

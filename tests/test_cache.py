@@ -42,12 +42,12 @@ def test_second_apply_computes_no_svd(tmp_path, svd_calls):
     model = _model()
     svdtune.apply(model, ["0", "2", "3"], cache_dir=tmp_path)
     assert len(svd_calls) == 3 and len(_entries(tmp_path)) == 3
-    first = {name: layer._spectral.factors for name, layer in svdtune.model.adapted_layers(model)}
+    first = {name: layer.spectral_factors() for name, layer in svdtune.model.adapted_layers(model)}
     svdtune.restore(model)
     svdtune.apply(model, ["0", "2", "3"], cache_dir=tmp_path)
     assert len(svd_calls) == 3, "the warm apply recomputed an SVD"
     for name, layer in svdtune.model.adapted_layers(model):
-        again = layer._spectral.factors
+        again = layer.spectral_factors()
         assert torch.equal(again.U, first[name].U) and torch.equal(again.sigma, first[name].sigma)
         assert torch.equal(again.Vh, first[name].Vh) and again.full_rank == first[name].full_rank
 

@@ -21,8 +21,8 @@ def test_half_precision_weights(kind, dtype):
     with torch.no_grad():
         base = model(x)
     svdtune.apply(model, targets=["0"])
-    assert layer._spectral.factors.sigma.dtype == torch.float32  # the SVD never runs in half
-    assert layer._spectral.factors.U.dtype == dtype and layer.svd_delta.dtype == dtype
+    assert layer.spectral_factors().sigma.dtype == torch.float32  # the SVD never runs in half
+    assert layer.spectral_factors().U.dtype == dtype and layer.svd_delta.dtype == dtype
     with torch.no_grad():
         assert torch.equal(model(x), base)
     randomize_deltas(model, std=0.1)
@@ -42,10 +42,11 @@ def test_model_to_after_apply_moves_factors_with_the_model():
     randomize_deltas(model)
     expected = model(x).detach().double()
     model.double()
-    factors = layer._spectral.factors
+    factors = layer.spectral_factors()
     assert factors.U.dtype == factors.Vh.dtype == layer.svd_delta.dtype == torch.float64
     torch.testing.assert_close(model(x.double()), expected, rtol=1e-5, atol=1e-6)
     model.to("meta")
+    factors = layer._held_factors()  # the parameters registered now (a move to meta replaces them)
     assert factors.U.device.type == factors.sigma.device.type == "meta"
 
 
@@ -231,8 +232,8 @@ def test_edit_before_a_move_and_swapped_parameters_are_picked_up():
 
 def test_double_model_keeps_float64_spectrum():
     model = svdtune.apply(nn.Sequential(nn.Linear(6, 5)), targets=["0"]).double()
-    assert model[0]._spectral.factors.sigma.dtype == torch.float64
-    assert model.float()[0]._spectral.factors.sigma.dtype == torch.float32
+    assert model[0].spectral_factors().sigma.dtype == torch.float64
+    assert model.float()[0].spectral_factors().sigma.dtype == torch.float32
 
 
 def test_loading_a_non_finite_weight_is_refused_without_half_loading():

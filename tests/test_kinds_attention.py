@@ -264,7 +264,7 @@ def test_new_base_weights_pickling_and_dtype_moves_keep_every_part_consistent(tm
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
         torch.testing.assert_close(model.double()(x.double()), plain.double()(x.double()), rtol=1e-6, atol=1e-6)
-    assert model.attn._spectral.units["v_proj"].factors.sigma.dtype == torch.float64
+    assert model.attn.spectral_factors("v_proj").sigma.dtype == torch.float64
 
 
 def test_public_unit_accessors_rebuild_each_part():

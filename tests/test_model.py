@@ -169,7 +169,7 @@ def test_report_lists_layers_and_totals():
     conv = report.rows[0]
     assert (conv.type, conv.weight_shape, conv.rank, conv.trainable) == ("Conv2d", (4, 3, 3, 3), "4/4", 4)
     assert report.rows[1].rank == "4/4" and report.rows[2].rank == "5/8"
-    total = sum(p.numel() for n, p in model.named_parameters() if not n.endswith("svd_delta"))
+    total = sum(p.numel() for p in Net().parameters())  # the model's own parameters: no deltas, no factors
     assert report.total == total and report.trainable == 4 + 4 + 5 + 16 + 2
     assert "layer" in table and "head.fc2" in table and f"{100 * report.trainable / total:.4f}%" in table
 

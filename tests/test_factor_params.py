@@ -1,0 +1,61 @@
+"""The factors are frozen parameters hidden from checkpoints, and belong to the weight they came with."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import svdtune
+
+
+@pytest.fixture
+def svd_calls(monkeypatch):
+    calls = []
+    original = svdtune.layers.SpectralLayer.redecompose
+    monkeypatch.setattr(svdtune.layers.SpectralLayer, "redecompose", lambda self: (calls.append(1), original(self))[1])
+    return calls
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return svdtune.apply(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2)), targets=["0", "2"])
+
+
+def test_factors_are_frozen_parameters_outside_the_state_dict():
+    model = _model()
+    names = {name for name, _ in model.named_parameters()}
+    assert {"0.svd_U", "0.svd_sigma", "0.svd_Vh", "2.svd_U"} <= names
+    assert not any(p.requires_grad for name, p in model.named_parameters() if "svd_" in name and "delta" not in name)
+    assert set(model.state_dict()) == {"0.weight", "0.bias", "0.svd_delta", "2.weight", "2.bias", "2.svd_delta"}
+    assert svdtune.trainable_parameters(model) == [model[0].svd_delta, model[2].svd_delta]
+
+
+def test_a_checkpoint_loads_strictly_and_never_writes_factors():
+    model, other = _model(), _model()
+    model.load_state_dict(other.state_dict())  # strict: no factor key is missing
+    foreign = {**other.state_dict(), "0.svd_U": torch.zeros(5, 5)}
+    U = model[0].svd_U.detach().clone()
+    with pytest.raises(RuntimeError, match="Unexpected key.*0.svd_U"):
+        model.load_state_dict(foreign)
+    assert torch.equal(model[0].svd_U, U)
+
+
+def test_a_weight_edited_alone_is_decomposed_again(svd_calls):
+    model = _model()
+    with torch.no_grad():
+        model[0].base_weight.mul_(2)  # (model[0].weight is W')
+    model(torch.randn(3, 6))
+    assert len(svd_calls) == 1
+    W = model[0].base_weight.detach()
+    factors = model[0].spectral_factors()
+    torch.testing.assert_close(factors.U @ torch.diag(factors.sigma) @ factors.Vh, W, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_and_factors_swapped_together_run_no_svd(svd_calls):
+    model, x = _model(), torch.randn(3, 6)
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    expected = model(x)
+    out = torch.func.functional_call(model, params, (x,))
+    assert svd_calls == []
+    torch.testing.assert_close(out, expected)

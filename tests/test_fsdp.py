@@ -1,0 +1,159 @@
+"""FSDP2 (fully_shard): 2 CPU processes (gloo) train sharded deltas against an unsharded reference.
+
+Each rank trains on its half of every batch; FSDP2 averages the gradients, so the deltas must follow
+the unsharded model trained on the whole batch. The factors are sharded (each rank holds its share),
+no SVD runs after apply, save_delta writes the file an unsharded model with the same deltas writes,
+and that file merges into a plain model as the dense formula W + U diag(shift) Vh says.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import svdtune
+from svdtune.errors import SvdtuneError
+
+WORLD, STEPS, BATCH = 2, 4, 6
+fsdp = pytest.importorskip("torch.distributed.fsdp")
+if not hasattr(fsdp, "fully_shard"):
+    pytest.skip("this torch has no FSDP2 (fully_shard)", allow_module_level=True)
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(12, 20), nn.Linear(20, 12)
+
+    def forward(self, x):
+        return x + self.down(torch.tanh(self.up(x)))
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(30, 12), Block(), Block(), nn.Linear(12, 3))
+
+
+def _adapt(model: nn.Module) -> nn.Module:
+    return svdtune.apply(model, targets=["0", "*.up", "*.down", "3"], rank=None)
+
+
+def _batches() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 30, (BATCH, 5), generator=generator) for _ in range(STEPS)]
+
+
+def _train(model: nn.Module, batches: list[torch.Tensor]) -> list[float]:
+    optimizer = torch.optim.SGD(svdtune.trainable_parameters(model), lr=0.5)
+    losses = []
+    for tokens in batches:
+        loss = model(tokens).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        model = _adapt(_model())
+        svd_calls = []
+        original = svdtune.layers.SpectralLayer.redecompose
+        svdtune.layers.SpectralLayer.redecompose = lambda self: (svd_calls.append(1), original(self))[1]
+        for block in (model[1], model[2]):
+            fully_shard(block)
+        fully_shard(model)
+        shards = {name: (tuple(p.to_local().shape), tuple(p.shape)) for name, p in model.named_parameters()
+                  if name.endswith(("svd_U", "svd_Vh"))}
+        half = [tokens[rank * BATCH // WORLD:(rank + 1) * BATCH // WORLD] for tokens in _batches()]
+        _train(model, half)
+        deltas = {name: p.full_tensor() for name, p in model.named_parameters() if name.endswith("svd_delta")}
+        svdtune.save_delta(model, os.path.join(out_dir, "sharded.safetensors"))
+        refusals = []
+        for action in (svdtune.merge, svdtune.restore, lambda m: svdtune.load_delta(m, os.path.join(
+                out_dir, "sharded.safetensors"))):
+            try:
+                action(model)
+            except SvdtuneError as error:
+                refusals.append(str(error))
+        torch.save({"deltas": deltas, "shards": shards, "svd_calls": len(svd_calls), "refusals": refusals},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    mp.start_processes(_worker, args=(str(out / "init"), str(out)), nprocs=WORLD, start_method="spawn")
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return out, ranks
+
+
+@pytest.mark.slow
+def test_each_rank_holds_its_share_of_the_factors_and_no_svd_runs_again(run):
+    _, ranks = run
+    for state in ranks:
+        assert state["svd_calls"] == 0
+        assert len(state["shards"]) == 2 * 6
+        for local, whole in state["shards"].values():
+            assert local[0] == -(-whole[0] // WORLD) or local[0] == whole[0] - -(-whole[0] // WORLD)
+            assert local[1:] == whole[1:]
+
+
+@pytest.mark.slow
+def test_sharded_deltas_are_identical_across_ranks_and_follow_the_unsharded_model(run):
+    _, ranks = run
+    reference = _adapt(_model())
+    _train(reference, _batches())
+    expected = {name: p.detach() for name, p in reference.named_parameters() if name.endswith("svd_delta")}
+    assert ranks[0]["deltas"].keys() == expected.keys() and len(expected) == 6
+    for name, delta in expected.items():
+        assert torch.equal(ranks[0]["deltas"][name], ranks[1]["deltas"][name]), name
+        assert delta.abs().sum() > 0, name  # it trained
+        torch.testing.assert_close(ranks[0]["deltas"][name], delta, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_save_delta_from_the_sharded_model_writes_the_unsharded_models_file(run, tmp_path):
+    out, ranks = run
+    plain = _adapt(_model())
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if name.endswith("svd_delta"):
+                p.copy_(ranks[0]["deltas"][name])
+    svdtune.save_delta(plain, tmp_path / "plain.safetensors")
+    assert (out / "sharded.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_the_gathered_delta_merges_into_a_plain_model_as_the_dense_formula_says(run):
+    out, ranks = run
+    base = _model()
+    merged = svdtune.merge(svdtune.load_delta(copy.deepcopy(base), out / "sharded.safetensors"))
+    for name, module in base.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            W = module.weight.detach().double()
+            U, sigma, Vh = torch.linalg.svd(W, full_matrices=False)
+            shift = torch.clamp(ranks[0]["deltas"][f"{name}.svd_delta"].double(), min=-sigma)
+            expected = W + U @ torch.diag(shift) @ Vh
+            torch.testing.assert_close(merged.get_submodule(name).weight.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_merge_restore_and_load_refuse_a_sharded_model_with_what_to_do(run):
+    _, ranks = run
+    for state in ranks:
+        merge, restore, load = state["refusals"]
+        assert "sharded by FSDP2" in merge and "save_delta" in merge
+        assert "sharded by FSDP2" in restore and "sharded by FSDP2" in load and "before fully_shard" in load
