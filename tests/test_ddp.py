@@ -23,7 +23,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(28, 1))
         svdtune.apply(model, targets=["*"])
         assert not list(model.buffers()), "factors must not be buffers (DDP would broadcast them every step)"
-        ddp = DistributedDataParallel(model)
+        svd_calls = []
+        original = svdtune.layers.SpectralLayer.redecompose
+        svdtune.layers.SpectralLayer.redecompose = lambda self: (svd_calls.append(1), original(self))[1]
+        ddp = DistributedDataParallel(model)  # broadcasts rank 0's weights and factors together, once
         optimizer = torch.optim.AdamW(svdtune.trainable_parameters(model), lr=1e-2)
         generator = torch.Generator().manual_seed(100 + rank)  # each rank its own data
         for _ in range(5):
@@ -37,6 +40,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             out = model(probe)
         state = {k: v for k, v in model.state_dict().items()}
         state["probe_output"] = out
+        state["svd_calls"] = torch.tensor(len(svd_calls))
+        factors = model[0].spectral_factors()  # rank 1's factors are rank 0's: those of the weight it now holds
+        state["reconstruction"] = factors.U @ torch.diag(factors.sigma) @ factors.Vh - model[0].base_weight
         torch.save(state, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -51,3 +57,6 @@ def test_ddp_two_processes_end_with_identical_deltas(tmp_path):
     for key in states[0]:
         assert torch.equal(states[0][key], states[1][key]), key
     assert all(states[0][k].abs().sum() > 0 for k in deltas)  # they trained
+    for state in states:
+        assert state["svd_calls"] == 0  # DDP's broadcast wrote weights and factors together: no SVD again
+        assert state["reconstruction"].abs().max() < 1e-5
