@@ -123,3 +123,24 @@ def test_save_pretrained_of_the_unmerged_model_warns_and_the_warning_is_right(tm
     assert torch.equal(logits(plain), logits(base()))  # the deltas were dropped: the base model came back
     assert not torch.allclose(logits(plain), logits(model))
     assert os.path.exists(tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["plain", "fsdp2"])
+def test_callback_saves_on_every_process_of_a_sharded_model_only(tmp_path, monkeypatch, sharded):
+    """save_delta gathers a sharded model on every rank (a collective): the callback must call it on the
+    processes that do not save, too; for a plain model only the saving process writes."""
+    import types
+
+    import svdtune.integrations.transformers as hf
+
+    calls = []
+    monkeypatch.setattr(hf, "sharded_tensors", lambda model: ["0.svd_U"] if sharded else [])
+    monkeypatch.setattr(hf, "save_delta", lambda model, path, metadata: calls.append(path))
+    model = svdtune.apply(torch.nn.Sequential(torch.nn.Linear(4, 4)), ["0"])
+    args = types.SimpleNamespace(should_save=False, output_dir=str(tmp_path))  # a rank other than 0
+    state = types.SimpleNamespace(global_step=3)
+    SvdtuneCallback().on_save(args, state, None, model=model)
+    assert len(calls) == (1 if sharded else 0)
+    if sharded:
+        with pytest.raises(svdtune.SvdtuneError, match="keep_base_weights=True"):
+            SvdtuneCallback(keep_base_weights=False).on_save(args, state, None, model=model)

@@ -24,6 +24,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from svdtune.errors import SvdtuneError
 from svdtune.io import save_delta
 from svdtune.layers import DELTA
+from svdtune.sharding import sharded_tensors
 from svdtune.walk import adapted_layers, own_persistent_buffers, join_name, unwrap
 
 DELTA_FILE = "svdtune_delta.safetensors"  # the delta file the callback writes into each checkpoint folder
@@ -58,10 +59,15 @@ class SvdtuneCallback(TrainerCallback):
         self.metadata = dict(metadata or {})
 
     def on_save(self, args, state, control, model: nn.Module | None = None, **kwargs):
-        if not args.should_save or model is None:
+        # Under FSDP2 every process takes part in save_delta's gathering, and rank 0 writes (svdtune.sharding).
+        sharded = model is not None and bool(sharded_tensors(unwrap(model)))
+        if model is None or not (args.should_save or sharded):
             return control
+        if sharded and not self.keep_base_weights:
+            raise SvdtuneError("SvdtuneCallback(keep_base_weights=False) cannot rewrite the checkpoint of a model "
+                               "sharded by FSDP2; use keep_base_weights=True (the delta file is written all the same).")
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if not os.path.isdir(folder):
+        if args.should_save and not os.path.isdir(folder):
             raise SvdtuneError(f"SvdtuneCallback found no checkpoint folder {folder!r} to write the delta into; "
                                "it supports checkpoints under TrainingArguments.output_dir (no hyperparameter search).")
         save_delta(model, os.path.join(folder, DELTA_FILE), {**self.metadata, "global_step": str(state.global_step)})
