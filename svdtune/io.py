@@ -44,7 +44,8 @@ def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
     mode, scale and a fingerprint of its base weight; also every other parameter
     with ``requires_grad`` (e.g. of ``trainable`` modules), and the persistent
     buffers of the modules holding those (e.g. BatchNorm running statistics).
-    It is written atomically.
+    It is written atomically. For a model sharded by FSDP2, call it on every rank:
+    it gathers what it records (collectives) and rank 0 writes (see `svdtune.sharding`).
 
     Args:
         model: a model passed through `svdtune.apply`.

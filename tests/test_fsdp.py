@@ -29,9 +29,11 @@ if not hasattr(fsdp, "fully_shard"):
 class Block(nn.Module):
     def __init__(self) -> None:
         super().__init__()
+        self.attn = nn.MultiheadAttention(12, 2, batch_first=True)
         self.up, self.down = nn.Linear(12, 20), nn.Linear(20, 12)
 
     def forward(self, x):
+        x = x + self.attn(x, x, x, need_weights=False)[0]
         return x + self.down(torch.tanh(self.up(x)))
 
 
@@ -41,7 +43,7 @@ def _model() -> nn.Module:
 
 
 def _adapt(model: nn.Module) -> nn.Module:
-    return svdtune.apply(model, targets=["0", "*.up", "*.down", "3"], rank=None)
+    return svdtune.apply(model, targets=["0", "*.attn", "*.up", "*.down", "3"], rank=None)
 
 
 def _batches() -> list[torch.Tensor]:
@@ -70,14 +72,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         svd_calls = []
         original = svdtune.layers.SpectralLayer.redecompose
         svdtune.layers.SpectralLayer.redecompose = lambda self: (svd_calls.append(1), original(self))[1]
-        for block in (model[1], model[2]):
+        for block in (model[1], model[2], model[3]):  # blocks, and the head layer itself
             fully_shard(block)
         fully_shard(model)
         shards = {name: (tuple(p.to_local().shape), tuple(p.shape)) for name, p in model.named_parameters()
-                  if name.endswith(("svd_U", "svd_Vh"))}
+                  if ".svd_U" in name or ".svd_Vh" in name}
         half = [tokens[rank * BATCH // WORLD:(rank + 1) * BATCH // WORLD] for tokens in _batches()]
         _train(model, half)
-        deltas = {name: p.full_tensor() for name, p in model.named_parameters() if name.endswith("svd_delta")}
+        deltas = {name: p.full_tensor() for name, p in model.named_parameters() if ".svd_delta" in name}
         svdtune.save_delta(model, os.path.join(out_dir, "sharded.safetensors"))
         refusals = []
         for action in (svdtune.merge, svdtune.restore, lambda m: svdtune.load_delta(m, os.path.join(
@@ -105,7 +107,7 @@ def test_each_rank_holds_its_share_of_the_factors_and_no_svd_runs_again(run):
     _, ranks = run
     for state in ranks:
         assert state["svd_calls"] == 0
-        assert len(state["shards"]) == 2 * 6
+        assert len(state["shards"]) == 2 * (6 + 2 * 3)  # U and Vh of 6 layers and 2 x 3 attention parts
         for local, whole in state["shards"].values():
             assert local[0] == -(-whole[0] // WORLD) or local[0] == whole[0] - -(-whole[0] // WORLD)
             assert local[1:] == whole[1:]
@@ -116,8 +118,8 @@ def test_sharded_deltas_are_identical_across_ranks_and_follow_the_unsharded_mode
     _, ranks = run
     reference = _adapt(_model())
     _train(reference, _batches())
-    expected = {name: p.detach() for name, p in reference.named_parameters() if name.endswith("svd_delta")}
-    assert ranks[0]["deltas"].keys() == expected.keys() and len(expected) == 6
+    expected = {name: p.detach() for name, p in reference.named_parameters() if ".svd_delta" in name}
+    assert ranks[0]["deltas"].keys() == expected.keys() and len(expected) == 6 + 2 * 3
     for name, delta in expected.items():
         assert torch.equal(ranks[0]["deltas"][name], ranks[1]["deltas"][name]), name
         assert delta.abs().sum() > 0, name  # it trained
@@ -130,7 +132,7 @@ def test_save_delta_from_the_sharded_model_writes_the_unsharded_models_file(run,
     plain = _adapt(_model())
     with torch.no_grad():
         for name, p in plain.named_parameters():
-            if name.endswith("svd_delta"):
+            if ".svd_delta" in name:
                 p.copy_(ranks[0]["deltas"][name])
     svdtune.save_delta(plain, tmp_path / "plain.safetensors")
     assert (out / "sharded.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
@@ -141,13 +143,23 @@ def test_the_gathered_delta_merges_into_a_plain_model_as_the_dense_formula_says(
     out, ranks = run
     base = _model()
     merged = svdtune.merge(svdtune.load_delta(copy.deepcopy(base), out / "sharded.safetensors"))
+    deltas, checked = ranks[0]["deltas"], 0
     for name, module in base.named_modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            W = module.weight.detach().double()
+        if isinstance(module, nn.MultiheadAttention):  # q, k, v: the thirds of in_proj_weight, each its own SVD
+            matrices = module.in_proj_weight.detach().double().chunk(3)
+            parts = [(W, deltas[f"{name}.svd_delta_{part}"]) for W, part in zip(matrices, ("q_proj", "k_proj", "v_proj"))]
+            actual = merged.get_submodule(name).in_proj_weight.double().chunk(3)
+        elif isinstance(module, (nn.Linear, nn.Embedding)) and not name.endswith("out_proj"):
+            parts = [(module.weight.detach().double(), deltas[f"{name}.svd_delta"])]
+            actual = [merged.get_submodule(name).weight.double()]
+        else:
+            continue
+        for (W, delta), merged_weight in zip(parts, actual):
             U, sigma, Vh = torch.linalg.svd(W, full_matrices=False)
-            shift = torch.clamp(ranks[0]["deltas"][f"{name}.svd_delta"].double(), min=-sigma)
-            expected = W + U @ torch.diag(shift) @ Vh
-            torch.testing.assert_close(merged.get_submodule(name).weight.double(), expected, rtol=1e-5, atol=1e-5)
+            expected = W + U @ torch.diag(torch.clamp(delta.double(), min=-sigma)) @ Vh
+            torch.testing.assert_close(merged_weight, expected, rtol=1e-5, atol=1e-5)
+            checked += 1
+    assert checked == len(deltas)
 
 
 @pytest.mark.slow
