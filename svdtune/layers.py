@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from svdtune import kernels, kinds
+from svdtune import kernels, kinds, memory
 from svdtune.config import SpectralConfig
 from svdtune.cache import decompose_cached
 from svdtune.decompose import Decomposition, svd_dtype
@@ -101,6 +101,7 @@ class SpectralState:
     # parameter name -> (key, version of the tensor when built, W'): the no-grad W' of `SpectralLayer._cached_weight`
     cached: dict[str, tuple[tuple, int, Tensor]] = field(default_factory=dict, repr=False)
     live: dict[str, Tensor] = field(default_factory=dict, repr=False)  # W' built once for one training forward
+    memory: memory.MemoryOptions = field(default_factory=memory.MemoryOptions)  # offloaded W, cached W' (set_memory)
 
     @property
     def factors(self) -> Decomposition:
@@ -155,20 +156,25 @@ class SpectralLayer(nn.Module):
 
     def adapted_weight(self, param: str | None = None) -> Tensor:
         """W' = W + U diag(sigma' - sigma) Vh of a parameter (default: `base_weight`'s), recomputed now
-        (differentiable in the deltas), in the parameter's layout."""
+        (differentiable in the deltas), in the parameter's layout. With the base weight offloaded
+        (`svdtune.set_memory`) and autograd recording: U diag(sigma') Vh, which does not read W."""
         param = param or self._unit("").part.param
-        base = self._parameters[param]
+        base, kind = memory.build_base(self, param), self._spectral.kind  # base: W, a copy of it, or None
         matrices = []
         for part, unit in self._units_of(param):
             factors = self._factors(part)
-            change = delta_weight(factors.U, factors.Vh, self._shift(factors, part))
-            matrices.append(kinds.matrix(self._spectral.kind, base, unit.part) + change)
-        return kinds.layout(self._spectral.kind, tuple(base.shape), matrices)
+            shift = self._shift(factors, part)
+            if base is None:  # full rank: W' from the factors alone
+                matrices.append(delta_weight(factors.U, factors.Vh, factors.sigma + shift))
+                continue
+            change, matrix = delta_weight(factors.U, factors.Vh, shift), kinds.matrix(kind, base, unit.part)
+            matrices.append(matrix + change if base is self._parameters[param] else matrix.add_(change))
+        return kinds.layout(kind, tuple(self._parameters[param].shape), matrices)
 
     def merged_weight(self, param: str | None = None) -> Tensor:
         """W' of a parameter in its dtype and layout, accumulated in float32 (float64 for float64 weights)."""
         param = param or self._unit("").part.param
-        base, kind = self._parameters[param], self._spectral.kind
+        base, kind = memory.resident(self, param), self._spectral.kind
         matrices = []
         for part, unit in self._units_of(param):
             factors = self._factors(part)
@@ -220,6 +226,7 @@ class SpectralLayer(nn.Module):
                                             unit.factors.svd)  # the same method
         state.stamps = self._stamps()
         self._clear_cache()
+        memory.follow_deltas(self)  # decomposed from an offloaded W: the factors go to the deltas' device
 
     def _adapted_param(self, param: str) -> Tensor:
         """What reading the parameter ``param`` gives: W' (built with autograd when training)."""
@@ -232,8 +239,8 @@ class SpectralLayer(nn.Module):
 
     def _cached_weight(self, param: str) -> Tensor:
         """W' without autograd, rebuilt only when the deltas, weight or scale change."""
-        if torch.compiler.is_compiling():
-            return self.adapted_weight(param)
+        if torch.compiler.is_compiling() or not memory.caches(self):
+            return self.adapted_weight(param)  # (with the cache off: built for this use and freed after)
         base, state = self._parameters[param], self._spectral
         deltas = [self._parameters[delta_name(part)] for part, _ in self._units_of(param)]
         key = (*((version_of(d), d.data_ptr()) for d in deltas), version_of(base), base.data_ptr(), base.dtype,
@@ -252,7 +259,8 @@ class SpectralLayer(nn.Module):
 
     def _apply(self, fn, recurse=True):
         stale = self._stamps() != self._spectral.stamps
-        super()._apply(fn, recurse)
+        with memory.kept_on_host(self, fn):  # an offloaded W stays in CPU memory, cast to fn's dtype
+            super()._apply(fn, recurse)
         for unit in self._spectral.units.values():
             factors = unit.factors
             factors.U, factors.Vh = fn(factors.U), fn(factors.Vh)
@@ -282,6 +290,7 @@ class SpectralLayer(nn.Module):
             for part, factors in new.items():
                 state.units[part].factors = factors
             state.stamps = self._stamps()
+            memory.follow_deltas(self)
 
     def __getstate__(self):
         self._factors()  # a copy or pickle gets factors of the weight it holds
@@ -376,6 +385,7 @@ def unadapt(module: SpectralLayer, weights: dict[str, Tensor] | Tensor | None = 
     state = module._spectral
     if isinstance(weights, Tensor):
         weights = {module._unit("").part.param: weights}
+    memory.bring_back(module, weights or {})  # restore: an offloaded W is copied back to the deltas' device
     for part in state.units:
         del module._parameters[delta_name(part)]
     del module.__dict__["_spectral"]
