@@ -92,20 +92,22 @@ def set_memory(model: nn.Module, *, offload_base: bool | None = None, cache_weig
     layers = _require_adapted(unwrap(model), "set memory options for")
     if offload_base:
         _check_offloadable(layers)
-    plan = []  # (layer, its new options, [(parameter, its new tensor)]), all allocated before any layer changes
+    plan = []  # (layer, its new options, {parameter name: its new tensor}), all allocated before any layer changes
     for _, layer in layers:
         now = options(layer)
         offload = now.offload if offload_base is None else offload_base and _full_rank(layer)
         cache = now.cache if cache_weights is None else cache_weights
         target = torch.device("cpu") if offload else _device(layer)
-        moves = [(p, _placed(p, target)) for p in _base_params(layer)] if offload != now.offload else []
+        moves = {n: _placed(layer._parameters[n], target) for n in layer._params()} if offload != now.offload else {}
         plan.append((layer, MemoryOptions(offload, cache), moves))
-    with torch.no_grad():
-        for layer, chosen, moves in plan:
-            for param, tensor in moves:
-                param.data = tensor  # the same Parameter object (and version counter): nothing is decomposed again
-            layer._spectral.memory = chosen
-            layer._clear_cache()
+    for layer, chosen, moves in plan:
+        fresh = layer._stamps() == layer._spectral.stamps
+        for name, tensor in moves.items():
+            _set_values(layer, name, tensor)
+        if fresh:  # the same weights, moved: nothing to decompose again
+            layer._spectral.stamps = layer._stamps()
+        layer._spectral.memory = chosen
+        layer._clear_cache()
     return model
 
 
@@ -132,8 +134,15 @@ def _full_rank(layer: nn.Module) -> bool:
     return all(layer.spectral_factors(part).full_rank for part in layer.spectral_parts())
 
 
-def _base_params(layer: nn.Module) -> list[nn.Parameter]:
-    return [layer._parameters[name] for name in layer._params()]
+def _set_values(layer: nn.Module, name: str, tensor: Tensor) -> None:
+    """Make ``tensor`` the values of the parameter ``name``: the same Parameter object where torch allows
+    (CPU and CUDA tensors), else a new Parameter with the same ``requires_grad`` (as ``nn.Module.to`` does)."""
+    param = layer._parameters[name]
+    if torch._has_compatible_shallow_copy_type(param, tensor):
+        with torch.no_grad():
+            param.data = tensor
+    else:
+        layer._parameters[name] = nn.Parameter(tensor, requires_grad=param.requires_grad)
 
 
 def _device(layer: nn.Module) -> torch.device:
@@ -208,7 +217,7 @@ def kept_on_host(layer: nn.Module, fn: Callable[[Tensor], Tensor]) -> Iterator[N
             tensor = fn(param) if probe.device.type == "cpu" else param.to(dtype=probe.dtype)
             tensor = _pinned(tensor)
             if tensor is not param:
-                param.data = tensor
+                param.data = tensor  # CPU to CPU: always the same Parameter object
 
 
 def follow_deltas(layer: nn.Module) -> None:
@@ -224,11 +233,10 @@ def follow_deltas(layer: nn.Module) -> None:
 
 def bring_back(layer: nn.Module, replaced: dict[str, Tensor]) -> None:
     """Before an offloaded layer is unadapted: copy its base weights that are not ``replaced`` back
-    to the deltas' device (the same Parameter objects, bit for bit)."""
+    to the deltas' device (bit for bit; the same Parameter objects, see `_set_values`)."""
     if not offloaded(layer):
         return
     device = _device(layer)
-    with torch.no_grad():
-        for name in layer._params():
-            if name not in replaced:
-                layer._parameters[name].data = layer._parameters[name].detach().to(device)
+    for name in layer._params():
+        if name not in replaced:
+            _set_values(layer, name, layer._parameters[name].detach().to(device))
