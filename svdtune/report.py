@@ -104,7 +104,7 @@ class Report:
         table = self.memory
         if table.rows:
             held = table.total()
-            device = f", {format_bytes(held.on_device)} of it on the device" if held.on_device != held.total else ""
+            device = f"; on the device {format_bytes(held.on_device)}" if held.on_device != held.total else ""
             lines.append(f"held by the adapted layers: weights {format_bytes(held.weight)}, factors "
                          f"{format_bytes(held.factors)}, cached W' {_memory_cells('', held)[4]} ({held.device}){device}; "
                          "per layer: print(report.memory)")

@@ -289,7 +289,7 @@ def test_the_report_shows_where_w_is_and_what_is_on_the_device():
     total = svdtune.report(model).memory.total()
     assert total.on_device == full.on_device + low.on_device
     text = str(svdtune.report(model))
-    assert "on device" in str(svdtune.report(model).memory) and "of it on the device" in text
+    assert "on device" in str(svdtune.report(model).memory) and "; on the device " in text
 
 
 def test_bad_arguments_and_models_that_cannot_offload_are_refused_unchanged():
