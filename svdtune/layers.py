@@ -20,6 +20,10 @@ of its own (m, n) matrix and its own spectrum.
 The factors U, sigma, Vh are plain tensors moved by ``_apply`` (``.to``,
 ``.cuda``, ``.half``...), not buffers: they never enter the state dict and
 DistributedDataParallel never re-broadcasts them.
+
+Where the base weights live and whether the no-grad W' is cached are the layer's
+memory options (`svdtune.memory`, hooks marked ``memory.``): an offloaded W stays
+in CPU memory through ``_apply`` and is copied to the device per use.
 """
 
 from __future__ import annotations

@@ -317,3 +317,21 @@ def test_copies_and_pickles_keep_the_options():
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("error")
             assert torch.equal(other(x), model(x))
+
+
+def test_layers_adapted_after_set_memory_get_the_defaults_and_load_delta_models_take_the_options(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6))
+    svdtune.apply(model, ["0"], progress=False)
+    svdtune.set_memory(model, offload_base=True, cache_weights=False)
+    svdtune.apply(model, ["2"], progress=False)
+    assert svdtune.memory.options(model[2]) == svdtune.memory.MemoryOptions()
+    randomize_deltas(model, seed=4)
+    svdtune.save_delta(model, tmp_path / "task.safetensors")
+    torch.manual_seed(0)
+    loaded = svdtune.load_delta(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 6)), tmp_path / "task.safetensors")
+    svdtune.set_memory(loaded, offload_base=True)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert all(svdtune.memory.offloaded(layer) for layer in (loaded[0], loaded[2]))
