@@ -10,5 +10,7 @@ echo "== train step against full fine-tuning and PEFT LoRA r=16 (bf16; 4096-wide
 python benchmarks/train_step.py --device cuda --dtype bfloat16
 echo "== one Llama-2-7B block: apply time and peak device memory"
 python benchmarks/gpu_block.py --device cuda
+echo "== device memory of the memory options (offload_base, cache_weights) against the base and PEFT LoRA r=16"
+python benchmarks/memory_options.py --device cuda
 echo "== randomized SVD accuracy on the GPU"
 python benchmarks/randomized_accuracy.py --device cuda || echo "(randomized_accuracy.py has no --device option)"

@@ -34,6 +34,7 @@ _EXPORTS = {
     "merge": "svdtune.model",
     "report": "svdtune.model",
     "restore": "svdtune.model",
+    "set_memory": "svdtune.memory",
     "set_scale": "svdtune.model",
     "singular_values": "svdtune.model",
     "trainable_parameters": "svdtune.model",

@@ -7,7 +7,8 @@ itself, bit for bit, at zero deltas). With autograd they avoid building W' where
 that is cheaper:
 
 - linear (nn.Linear, transformers' Conv1D on its (out, in) view): `choose_path` picks
-  the factorized, low-rank or rebuild product by multiply-add count;
+  the factorized, low-rank or rebuild product by multiply-add count (always the factorized
+  one when the base weight is offloaded to CPU memory, see `svdtune.memory`);
 - embedding: rows of U are gathered, scaled by sigma' and projected by Vh, so a
   large vocabulary never builds its (num_embeddings, dim) W' per step;
 - embedding_bag: the same on the bags of U's rows (the bag is linear in the rows),
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from svdtune import kernels
+from svdtune import kernels, memory
 from svdtune.kinds import LayerKind
 from svdtune.layers import SpectralLayer, delta_weight
 
@@ -70,7 +71,8 @@ def _linear_forward(self: SpectralLayer, input: Tensor) -> Tensor:
     factors, base = self._factors(), self.base_matrix()  # (m, n) = (out, in); for Conv1D a transposed view
     m, n = base.shape
     rows = input.numel() // max(n, 1)
-    path = choose_path(rows, m, n, factors.sigma.numel(), factors.full_rank, input.requires_grad)
+    path = "factorized" if memory.offloaded(self) else choose_path(rows, m, n, factors.sigma.numel(), factors.full_rank,
+                                                                    input.requires_grad)  # offloaded: W is not here
     shift = self._shift(factors)
     if path == "rebuild":
         return kernels.linear(input, base + delta_weight(factors.U, factors.Vh, shift), self.bias)

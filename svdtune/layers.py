@@ -26,6 +26,10 @@ never again, and FSDP2's ``fully_shard`` shards them like any parameter, so each
 rank holds its share (see `svdtune.sharding`). Every read goes through
 `SpectralLayer._factors`, which takes the tensors registered now (FSDP2 swaps in
 gathered ones for a forward).
+
+Where the base weights live and whether the no-grad W' is cached are the layer's
+memory options (`svdtune.memory`, hooks marked ``memory.``): an offloaded W stays
+in CPU memory through ``_apply`` and is copied to the device per use.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from svdtune import kernels, kinds
+from svdtune import kernels, kinds, memory
 from svdtune.config import SpectralConfig
 from svdtune.cache import decompose_cached
 from svdtune.decompose import Decomposition, svd_dtype
@@ -117,6 +121,7 @@ class SpectralState:
     # parameter name -> (key, version of the tensor when built, W'): the no-grad W' of `SpectralLayer._cached_weight`
     cached: dict[str, tuple[tuple, int, Tensor]] = field(default_factory=dict, repr=False)
     live: dict[str, Tensor] = field(default_factory=dict, repr=False)  # W' built once for one training forward
+    memory: memory.MemoryOptions = field(default_factory=memory.MemoryOptions)  # offloaded W, cached W' (set_memory)
 
 
 class SpectralLayer(nn.Module):
@@ -166,20 +171,25 @@ class SpectralLayer(nn.Module):
 
     def adapted_weight(self, param: str | None = None) -> Tensor:
         """W' = W + U diag(sigma' - sigma) Vh of a parameter (default: `base_weight`'s), recomputed now
-        (differentiable in the deltas), in the parameter's layout."""
+        (differentiable in the deltas), in the parameter's layout. With the base weight offloaded
+        (`svdtune.set_memory`) and autograd recording: U diag(sigma') Vh, which does not read W."""
         param = param or self._unit("").part.param
-        base = self._parameters[param]
+        base, kind = memory.build_base(self, param), self._spectral.kind  # base: W, a copy of it, or None
         matrices = []
         for part, unit in self._units_of(param):
             factors = self._factors(part)
-            change = delta_weight(factors.U, factors.Vh, self._shift(factors, part))
-            matrices.append(kinds.matrix(self._spectral.kind, base, unit.part) + change)
-        return kinds.layout(self._spectral.kind, tuple(base.shape), matrices)
+            shift = self._shift(factors, part)
+            if base is None:  # full rank: W' from the factors alone
+                matrices.append(delta_weight(factors.U, factors.Vh, factors.sigma + shift))
+                continue
+            change, matrix = delta_weight(factors.U, factors.Vh, shift), kinds.matrix(kind, base, unit.part)
+            matrices.append(matrix + change if base is self._parameters[param] else matrix.add_(change))
+        return kinds.layout(kind, tuple(self._parameters[param].shape), matrices)
 
     def merged_weight(self, param: str | None = None) -> Tensor:
         """W' of a parameter in its dtype and layout, accumulated in float32 (float64 for float64 weights)."""
         param = param or self._unit("").part.param
-        base, kind = self._parameters[param], self._spectral.kind
+        base, kind = memory.resident(self, param), self._spectral.kind
         matrices = []
         for part, unit in self._units_of(param):
             factors = self._factors(part)
@@ -271,6 +281,7 @@ class SpectralLayer(nn.Module):
         for part, unit in state.units.items():  # the same method as before
             self._set_factors(part, decompose_cached(self.base_matrix(part), state.config.rank, state.cache_dir,
                                                      unit.svd))
+        memory.follow_deltas(self)  # decomposed from an offloaded W: the factors go to the deltas' device
         state.stamps = self._stamps()
         self._clear_cache()
 
@@ -285,8 +296,8 @@ class SpectralLayer(nn.Module):
 
     def _cached_weight(self, param: str) -> Tensor:
         """W' without autograd, rebuilt only when the deltas, weight or scale change."""
-        if torch.compiler.is_compiling() or self._sharded():  # sharded: a full W' per layer on each rank
-            return self.adapted_weight(param)
+        if torch.compiler.is_compiling() or self._sharded() or not memory.caches(self):
+            return self.adapted_weight(param)  # built for this use and freed after (sharded: a W' per layer per rank)
         base, state = self._parameters[param], self._spectral
         deltas = [self._parameters[delta_name(part)] for part, _ in self._units_of(param)]
         key = (*((version_of(d), d.data_ptr()) for d in deltas), version_of(base), base.data_ptr(), base.dtype,
@@ -306,7 +317,8 @@ class SpectralLayer(nn.Module):
     def _apply(self, fn, recurse=True):
         stale = self._stamps() != self._spectral.stamps
         sigmas = {part: self._parameters[factor_name("sigma", part)].data for part in self._spectral.units}
-        super()._apply(fn, recurse)
+        with memory.kept_on_host(self, fn):  # an offloaded W stays in CPU memory, cast to fn's dtype
+            super()._apply(fn, recurse)
         for part, sigma in sigmas.items():  # sigma from its own precision, never through fn's half precision
             U = self._parameters[factor_name("U", part)]
             self._parameters[factor_name("sigma", part)].data = sigma.to(U.device, svd_dtype(U.dtype))
@@ -337,6 +349,7 @@ class SpectralLayer(nn.Module):
         if len(error_msgs) == errors_before:  # else leave the stamps: the next forward re-decomposes if needed
             for part, factors in new.items():
                 self._set_factors(part, factors)
+            memory.follow_deltas(self)
             state.stamps = self._stamps()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -467,6 +480,7 @@ def unadapt(module: SpectralLayer, weights: dict[str, Tensor] | Tensor | None = 
     state = module._spectral
     if isinstance(weights, Tensor):
         weights = {module._unit("").part.param: weights}
+    memory.bring_back(module, weights or {})  # restore: an offloaded W is copied back to the deltas' device
     for name in added_names(list(state.units)):
         del module._parameters[name]
     del module.__dict__["_spectral"]

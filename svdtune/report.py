@@ -6,14 +6,14 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from svdtune import kinds
+from svdtune import kinds, memory
 from svdtune.layers import SpectralLayer
 from svdtune.targets import count_kinds, describe_counts
 
 SKIPPED = "_svdtune_skipped"  # on the root model: {module name: class name} apply's patterns met but could not adapt
 
 _HEADER = ("layer", "type", "weight shape", "rank", "mode", "trainable", "% of model")
-_MEMORY_HEADER = ("layer", "device", "weight", "factors", "cached W'", "total")
+_MEMORY_HEADER = ("layer", "device", "weight", "factors", "cached W'", "total", "on device")
 
 
 @dataclass(frozen=True)
@@ -24,13 +24,19 @@ class LayerMemory:
         weight: the frozen base weight W.
         factors: U, sigma and Vh (and the deltas).
         cached: the eval-mode cache of W' (0 when there is none now).
-        device: where the factors are, e.g. "cpu", "cuda:0"; "cuda:0 (W: cpu)" when W is elsewhere.
+        device: where the factors are, e.g. "cpu", "cuda:0"; "cuda:0 (W offloaded)" when W is kept in CPU
+            memory by `svdtune.set_memory`, "cuda:0 (W: cpu)" when W is elsewhere for another reason.
+        on_device: the bytes held on the factors' device: the total less an offloaded W (on a CPU-only
+            machine, what the layer would hold on an accelerator).
+        cache: whether the layer caches its eval-mode W' (`svdtune.set_memory(cache_weights=...)`).
     """
 
     weight: int
     factors: int
     cached: int
     device: str
+    on_device: int
+    cache: bool = True
 
     @property
     def total(self) -> int:
@@ -59,12 +65,12 @@ class MemoryTable:
     def total(self) -> LayerMemory:
         """The sums over all adapted layers (device: the devices, joined by ", ")."""
         devices = ", ".join(sorted({m.device for _, m in self.rows}))
-        return LayerMemory(*(sum(getattr(m, f) for _, m in self.rows) for f in ("weight", "factors", "cached")), devices)
+        weight, factors, cached, on_device = (sum(getattr(m, f) for _, m in self.rows)
+                                              for f in ("weight", "factors", "cached", "on_device"))
+        return LayerMemory(weight, factors, cached, devices, on_device, all(m.cache for _, m in self.rows))
 
     def __str__(self) -> str:
-        rows = [(name, m.device, *map(format_bytes, (m.weight, m.factors, m.cached, m.total))) for name, m in self.rows]
-        total = self.total()
-        rows.append(("total", total.device, *map(format_bytes, (total.weight, total.factors, total.cached, total.total))))
+        rows = [_memory_cells(name, m) for name, m in (*self.rows, ("total", self.total()))]
         lines = table_lines(_MEMORY_HEADER, rows)
         lines.insert(-1, lines[1])
         return "\n".join(lines)
@@ -95,11 +101,12 @@ class Report:
         rows.append(("total", "", "", "", "", f"{self.trainable:,}", _percent(self.trainable, self.total)))
         lines = table_lines(_HEADER, rows)
         lines.insert(-1, lines[1])  # a rule above the total too
-        memory = self.memory
-        if memory.rows:
-            held = memory.total()
+        table = self.memory
+        if table.rows:
+            held = table.total()
+            device = f"; on the device {format_bytes(held.on_device)}" if held.on_device != held.total else ""
             lines.append(f"held by the adapted layers: weights {format_bytes(held.weight)}, factors "
-                         f"{format_bytes(held.factors)}, cached W' {format_bytes(held.cached)} ({held.device}); "
+                         f"{format_bytes(held.factors)}, cached W' {_memory_cells('', held)[4]} ({held.device}){device}; "
                          "per layer: print(report.memory)")
         if self.skipped:
             counts = describe_counts(self.skipped)
@@ -110,6 +117,12 @@ class Report:
     def memory(self) -> MemoryTable:
         """The bytes held per adapted layer: base weight, factors, cached W', and the device."""
         return MemoryTable(tuple((r.name, r.memory) for r in self.rows if r.memory is not None))
+
+
+def _memory_cells(name: str, m: LayerMemory) -> tuple[str, ...]:
+    cached = format_bytes(m.cached) if m.cache or m.cached else "off"  # "off": W' is not cached (set_memory)
+    return (name, m.device, format_bytes(m.weight), format_bytes(m.factors), cached, format_bytes(m.total),
+            format_bytes(m.on_device))
 
 
 def format_bytes(count: int) -> str:
@@ -164,15 +177,13 @@ def layer_memory(layer: SpectralLayer, part: str = "") -> LayerMemory:
     factors, matrix = layer._held_factors(part), layer.base_matrix(part)
     first = layer._units_of(unit.part.param)[0][0] == part
     entry = state.cached.get(unit.part.param)
-    device = str(factors.U.device)
-    if matrix.device != factors.U.device:
-        device += f" (W: {matrix.device})"
-    return LayerMemory(
-        weight=_bytes(matrix),
-        factors=sum(_bytes(t) for t in (factors.U, factors.sigma, factors.Vh, layer.spectral_delta(part))),
-        cached=_bytes(entry[2]) if entry is not None and first else 0,
-        device=device,
-    )
+    device, offloaded = str(factors.U.device), memory.offloaded(layer)
+    if offloaded or matrix.device != factors.U.device:
+        device += " (W offloaded)" if offloaded else f" (W: {matrix.device})"
+    held = {"weight": _bytes(matrix), "cached": _bytes(entry[2]) if entry is not None and first else 0,
+            "factors": sum(_bytes(t) for t in (factors.U, factors.sigma, factors.Vh, layer.spectral_delta(part)))}
+    on_device = held["factors"] + held["cached"] + (0 if offloaded else held["weight"])
+    return LayerMemory(**held, device=device, on_device=on_device, cache=memory.caches(layer))
 
 
 def _bytes(tensor: Tensor) -> int:

@@ -252,6 +252,7 @@ def _context(tmp_path):
                             svd="auto", progress=False),
         svdtune.merge: dict(model=adapted), svdtune.restore: dict(model=adapted), svdtune.report: dict(model=adapted),
         svdtune.set_scale: dict(model=adapted, scale=0.5), svdtune.singular_values: dict(model=adapted),
+        svdtune.set_memory: dict(model=adapted, offload_base=True, cache_weights=False),
         svdtune.trainable_parameters: dict(model=adapted),
         svdtune.save_delta: dict(model=adapted, path=out, metadata=None),
         svdtune.load_delta: dict(model=base, source=delta_path, strict=True, cache_dir=None),
