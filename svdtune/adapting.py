@@ -15,10 +15,11 @@ from svdtune.config import SpectralConfig
 from svdtune.decompose import Decomposition, warn_if_degenerate, warn_if_slow_svd
 from svdtune.errors import SvdtuneError
 from svdtune.integrations import guard
-from svdtune.layers import SpectralLayer, adapt, added_names
+from svdtune.layers import SpectralLayer, added_names
 from svdtune.randomized import RandomizedSVD
 from svdtune.report import SKIPPED
 from svdtune.sharding import refuse_sharded
+from svdtune.swap import adapt
 from svdtune.targets import as_patterns, count_kinds, describe_counts, select, unadaptable
 from svdtune.transaction import Progress, all_or_nothing
 from svdtune.walk import _PARALLEL, _TRAINABLE, _wrapper_chain, root_record, unwrap

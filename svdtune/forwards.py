@@ -27,7 +27,8 @@ from torch import Tensor
 
 from svdtune import kernels, memory
 from svdtune.kinds import LayerKind
-from svdtune.layers import SpectralLayer, delta_weight
+from svdtune.formula import delta_weight
+from svdtune.layers import SpectralLayer
 
 
 def training_forward(kind: LayerKind, cls: type) -> Callable | None:

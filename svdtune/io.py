@@ -26,7 +26,8 @@ from svdtune.basis import basis_of, repeated_pairs
 from svdtune.delta import DeltaFile, LayerDelta, as_delta_file
 from svdtune.fingerprint import check_base, fingerprint
 from svdtune.errors import SvdtuneError
-from svdtune.layers import DELTA, SpectralLayer, merged_matrix, spectrum_shift
+from svdtune.formula import merged_matrix, spectrum_shift
+from svdtune.layers import DELTA, SpectralLayer
 from svdtune.randomized import RandomizedSVD
 from svdtune.sharding import full, refuse_sharded, sharded_tensors, write_on_rank_zero
 from svdtune.offline import warn_if_basis_dependent

@@ -14,7 +14,7 @@ modes, tensor subclasses, empty shapes, and builds without oneDNN. A check at
 first use compares the two kernels on a small problem and keeps ``F.linear`` if
 they disagree. ``SVDTUNE_ONEDNN=0`` in the environment always uses ``F.linear``.
 
-Users: an adapted Linear's training forward, and `layers.delta_weight`. Under
+Users: an adapted Linear's training forward, and `formula.delta_weight`. Under
 ``torch.no_grad`` an adapted layer calls ``F.linear`` on its cached W', and at
 zero deltas that W' is the base weight exactly, so the output equals the base
 model's bit for bit.

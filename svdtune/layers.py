@@ -1,4 +1,4 @@
-"""Spectral layers: the one delta formula and the module class that applies it.
+"""Spectral layers: the module class that applies the delta formula (`svdtune.formula`).
 
 An adapted layer is the *same* module object with its class swapped for a
 subclass of its original class (as ``torch.nn.utils.parametrize`` does), so:
@@ -40,57 +40,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from svdtune import kernels, kinds, memory
+from svdtune import kinds, memory
 from svdtune.config import SpectralConfig
 from svdtune.cache import decompose_cached
 from svdtune.decompose import Decomposition, svd_dtype
 from svdtune.errors import SvdtuneError
 from svdtune.randomized import RandomizedSVD
-from svdtune.sharding import is_dtensor
+from svdtune.formula import delta_weight, merged_matrix, spectrum_shift
 
 DELTA = "svd_delta"  # parameter name of the trainable deltas: state-dict key "<layer>.svd_delta"
 FACTORS = ("U", "sigma", "Vh")  # the frozen factor parameters "svd_U", "svd_sigma", "svd_Vh" (+ "_<part>")
-
-
-def spectrum_shift(sigma: Tensor, delta: Tensor, scale: float, mode: str) -> Tensor:
-    """sigma' - sigma for the adapted spectrum sigma', in sigma's dtype (float32/64).
-
-    "shift": relu(sigma + s*delta) - sigma == max(s*delta, -sigma), written so that
-    no cancellation occurs; "scale": sigma*(1 + s*delta) - sigma == sigma*s*delta.
-    Both are exactly zero when delta is zero (sigma >= 0).
-
-    At the boundary s*delta == -sigma (e.g. delta = 0 on a zero singular value) the shift
-    takes relu's subgradient from the side that lets sigma' grow: the whole gradient passes
-    to delta (``torch.maximum`` would split it in half on the tie). A NaN step stays NaN.
-    """
-    step = delta.to(sigma.dtype) * scale
-    if mode == "shift":
-        return torch.where(step < -sigma, -sigma, step)
-    return sigma * step
-
-
-def delta_weight(U: Tensor, Vh: Tensor, shift: Tensor) -> Tensor:
-    """The weight change as a matrix: U diag(shift) Vh, (m, k) (k,) (k, n) -> (m, n)."""
-    return kernels.linear(U * shift.to(U.dtype), Vh.t())  # (U diag(shift)) @ Vh
-
-
-def merged_matrix(base: Tensor, U: Tensor, Vh: Tensor, shift: Tensor) -> Tensor:
-    """W' = W + U diag(shift) Vh for a base matrix (m, n), in its dtype, accumulated in shift's dtype."""
-    work = shift.dtype  # float32, or float64 for float64 weights: never half precision
-    change = delta_weight(U.to(work), Vh.to(work), shift)
-    return (base.to(work) + change).to(base.dtype)
 
 
 def version_of(tensor: Tensor) -> int:
     """``tensor._version``; 0 for an inference tensor (of a model built under ``torch.inference_mode()``),
     which has no version counter and can be changed in place only inside inference mode."""
     return 0 if tensor.is_inference() else tensor._version
-
-
-def check_finite_merge(name: str, weight: Tensor) -> None:
-    """Refuse a merged weight with NaN or infinity (before anything is written or swapped)."""
-    if not bool(torch.isfinite(weight).all()):
-        raise SvdtuneError(f"merging layer {name!r} gives non-finite weights; check its deltas and scale.")
 
 
 @dataclass(eq=False)
@@ -383,8 +348,10 @@ class SpectralLayer(nn.Module):
     def __reduce_ex__(self, protocol):
         # The Spectral<Class> type is built at run time and cannot be pickled by name:
         # pickle the original class and rebuild the adapted one on load.
+        from svdtune.swap import new_spectral  # (swap imports this module)
+
         _, _, *rest = super().__reduce_ex__(protocol)
-        return (_new_spectral, (self._spectral.original_class,), *rest)
+        return (new_spectral, (self._spectral.original_class,), *rest)
 
     def extra_repr(self) -> str:
         config, units = self._spectral.config, self._spectral.units
@@ -412,80 +379,3 @@ def factor_name(factor: str, part: str) -> str:
 def added_names(parts: tuple[str, ...] | list[str]) -> list[str]:
     """Every parameter name an adapted layer with these parts gains: deltas, then factors."""
     return [delta_name(p) for p in parts] + [factor_name(f, p) for p in parts for f in FACTORS]
-
-
-_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
-
-
-def _weight_property(param: str) -> property:
-    def read(self: SpectralLayer) -> Tensor | None:
-        raw = self._parameters[param]
-        if is_dtensor(raw):  # an FSDP2 shard, outside a forward: FSDP2 reads it to manage it (svdtune.sharding)
-            return raw
-        if any(unit.part.param == param for unit in self._spectral.units.values()):
-            return self._adapted_param(param)
-        return raw  # e.g. in_proj_weight (None) of attention with separate q/k/v weights
-
-    return property(read, doc=f"The adapted {param} W' (same shape and dtype as the base weight).")
-
-
-def spectral_class(cls: type[nn.Module]) -> type[nn.Module]:
-    """The adapted class for a supported layer class (built once per class)."""
-    if cls not in _CLASSES:
-        from svdtune import forwards  # (forwards imports this module)
-
-        kind = kinds.kind_of(cls)
-        body = {"__module__": __name__, "__qualname__": f"Spectral{cls.__name__}"}
-        body.update({param: _weight_property(param) for param in kind.params()})
-        forward = forwards.training_forward(kind, cls)
-        if forward is not None:  # else the class's own forward reads the adapted weight
-            body["forward"] = forward
-        _CLASSES[cls] = type(f"Spectral{cls.__name__}", (SpectralLayer, cls), body)
-    return _CLASSES[cls]
-
-
-def _new_spectral(original_class: type[nn.Module]) -> nn.Module:
-    cls = spectral_class(original_class)
-    return cls.__new__(cls)
-
-
-def adapt(module: nn.Module, factors: dict[str, Decomposition] | Decomposition, config: SpectralConfig,
-          cache_dir: str | None = None) -> None:
-    """Turn a supported layer into a spectral layer in place, with zero deltas.
-
-    ``factors``: {part name: decomposition of that part's matrix}, or one decomposition for a
-    layer of one part.
-    """
-    kind = kinds.kind_of(module)
-    parts = kind.parts(module)
-    if isinstance(factors, Decomposition):
-        factors = {parts[0].name: factors}
-    units = {part.name: Unit(part, factors[part.name].full_rank) for part in parts}
-    params = {part.param: module._parameters[part.param] for part in parts}
-    state = SpectralState(config, kind, type(module), units, tuple(params), (), cache_dir)
-    module.__class__ = spectral_class(type(module))
-    module.__dict__["_spectral"] = state
-    for part in parts:  # deltas first, then factors: the factors stay the last parameters
-        base = params[part.param]
-        delta = torch.zeros(factors[part.name].sigma.numel(), dtype=base.dtype, device=base.device)
-        module.register_parameter(delta_name(part.name), nn.Parameter(delta))
-    for part in parts:
-        module._set_factors(part.name, factors[part.name])
-    state.stamps = module._stamps()
-
-
-def unadapt(module: SpectralLayer, weights: dict[str, Tensor] | Tensor | None = None) -> nn.Module:
-    """Give a spectral layer its original class back; with ``weights`` ({parameter: tensor}, or one
-    tensor for `base_weight`), as its new base weights."""
-    state = module._spectral
-    if isinstance(weights, Tensor):
-        weights = {module._unit("").part.param: weights}
-    memory.bring_back(module, weights or {})  # restore: an offloaded W is copied back to the deltas' device
-    for name in added_names(list(state.units)):
-        del module._parameters[name]
-    del module.__dict__["_spectral"]
-    module.__class__ = state.original_class
-    for param, weight in (weights or {}).items():
-        old = module._parameters[param]
-        module._parameters[param] = nn.Parameter(weight, requires_grad=old.requires_grad)
-    return module

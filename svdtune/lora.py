@@ -38,7 +38,8 @@ from svdtune import container, kinds
 from svdtune.arguments import as_optional_path, as_path
 from svdtune.delta import FLOATS, DeltaFile, as_delta_file
 from svdtune.errors import SvdtuneError
-from svdtune.layers import SpectralLayer, spectrum_shift
+from svdtune.formula import spectrum_shift
+from svdtune.layers import SpectralLayer
 from svdtune.model import adapted_units, unwrap
 from svdtune.offline import base_units, read_state_dict, warn_if_basis_dependent
 from svdtune.report import table_lines

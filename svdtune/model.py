@@ -11,9 +11,10 @@ from torch import Tensor, nn
 
 from svdtune.adapting import apply  # noqa: F401  (svdtune.model.apply, as before the split)
 from svdtune import kinds
-from svdtune.layers import check_finite_merge, unadapt
+from svdtune.formula import check_finite_merge
 from svdtune.report import SKIPPED, Report, build_report
 from svdtune.sharding import refuse_sharded
+from svdtune.swap import unadapt
 from svdtune.transaction import writable
 from svdtune.walk import (  # adapted_layers and adapted_units are also used as svdtune.model.*
     _BUFFERS, _FLAGS, _TRAINABLE, _require_adapted, adapted_layers, adapted_units, join_name, trainable_modules, unwrap,

@@ -30,7 +30,8 @@ from svdtune.config import as_scale, finite_number
 from svdtune.basis import Basis, basis_changes, repeated_pairs
 from svdtune.delta import DeltaFile, Fingerprint, LayerDelta, as_delta_file, check_base
 from svdtune.errors import SvdtuneError
-from svdtune.layers import DELTA, check_finite_merge, merged_matrix, spectrum_shift
+from svdtune.formula import check_finite_merge, merged_matrix, spectrum_shift
+from svdtune.layers import DELTA
 
 BASE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # matched in any case
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal styling, e.g. the bold in torch.load's messages

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import svdtune
-from svdtune.layers import spectrum_shift
+from svdtune.formula import spectrum_shift
 
 
 def model_with(head_weight: torch.Tensor) -> nn.Module:
