@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from svdtune.errors import SvdtuneError
+from svdtune.sharding import refuse_sharded
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,8 @@ def set_memory(model: nn.Module, *, offload_base: bool | None = None, cache_weig
 
     Raises:
         SvdtuneError: the model has no svdtune layers; an option is not True, False or None;
-            ``offload_base=True`` on a model with no full-rank layer, or on a layer whose base
-            weight is trainable. The model is unchanged when it is raised.
+            ``offload_base=True`` on a model with no full-rank layer, on a layer whose base
+            weight is trainable, or on a model sharded by FSDP2. The model is unchanged when it is raised.
 
     Warns:
         UserWarning: with ``offload_base=True``, naming the layers below full rank that keep W on
@@ -90,6 +91,9 @@ def set_memory(model: nn.Module, *, offload_base: bool | None = None, cache_weig
     for what, value in (("offload_base", offload_base), ("cache_weights", cache_weights)):
         if value is not None and not isinstance(value, bool):
             raise SvdtuneError(f"{what}={value!r:.40} must be True, False or None (leave the setting as it is).")
+    if offload_base:  # FSDP2 places every parameter itself (its own CPUOffloadPolicy offloads shards)
+        refuse_sharded(unwrap(model), "offload the base weights of", "use fully_shard(..., offload_policy="
+                       "CPUOffloadPolicy()) to keep the shards in CPU memory.")
     layers = _require_adapted(unwrap(model), "set memory options for")
     if offload_base:
         _check_offloadable(layers)

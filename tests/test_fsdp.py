@@ -83,7 +83,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         svdtune.save_delta(model, os.path.join(out_dir, "sharded.safetensors"))
         refusals = []
         for action in (svdtune.merge, svdtune.restore, lambda m: svdtune.load_delta(m, os.path.join(
-                out_dir, "sharded.safetensors")), lambda m: svdtune.apply(m, targets=["1.attn.out_proj"])):
+                out_dir, "sharded.safetensors")), lambda m: svdtune.apply(m, targets=["1.attn.out_proj"]),
+                lambda m: svdtune.set_memory(m, offload_base=True)):
             try:
                 action(model)
             except SvdtuneError as error:
@@ -163,10 +164,11 @@ def test_the_gathered_delta_merges_into_a_plain_model_as_the_dense_formula_says(
 
 
 @pytest.mark.slow
-def test_merge_restore_load_and_apply_refuse_a_sharded_model_with_what_to_do(run):
+def test_merge_restore_load_apply_and_offload_refuse_a_sharded_model_with_what_to_do(run):
     _, ranks = run
     for state in ranks:
-        merge, restore, load, apply = state["refusals"]
+        merge, restore, load, apply, offload = state["refusals"]
+        assert "sharded by FSDP2" in offload and "CPUOffloadPolicy" in offload
         assert "sharded by FSDP2" in merge and "save_delta" in merge
         assert "sharded by FSDP2" in restore and "sharded by FSDP2" in load and "before fully_shard" in load
         assert "sharded by FSDP2" in apply and "before fully_shard" in apply
