@@ -117,6 +117,7 @@ class SpectralState:
     # parameter name -> (key, version of the tensor when built, W'): the no-grad W' of `SpectralLayer._cached_weight`
     cached: dict[str, tuple[tuple, int, Tensor]] = field(default_factory=dict, repr=False)
     live: dict[str, Tensor] = field(default_factory=dict, repr=False)  # W' built once for one training forward
+    loading: bool = False  # inside `SpectralLayer._factors_hidden`: reading a weight gives the raw parameter
 
 
 class SpectralLayer(nn.Module):
@@ -318,14 +319,18 @@ class SpectralLayer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
         state, kind, new = self._spectral, self._spectral.kind, {}
+        assign = local_metadata.get("assign_to_params_buffers", False)  # the weight becomes incoming, as it is
         for part, unit in state.units.items():
             incoming, base = state_dict.get(prefix + unit.part.param), self._parameters[unit.part.param]
-            if incoming is None or incoming.shape != base.shape or torch.equal(incoming.to(base), base):
+            if incoming is None or incoming.shape != base.shape:
+                continue
+            incoming = incoming if assign else incoming.to(base)
+            if (incoming.dtype, incoming.device) == (base.dtype, base.device) and torch.equal(incoming, base):
                 continue
             try:  # decompose before loading, so a weight without an SVD is not half-loaded
                 if self._sharded():
                     raise SvdtuneError("it is sharded by FSDP2: load base weights before apply and fully_shard")
-                new[part] = decompose_cached(kinds.matrix(kind, incoming.to(base), unit.part), state.config.rank,
+                new[part] = decompose_cached(kinds.matrix(kind, incoming, unit.part), state.config.rank,
                                              state.cache_dir, unit.svd)
             except SvdtuneError as error:
                 error_msgs.append(f"svdtune layer {prefix[:-1]!r}: new base weight refused: {error}")
@@ -352,9 +357,11 @@ class SpectralLayer(nn.Module):
         held, names = dict(params), set(self._factor_names())
         for name in names:
             del params[name]
+        self._spectral.loading = True  # assign=True reads the weight (hasattr) before replacing it
         try:
             yield
         finally:
+            self._spectral.loading = False
             now = dict(params)
             params.clear()
             params.update((name, held[name] if name in names else now.get(name, held[name])) for name in held)
@@ -407,8 +414,8 @@ _CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
 def _weight_property(param: str) -> property:
     def read(self: SpectralLayer) -> Tensor | None:
         raw = self._parameters[param]
-        if is_dtensor(raw):  # an FSDP2 shard, outside a forward: FSDP2 reads it to manage it (svdtune.sharding)
-            return raw
+        if is_dtensor(raw) or self._spectral.loading:  # an FSDP2 shard, outside a forward: FSDP2 reads it to
+            return raw  # manage it (svdtune.sharding); or loading, with the factors hidden
         if any(unit.part.param == param for unit in self._spectral.units.values()):
             return self._adapted_param(param)
         return raw  # e.g. in_proj_weight (None) of attention with separate q/k/v weights

@@ -59,3 +59,35 @@ def test_weight_and_factors_swapped_together_run_no_svd(svd_calls):
     out = torch.func.functional_call(model, params, (x,))
     assert svd_calls == []
     torch.testing.assert_close(out, expected)
+
+
+def _dense(layer: nn.Module) -> torch.Tensor:
+    """W + U diag(relu(sigma + delta) - sigma) Vh from a fresh float64 SVD of the layer's base weight."""
+    W = layer.base_weight.detach().double()
+    U, sigma, Vh = torch.linalg.svd(W, full_matrices=False)
+    return W + U @ torch.diag(torch.relu(sigma + layer.svd_delta.detach().double()) - sigma) @ Vh
+
+
+def test_load_state_dict_with_assign_takes_the_new_tensors_and_their_svd():
+    model, other = _model(), _model()
+    state = {name: tensor.clone() for name, tensor in other.state_dict().items()}
+    torch.manual_seed(1)
+    state["0.weight"] = torch.randn(5, 6)
+    state["0.svd_delta"] = torch.randn(5) * 0.3
+    assert not model.load_state_dict(state, assign=True).missing_keys
+    layer = model[0]
+    assert torch.equal(layer.base_weight, state["0.weight"])
+    assert torch.equal(layer.svd_delta, state["0.svd_delta"]) and layer.svd_delta.requires_grad
+    assert not layer.base_weight.requires_grad
+    torch.testing.assert_close(layer.weight.double(), _dense(layer), rtol=1e-5, atol=1e-5)
+
+
+def test_load_state_dict_with_assign_of_another_dtype_decomposes_the_weight_in_that_dtype():
+    model = _model()
+    state = {name: tensor.to(torch.bfloat16) for name, tensor in _model().state_dict().items()}  # same values
+    model.load_state_dict(state, assign=True)
+    layer, x = model[0], torch.randn(3, 6, dtype=torch.bfloat16)
+    assert layer.base_weight.dtype == layer.svd_U.dtype == layer.svd_Vh.dtype == torch.bfloat16
+    assert layer.svd_sigma.dtype == torch.float32
+    expected = x.double() @ _dense(layer).T + layer.bias.double()
+    torch.testing.assert_close(layer(x).double(), expected, rtol=2e-2, atol=2e-2)
