@@ -234,9 +234,11 @@ class SpectralLayer(nn.Module):
             state.stamps = stamps
 
     def _held_factors(self, part: str = "") -> Decomposition:
-        """The factor parameters registered now, as they are (no staleness check)."""
+        """The factor parameters registered now (no staleness check), never differentiable: frozen even
+        when something set their ``requires_grad`` (``model.requires_grad_(True)``)."""
         unit = self._unit(part)
-        U, sigma, Vh = (self._parameters[factor_name(f, unit.part.name)] for f in FACTORS)
+        held = (self._parameters[factor_name(f, unit.part.name)] for f in FACTORS)
+        U, sigma, Vh = (t.detach() if t.requires_grad else t for t in held)
         return Decomposition(U, sigma, Vh, unit.full_rank, unit.next_sigma, unit.svd)
 
     def _set_factors(self, part: str, factors: Decomposition) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -91,3 +93,45 @@ def test_load_state_dict_with_assign_of_another_dtype_decomposes_the_weight_in_t
     assert layer.svd_sigma.dtype == torch.float32
     expected = x.double() @ _dense(layer).T + layer.bias.double()
     torch.testing.assert_close(layer(x).double(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_factors_stay_frozen_when_the_whole_model_is_unfrozen():
+    """model.requires_grad_(True) also sets the factors' flag: they still get no gradient, an optimizer
+    over model.parameters() leaves them alone, and trainable_parameters neither returns nor names them."""
+    model, x = _model(), torch.randn(4, 6)
+    model.requires_grad_(True)  # full fine-tuning plus the deltas
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(x).square().sum().backward()
+    assert all(getattr(model[i], f"svd_{f}").grad is None for i in (0, 2) for f in ("U", "sigma", "Vh"))
+    optimizer.step()
+    model(x)  # W was trained: decomposed again
+    torch.testing.assert_close(model[0].weight.double(), _dense(model[0]), rtol=1e-5, atol=1e-5)
+    with pytest.warns(RuntimeWarning) as caught:
+        params = svdtune.trainable_parameters(model)
+    assert not any(name.startswith("svd_") and "delta" not in name
+                   for layer in (model[0], model[2]) for name, p in layer.named_parameters() if any(p is q for q in params))
+    assert "svd_U" not in str(caught[0].message) and "0.weight" in str(caught[0].message)
+
+
+def test_factors_unfrozen_by_name_are_not_trained_or_saved(tmp_path):
+    """Unfreezing every parameter named svd_* (the deltas and, by mistake, the factors) trains only the deltas,
+    and the delta file is the one of the deltas alone."""
+    model, x = _model(), torch.randn(4, 6)
+    for name, param in model.named_parameters():
+        param.requires_grad_("svd_" in name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing was unfrozen that trains
+        params = svdtune.trainable_parameters(model)
+    assert params == [model[0].svd_delta, model[2].svd_delta]
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(x).square().sum().backward()
+        optimizer.step()
+    torch.testing.assert_close(model[0].weight.double(), _dense(model[0]), rtol=1e-5, atol=1e-5)
+    svdtune.save_delta(model, tmp_path / "d.safetensors")
+    plain = _model()
+    svdtune.restore(plain)
+    svdtune.load_delta(plain, tmp_path / "d.safetensors")
+    assert set(plain.state_dict()) == set(model.state_dict())
+    torch.testing.assert_close(plain(x), model(x))
