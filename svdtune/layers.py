@@ -312,7 +312,9 @@ class SpectralLayer(nn.Module):
         super()._apply(fn, recurse)
         for part, sigma in sigmas.items():  # sigma from its own precision, never through fn's half precision
             U = self._parameters[factor_name("U", part)]
-            self._parameters[factor_name("sigma", part)].data = sigma.to(U.device, svd_dtype(U.dtype))
+            like = {"dtype": svd_dtype(U.dtype), "device": U.device}  # from meta (to_empty): no values to keep
+            sigma = torch.empty_like(sigma, **like) if sigma.is_meta else sigma.to(**like)
+            self._parameters[factor_name("sigma", part)].data = sigma
         self._spectral.stamps = self._stamps()
         self._clear_cache()
         if stale:  # edited before the move: the factors are of the old weight

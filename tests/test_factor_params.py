@@ -135,3 +135,14 @@ def test_factors_unfrozen_by_name_are_not_trained_or_saved(tmp_path):
     svdtune.load_delta(plain, tmp_path / "d.safetensors")
     assert set(plain.state_dict()) == set(model.state_dict())
     torch.testing.assert_close(plain(x), model(x))
+
+
+def test_a_model_moved_to_meta_comes_back_with_to_empty_and_load_state_dict():
+    model, x = _model(), torch.randn(3, 6)
+    with torch.no_grad():
+        model[0].svd_delta.normal_(0, 0.3)
+    state, expected = {k: v.clone() for k, v in model.state_dict().items()}, model(x)
+    model.to("meta").to_empty(device="cpu")
+    assert model[0].svd_sigma.dtype == torch.float32 and model[0].svd_sigma.device.type == "cpu"
+    model.load_state_dict(state)
+    torch.testing.assert_close(model(x), expected)
