@@ -152,6 +152,13 @@ class SpectralLayer(nn.Module):
         unit = self._unit(part)
         return kinds.matrix(self._spectral.kind, self._parameters[unit.part.param], unit.part)
 
+    def _matrix_shape(self, part: str = "") -> tuple[int, int]:
+        """The (m, n) of a unit's `base_matrix`, from its parameter's shape alone: no data is read (under FSDP2,
+        slicing a sharded weight is a collective, which a call on one rank, e.g. ``print(model)``, would hang on)."""
+        unit = self._unit(part)
+        empty = torch.empty(self._parameters[unit.part.param].shape, device="meta")
+        return tuple(kinds.matrix(self._spectral.kind, empty, unit.part).shape)
+
     def spectral_factors(self, part: str = "") -> Decomposition:
         """A unit's decomposition (U (m, k), sigma (k,), Vh (k, n)) of its `base_matrix`, current with the base weight."""
         return self._factors(part)
@@ -387,7 +394,7 @@ class SpectralLayer(nn.Module):
     def extra_repr(self) -> str:
         config, units = self._spectral.config, self._spectral.units
         ranks = [f"{part + '=' if part else ''}{self._held_factors(part).sigma.numel()}/"
-                 f"{min(self.base_matrix(part).shape)}" for part in units]
+                 f"{min(self._matrix_shape(part))}" for part in units]
         rank = ranks[0] if len(ranks) == 1 else f"({', '.join(ranks)})"
         text = super().extra_repr()
         return f"{text + ', ' if text else ''}svd={config.mode}, rank={rank}, scale={config.scale:g}"
