@@ -33,7 +33,8 @@ from svdtune.sharding import full, refuse_sharded, sharded_tensors, write_on_ran
 from svdtune.offline import warn_if_basis_dependent
 from svdtune.adapting import _check_adaptable, adapt_layers, check_not_shared
 from svdtune.walk import (
-    adapted_units, join_name, own_persistent_buffers, root_record, trainable_modules, unwrap, warn_if_buffers_changed,
+    adapted_units, factor_ids, join_name, own_persistent_buffers, root_record, trainable_modules, unwrap,
+    warn_if_buffers_changed,
 )
 from svdtune.transaction import Progress, all_or_nothing, writable
 
@@ -71,7 +72,7 @@ def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
     gathered = bool(sharded_tensors(model))  # FSDP2: every rank gathers, rank 0 writes (svdtune.sharding)
     with torch.no_grad():
         layers = {name: _layer_delta(name, layer, part) for name, layer, part in adapted}
-        deltas = {id(layer.spectral_delta(part)) for _, layer, part in adapted}
+        deltas = {id(layer.spectral_delta(part)) for _, layer, part in adapted} | factor_ids(model)  # svdtune's own
         params = {name: full(p).detach().to("cpu", copy=True) for name, p in model.named_parameters()
                   if p.requires_grad and id(p) not in deltas}
     buffers = _trained_buffers(model, params)

@@ -87,6 +87,7 @@ class SpectralState:
     cached: dict[str, tuple[tuple, int, Tensor]] = field(default_factory=dict, repr=False)
     live: dict[str, Tensor] = field(default_factory=dict, repr=False)  # W' built once for one training forward
     memory: memory.MemoryOptions = field(default_factory=memory.MemoryOptions)  # offloaded W, cached W' (set_memory)
+    loading: bool = False  # inside `SpectralLayer._factors_hidden`: reading a weight gives the raw parameter
 
 
 class SpectralLayer(nn.Module):
@@ -120,6 +121,13 @@ class SpectralLayer(nn.Module):
         """The unit's base matrix (m, n), the one decomposed: a view of its parameter (see `kinds.matrix`)."""
         unit = self._unit(part)
         return kinds.matrix(self._spectral.kind, self._parameters[unit.part.param], unit.part)
+
+    def _matrix_shape(self, part: str = "") -> tuple[int, int]:
+        """The (m, n) of a unit's `base_matrix`, from its parameter's shape alone: no data is read (under FSDP2,
+        slicing a sharded weight is a collective, which a call on one rank, e.g. ``print(model)``, would hang on)."""
+        unit = self._unit(part)
+        empty = torch.empty(self._parameters[unit.part.param].shape, device="meta")
+        return tuple(kinds.matrix(self._spectral.kind, empty, unit.part).shape)
 
     def spectral_factors(self, part: str = "") -> Decomposition:
         """A unit's decomposition (U (m, k), sigma (k,), Vh (k, n)) of its `base_matrix`, current with the base weight."""
@@ -208,9 +216,11 @@ class SpectralLayer(nn.Module):
             state.stamps = stamps
 
     def _held_factors(self, part: str = "") -> Decomposition:
-        """The factor parameters registered now, as they are (no staleness check)."""
+        """The factor parameters registered now (no staleness check), never differentiable: frozen even
+        when something set their ``requires_grad`` (``model.requires_grad_(True)``)."""
         unit = self._unit(part)
-        U, sigma, Vh = (self._parameters[factor_name(f, unit.part.name)] for f in FACTORS)
+        held = (self._parameters[factor_name(f, unit.part.name)] for f in FACTORS)
+        U, sigma, Vh = (t.detach() if t.requires_grad else t for t in held)
         return Decomposition(U, sigma, Vh, unit.full_rank, unit.next_sigma, unit.svd)
 
     def _set_factors(self, part: str, factors: Decomposition) -> None:
@@ -286,7 +296,9 @@ class SpectralLayer(nn.Module):
             super()._apply(fn, recurse)
         for part, sigma in sigmas.items():  # sigma from its own precision, never through fn's half precision
             U = self._parameters[factor_name("U", part)]
-            self._parameters[factor_name("sigma", part)].data = sigma.to(U.device, svd_dtype(U.dtype))
+            like = {"dtype": svd_dtype(U.dtype), "device": U.device}  # from meta (to_empty): no values to keep
+            sigma = torch.empty_like(sigma, **like) if sigma.is_meta else sigma.to(**like)
+            self._parameters[factor_name("sigma", part)].data = sigma
         self._spectral.stamps = self._stamps()
         self._clear_cache()
         if stale:  # edited before the move: the factors are of the old weight
@@ -295,14 +307,18 @@ class SpectralLayer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
         state, kind, new = self._spectral, self._spectral.kind, {}
+        assign = local_metadata.get("assign_to_params_buffers", False)  # the weight becomes incoming, as it is
         for part, unit in state.units.items():
             incoming, base = state_dict.get(prefix + unit.part.param), self._parameters[unit.part.param]
-            if incoming is None or incoming.shape != base.shape or torch.equal(incoming.to(base), base):
+            if incoming is None or incoming.shape != base.shape:
+                continue
+            incoming = incoming if assign else incoming.to(base)
+            if (incoming.dtype, incoming.device) == (base.dtype, base.device) and torch.equal(incoming, base):
                 continue
             try:  # decompose before loading, so a weight without an SVD is not half-loaded
                 if self._sharded():
                     raise SvdtuneError("it is sharded by FSDP2: load base weights before apply and fully_shard")
-                new[part] = decompose_cached(kinds.matrix(kind, incoming.to(base), unit.part), state.config.rank,
+                new[part] = decompose_cached(kinds.matrix(kind, incoming, unit.part), state.config.rank,
                                              state.cache_dir, unit.svd)
             except SvdtuneError as error:
                 error_msgs.append(f"svdtune layer {prefix[:-1]!r}: new base weight refused: {error}")
@@ -330,9 +346,11 @@ class SpectralLayer(nn.Module):
         held, names = dict(params), set(self._factor_names())
         for name in names:
             del params[name]
+        self._spectral.loading = True  # assign=True reads the weight (hasattr) before replacing it
         try:
             yield
         finally:
+            self._spectral.loading = False
             now = dict(params)
             params.clear()
             params.update((name, held[name] if name in names else now.get(name, held[name])) for name in held)
@@ -356,7 +374,7 @@ class SpectralLayer(nn.Module):
     def extra_repr(self) -> str:
         config, units = self._spectral.config, self._spectral.units
         ranks = [f"{part + '=' if part else ''}{self._held_factors(part).sigma.numel()}/"
-                 f"{min(self.base_matrix(part).shape)}" for part in units]
+                 f"{min(self._matrix_shape(part))}" for part in units]
         rank = ranks[0] if len(ranks) == 1 else f"({', '.join(ranks)})"
         text = super().extra_repr()
         return f"{text + ', ' if text else ''}svd={config.mode}, rank={rank}, scale={config.scale:g}"

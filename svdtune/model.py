@@ -17,7 +17,8 @@ from svdtune.sharding import refuse_sharded
 from svdtune.swap import unadapt
 from svdtune.transaction import writable
 from svdtune.walk import (  # adapted_layers and adapted_units are also used as svdtune.model.*
-    _BUFFERS, _FLAGS, _TRAINABLE, _require_adapted, adapted_layers, adapted_units, join_name, trainable_modules, unwrap,
+    _BUFFERS, _FLAGS, _TRAINABLE, _require_adapted, adapted_layers, adapted_units, factor_ids, join_name,
+    trainable_modules, unwrap,
 )
 
 
@@ -38,7 +39,7 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """
     layers = _require_adapted(unwrap(model), "train")
     deltas = [layer.spectral_delta(part) for _, layer in layers for part in layer.spectral_parts()]
-    seen = {id(p) for p in deltas}
+    seen = {id(p) for p in deltas} | factor_ids(unwrap(model))  # the factors: frozen whatever their flag says
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in seen]
     _warn_if_trainable_since_apply(unwrap(model), seen)
     return [p for p in deltas if p.requires_grad] + others

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -155,11 +156,11 @@ def build_report(model: nn.Module) -> Report:
             for part in module.spectral_parts():
                 delta = module.spectral_delta(part)
                 deltas.add(id(delta))
-                matrix = module.base_matrix(part)
-                shape = tuple(matrix.shape) if part else tuple(module.base_weight.shape)
+                matrix = module._matrix_shape(part)  # (no data read: a report on one rank of FSDP2 must not gather)
+                shape = matrix if part else tuple(module.base_weight.shape)
                 rows.append(LayerRow(
                     kinds.unit_name(name, part), module._spectral.original_class.__name__, shape,
-                    f"{delta.numel()}/{min(matrix.shape)}", module._spectral.config.mode,
+                    f"{delta.numel()}/{min(matrix)}", module._spectral.config.mode,
                     delta.numel() if delta.requires_grad else 0, layer_memory(module, part),
                 ))
     for name, param in model.named_parameters():
@@ -174,13 +175,14 @@ def layer_memory(layer: SpectralLayer, part: str = "") -> LayerMemory:
     """What one unit of ``layer`` holds now: its base matrix, its factors and deltas, and the cached W' of its
     parameter (counted with the parameter's first part)."""
     state, unit = layer._spectral, layer._unit(part)
-    factors, matrix = layer._held_factors(part), layer.base_matrix(part)
+    factors, weight = layer._held_factors(part), layer._parameters[unit.part.param]
     first = layer._units_of(unit.part.param)[0][0] == part
     entry = state.cached.get(unit.part.param)
     device, offloaded = str(factors.U.device), memory.offloaded(layer)
-    if offloaded or matrix.device != factors.U.device:
-        device += " (W offloaded)" if offloaded else f" (W: {matrix.device})"
-    held = {"weight": _bytes(matrix), "cached": _bytes(entry[2]) if entry is not None and first else 0,
+    if offloaded or weight.device != factors.U.device:
+        device += " (W offloaded)" if offloaded else f" (W: {weight.device})"
+    held = {"weight": math.prod(layer._matrix_shape(part)) * weight.element_size(),
+            "cached": _bytes(entry[2]) if entry is not None and first else 0,
             "factors": sum(_bytes(t) for t in (factors.U, factors.sigma, factors.Vh, layer.spectral_delta(part)))}
     on_device = held["factors"] + held["cached"] + (0 if offloaded else held["weight"])
     return LayerMemory(**held, device=device, on_device=on_device, cache=memory.caches(layer))

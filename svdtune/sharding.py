@@ -18,6 +18,8 @@ from `svdtune.trainable_parameters`.
   manages: they refuse a sharded model. Load a delta before ``fully_shard``; to merge,
   save the delta and merge it into a plain model (or offline with ``svdtune merge``).
 - The eval cache of W' is off under FSDP2 (it would hold a full W' per layer on every rank).
+- ``print(model)`` and `svdtune.report` read only shapes (`SpectralLayer._matrix_shape`), never sharded data, so
+  one rank may call them alone.
 """
 
 from __future__ import annotations

@@ -22,8 +22,8 @@ _CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
 def _weight_property(param: str) -> property:
     def read(self: SpectralLayer) -> Tensor | None:
         raw = self._parameters[param]
-        if is_dtensor(raw):  # an FSDP2 shard, outside a forward: FSDP2 reads it to manage it (svdtune.sharding)
-            return raw
+        if is_dtensor(raw) or self._spectral.loading:  # an FSDP2 shard, outside a forward: FSDP2 reads it to
+            return raw  # manage it (svdtune.sharding); or loading, with the factors hidden
         if any(unit.part.param == param for unit in self._spectral.units.values()):
             return self._adapted_param(param)
         return raw  # e.g. in_proj_weight (None) of attention with separate q/k/v weights

@@ -124,6 +124,12 @@ def adapted_units(model: nn.Module) -> Iterator[tuple[str, SpectralLayer, str]]:
             yield kinds.unit_name(name, part), layer, part
 
 
+def factor_ids(model: nn.Module) -> set[int]:
+    """The ids of every adapted layer's factor parameters (U, sigma, Vh): frozen, never trained or saved."""
+    return {id(layer._parameters[name]) for _, layer in adapted_layers(model)
+            for name in layer._factor_names()}
+
+
 def _require_adapted(model: nn.Module, action: str) -> list[tuple[str, SpectralLayer]]:
     layers = list(adapted_layers(model))
     if not layers:

@@ -3,7 +3,8 @@
 Each rank trains on its half of every batch; FSDP2 averages the gradients, so the deltas must follow
 the unsharded model trained on the whole batch. The factors are sharded (each rank holds its share),
 no SVD runs after apply, save_delta writes the file an unsharded model with the same deltas writes,
-and that file merges into a plain model as the dense formula W + U diag(shift) Vh says.
+and that file merges into a plain model as the dense formula W + U diag(shift) Vh says; rank 0 alone
+can print the model and its report (no collective).
 """
 
 from __future__ import annotations
@@ -89,8 +90,10 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 action(model)
             except SvdtuneError as error:
                 refusals.append(str(error))
-        torch.save({"deltas": deltas, "shards": shards, "svd_calls": len(svd_calls), "refusals": refusals},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        # rank 0 alone, as logging code does: describing the model must not be a collective (nothing would answer)
+        described = repr(model) + str(svdtune.report(model)) if rank == 0 else ""
+        torch.save({"deltas": deltas, "shards": shards, "svd_calls": len(svd_calls), "refusals": refusals,
+                    "described": described}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -161,6 +164,13 @@ def test_the_gathered_delta_merges_into_a_plain_model_as_the_dense_formula_says(
             torch.testing.assert_close(merged_weight, expected, rtol=1e-5, atol=1e-5)
             checked += 1
     assert checked == len(deltas)
+
+
+@pytest.mark.slow
+def test_rank_zero_alone_prints_the_model_and_its_report(run):
+    described = run[1][0]["described"]
+    assert "SpectralMultiheadAttention" in described and "q_proj=12/12" in described
+    assert "1.attn.q_proj  MultiheadAttention  12x12" in described
 
 
 @pytest.mark.slow
