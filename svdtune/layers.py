@@ -224,11 +224,17 @@ class SpectralLayer(nn.Module):
         return Decomposition(U, sigma, Vh, unit.full_rank, unit.next_sigma, unit.svd)
 
     def _set_factors(self, part: str, factors: Decomposition) -> None:
-        """Register a unit's factors as frozen parameters (replacing the old ones in place, same order)."""
+        """Register a unit's factors as frozen parameters; a factor already registered keeps its Parameter
+        object and gets the new values."""
         unit = self._unit(part)
         unit.describe(factors)
         for f in FACTORS:
-            self._parameters[factor_name(f, unit.part.name)] = nn.Parameter(getattr(factors, f), requires_grad=False)
+            name, tensor = factor_name(f, unit.part.name), getattr(factors, f).detach()
+            held = self._parameters.get(name)
+            if held is not None and torch._has_compatible_shallow_copy_type(held, tensor) and not held.is_inference():
+                held.data = tensor  # the same Parameter object: an optimizer over model.parameters() keeps it
+            else:
+                self._parameters[name] = nn.Parameter(tensor, requires_grad=False)
 
     def _factor_names(self) -> list[str]:
         return [factor_name(f, part) for part in self._spectral.units for f in FACTORS]

@@ -165,9 +165,6 @@ def test_functional_call_with_copies_of_every_parameter_and_a_new_weight():
     torch.testing.assert_close(out, edited(x))
 
 
-@pytest.mark.xfail(strict=True, reason="open question: decomposing again registers new factor parameters, so an "
-                   "optimizer built from model.parameters() keeps the old ones alive (and DCP's set_state_dict, "
-                   "which maps the optimizer's parameters to names, raises KeyError)")
 def test_an_optimizer_over_all_parameters_still_holds_the_models_factors_after_a_new_svd():
     model = _model()
     optimizer = torch.optim.AdamW(model.parameters())
