@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import svdtune
 from svdtune import entries
+from svdtune.delta import _check_all_values, _check_values
 
 batched_settings = settings(max_examples=300, deadline=None)
 
@@ -137,3 +138,18 @@ def test_zero_size_tensors_are_distinct_and_resizable_apart():
     made["a"].resize_(3).fill_(1.0)
     made["b"].resize_(3).fill_(2.0)
     assert made["a"].tolist() == [1.0, 1.0, 1.0]  # no storage shared between entries
+
+
+values = st.sampled_from([torch.zeros(0), torch.zeros(2, 0, dtype=torch.float16), torch.ones(2), torch.tensor(float("nan")),
+                          torch.full((3,), float("inf"), dtype=torch.float64), torch.zeros(2, dtype=torch.int64),
+                          torch.zeros(0, dtype=torch.int32), torch.zeros(2, dtype=torch.complex64)])
+
+
+@batched_settings
+@given(st.sampled_from(["parameter", "buffer"]), st.dictionaries(st.text(max_size=3), values, max_size=5))
+def test_values_are_refused_naming_the_first_tensor_wrong(kind, tensors):
+    def each() -> None:
+        for name, tensor in tensors.items():
+            _check_values(kind, name, tensor, wrong)
+
+    assert outcome(lambda: _check_all_values(kind, tensors, wrong)) == outcome(each)
