@@ -10,15 +10,19 @@ The references here are the one-by-one checks (`entries._entry`, `records._basis
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from unittest import mock
 
+import numpy
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import svdtune
-from svdtune import entries
+from svdtune import entries, records
+from svdtune.basis import PROBES, Basis
 from svdtune.delta import _check_all_values, _check_values
 
 batched_settings = settings(max_examples=300, deadline=None)
@@ -153,3 +157,78 @@ def test_values_are_refused_naming_the_first_tensor_wrong(kind, tensors):
             _check_values(kind, name, tensor, wrong)
 
     assert outcome(lambda: _check_all_values(kind, tensors, wrong)) == outcome(each)
+
+
+@st.composite
+def basis_runs(draw):
+    """A list of basis records: usually valid runs in order, else with one field broken."""
+    runs, column = [], draw(st.integers(0, 3))
+    for _ in range(draw(st.integers(1, 5))):
+        count = draw(st.integers(1, 3))
+        probes = draw(st.lists(st.one_of(st.floats(-2, 2), st.integers(-2, 2)), min_size=2 * PROBES * count,
+                               max_size=2 * PROBES * count))
+        runs.append({"columns": list(range(column, column + count)), "sha256": "ab" * 32, "probes": probes})
+        column += count + draw(st.integers(0, 2))
+    run = draw(st.sampled_from(runs))
+    broken = draw(st.sampled_from([None] * 4 + ["columns", "sha256", "probes", "keys", "type", "gap", "empty", "value",
+                                                "length"]))
+    if broken == "empty":
+        run["columns"] = []
+    elif broken == "length":
+        run["probes"] = run["probes"][1:] if draw(st.booleans()) else [*run["probes"], 0.5]
+    elif broken == "value":  # one probe not a finite number, or one column not a natural number (but equal to it)
+        field = draw(st.sampled_from(["probes", "columns"]))
+        i = draw(st.integers(0, len(run[field]) - 1))
+        column = run[field][i]
+        run[field][i] = draw(st.sampled_from([float("inf"), float("nan"), 10**400, "1", None] if field == "probes"
+                                             else [-1, float(column), bool(column), str(column)]))
+    elif broken in ("columns", "sha256", "probes"):
+        run[broken] = draw(st.one_of(numbers_any, st.lists(numbers_any, max_size=3), st.just([]), st.just("AB" * 32),
+                                     st.just([float("inf")] * 2 * PROBES), st.just([10**400] * 2 * PROBES)))
+    elif broken == "keys":
+        run["extra"] = 1
+    elif broken == "type":
+        runs[runs.index(run)] = draw(numbers_any)
+    elif broken == "gap":
+        run["columns"] = [run["columns"][0], run["columns"][0] + 2]
+    return runs
+
+
+@batched_settings
+@given(basis_runs(), st.integers(1, 30))
+def test_all_runs_at_once_accept_and_refuse_as_each_run_does(runs, rank):
+    fingerprint = {"sha256": "ab" * 32, "top_sigma": [1.0], "dtype": "float32", "basis": runs}
+    with mock.patch.object(records, "_all_runs", lambda runs, rank: None):  # run by run only
+        reference = outcome(lambda: records._fingerprint(fingerprint, rank, wrong))
+    assert outcome(lambda: records._fingerprint(fingerprint, rank, wrong)) == reference
+    at_once = records._all_runs(runs, rank)
+    assert at_once is None or at_once == tuple(records._basis(run, rank, wrong) for run in runs)
+
+
+@batched_settings
+@given(basis_runs())
+def test_valid_runs_are_checked_at_once(runs):
+    valid = outcome(lambda: tuple(records._basis(run, 100, wrong) for run in runs))
+    if isinstance(valid, tuple) and valid and isinstance(valid[0], Basis):
+        assert records._all_runs(runs, 100) == valid
+
+
+@st.composite
+def bases(draw):
+    """Basis objects as a file gives them, some with one field of another type (or a NaN, an infinity)."""
+    runs = [Basis(tuple(range(i, i + 2)), "ab" * 32, tuple(draw(st.lists(st.floats(-2, 2), min_size=4, max_size=4))))
+            for i in range(0, 2 * draw(st.integers(0, 3)), 2)]
+    if runs and draw(st.booleans()):
+        i, field = draw(st.integers(0, len(runs) - 1)), draw(st.sampled_from(["columns", "sha256", "probes"]))
+        value = draw(st.sampled_from({"columns": [(0, True), (0, 1.0), [0, 1], (0, numpy.int64(1)), (torch.tensor(0),)],
+                                      "sha256": [1, None, 1.5, float("nan"), ("ab",), numpy.float64(1)],
+                                      "probes": [(float("nan"),), (float("inf"), 1.0), (1,), [1.0], (numpy.float32(1),)]}[field]))
+        runs[i] = dataclasses.replace(runs[i], **{field: value})
+    return tuple(runs) if draw(st.integers(0, 5)) else list(runs)
+
+
+@batched_settings
+@given(bases())
+def test_basis_records_are_what_plain_gives(runs):
+    plain, reference = records._plain_runs(runs), records._plain([records._basis_record(run) for run in runs])
+    assert plain is None or json.dumps(plain) == json.dumps(reference)  # the same JSON: equal values of the same types
