@@ -16,6 +16,7 @@ import math
 from unittest import mock
 
 import numpy
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,7 +24,9 @@ from hypothesis import strategies as st
 import svdtune
 from svdtune import entries, records
 from svdtune.basis import PROBES, Basis
+from svdtune.cli import _tensor_rows, printable
 from svdtune.delta import _check_all_values, _check_values
+from svdtune.report import table_lines
 
 batched_settings = settings(max_examples=300, deadline=None)
 
@@ -232,3 +235,26 @@ def bases(draw):
 def test_basis_records_are_what_plain_gives(runs):
     plain, reference = records._plain_runs(runs), records._plain([records._basis_record(run) for run in runs])
     assert plain is None or json.dumps(plain) == json.dumps(reference)  # the same JSON: equal values of the same types
+
+
+@batched_settings
+@given(st.lists(st.tuples(st.text(max_size=5), st.text(max_size=3), st.text(max_size=2)), max_size=5))
+def test_table_lines_are_the_rows_padded_cell_by_cell(rows):
+    header = ("name", "b", "")
+    widths = [max(map(len, column)) for column in zip(header, *rows)]
+    expected = ["  ".join(map(str.ljust, row, widths)).rstrip() for row in [header, tuple("-" * w for w in widths), *rows]]
+    assert table_lines(header, rows) == expected
+
+
+@batched_settings
+@given(st.dictionaries(st.text(max_size=4), values, max_size=5))
+def test_tensor_rows_are_formatted_as_tensor_by_tensor(tensors):
+    expected = [(printable(name), "x".join(map(str, value.shape)) or "scalar", str(value.dtype).removeprefix("torch."),
+                 f"{value.numel() * value.element_size():,}") for name, value in tensors.items()]
+    assert _tensor_rows(tensors) == expected
+
+
+@pytest.mark.parametrize("name", ["a\nb", "\x1b[31mred", "tab\there", "\u202eevil", "plain"])
+def test_a_name_is_escaped_in_the_rows(name):
+    rows = _tensor_rows({name: torch.zeros(1), "ok": torch.zeros(0)})
+    assert [row[0] for row in rows] == [printable(name), "ok"] and (rows[0][0] == name) == (name == "plain")
