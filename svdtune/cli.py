@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import operator
 import os
 import struct
 import sys
@@ -335,8 +336,16 @@ def describe(delta: DeltaFile, path: str) -> list[str]:
                                  ("buffers of their modules:", "buffer", delta.buffers)):
         if tensors:
             lines += ["", title]
-            lines += table_lines((kind, "shape", "dtype", "bytes"), [
-                (printable(name), "x".join(map(str, value.shape)) or "scalar", str(value.dtype).removeprefix("torch."),
-                 f"{value.numel() * value.element_size():,}") for name, value in tensors.items()
-            ])
+            lines += table_lines((kind, "shape", "dtype", "bytes"), _tensor_rows(tensors))
     return lines
+
+
+def _tensor_rows(tensors: dict) -> list[tuple[str, str, str, str]]:
+    """A row (name, shape, dtype, bytes) per tensor; the cells after the name formatted once per shape and dtype."""
+    names = list(tensors)
+    if not "".join(names).isprintable():  # one pass in C: each character of each name
+        names = list(map(printable, names))
+    kinds = list(zip(map(operator.attrgetter("shape"), tensors.values()), map(operator.attrgetter("dtype"), tensors.values())))
+    cells = {(shape, dtype): ("x".join(map(str, shape)) or "scalar", str(dtype).removeprefix("torch."),
+                              f"{shape.numel() * dtype.itemsize:,}") for shape, dtype in set(kinds)}
+    return [(name, *cell) for name, cell in zip(names, map(cells.__getitem__, kinds))]

@@ -17,8 +17,9 @@ metadata value, is detected; whitespace changes are not (they change nothing).
 
 Reading never trusts the file: only a regular file is opened, its header is read
 and checked before its data, every size, offset and type is checked, and every
-problem is an `SvdtuneError` (never a crash, never a huge allocation). Writing is
-in `svdtune.writing` (`atomic_write`, re-exported here).
+problem is an `SvdtuneError` (never a crash, never a huge allocation). The tensor
+entries are checked and built in `svdtune.entries`; writing is in `svdtune.writing`
+(`atomic_write`, re-exported here).
 """
 
 from __future__ import annotations
@@ -27,47 +28,23 @@ import contextlib
 import gc
 import hashlib
 import json
-import math
 import mmap
 import os
 import stat
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 import torch
 from torch import Tensor
 
+from svdtune.entries import DTYPE_NAMES, DTYPES, ENTRY_KEYS, MAX_DIMS, check_tiling, layout, tensors  # some re-exported
+from svdtune.entries import damaged as _damaged
 from svdtune.errors import SvdtuneError
 from svdtune.writing import atomic_write, check_destination, check_not_an_input  # re-exported
 
 CHECKSUM = "checksum"  # the __metadata__ key svdtune adds
 MAX_HEADER = 100 * 1024 * 1024  # bytes; larger headers are refused (as safetensors does)
-MAX_DIMS = 64  # torch's limit on a tensor's number of dimensions
-
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "U64": torch.uint64,
-    "U32": torch.uint32,
-    "U16": torch.uint16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
-    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
-    "C64": torch.complex64,
-}  # the names and meanings of safetensors' own dtype table
-ENTRY_KEYS = {"dtype", "shape", "data_offsets"}  # of a tensor's header entry
-_INT = {int}  # the set of item types of a list of ints
-DTYPE_NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
 
 
 class DuplicateKeyError(ValueError):
@@ -315,73 +292,12 @@ def _decode_data(header: dict, data: memoryview, what: str, require_checksum: bo
     metadata = header.pop("__metadata__", {})
     if not is_str_map(metadata):
         raise _damaged(what, "its __metadata__ is not a map of strings")
-    layout = {name: _entry(name, info, what) for name, info in header.items()}
-    _check_tiling(layout, len(data), what)
+    entries = layout(header, what)
+    check_tiling(entries, len(data), what)
     checksum = metadata.pop(CHECKSUM, None)
     if checksum is not None or require_checksum:
         expected = hashlib.sha256(canonical_json({**header, "__metadata__": metadata}))
         expected.update(data)
         if checksum != expected.hexdigest():
             raise _damaged(what, "its checksum does not match its content" if checksum else "it has no svdtune checksum")
-    whole = torch.frombuffer(data, dtype=torch.uint8) if len(data) else None
-    tensors = {name: _tensor(whole, *entry) for name, entry in layout.items()}
-    return tensors, metadata
-
-
-def _damaged(what: str, why: str) -> SvdtuneError:
-    return SvdtuneError(f"{what} is not a valid svdtune safetensors file: {why}; "
-                        "it is truncated, corrupted or another kind of file: write it again from its source.")
-
-
-def _entry(name: str, info: object, what: str) -> tuple[torch.dtype, tuple[int, ...], int, int]:
-    """(dtype, shape, begin, end) of one tensor entry, each field checked."""
-    if type(info) is not dict or info.keys() != ENTRY_KEYS:
-        raise _damaged(what, f"tensor {name!r} is not described by dtype, shape and data_offsets")
-    code, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    dtype = DTYPES.get(code) if isinstance(code, str) else None
-    if dtype is None:
-        raise _unsupported_dtype(what, name, code)
-    begin, end = offsets if type(offsets) is list and len(offsets) == 2 else (None, None)
-    if not (_ints(shape) and type(begin) is int and type(end) is int and 0 <= begin <= end):  # exact types: no bool
-        raise _damaged(what, f"tensor {name!r} has a malformed shape or data_offsets")
-    if len(shape) > MAX_DIMS:  # first: a product of very many sizes would take long
-        raise _damaged(what, f"tensor {name!r} has a shape torch cannot hold ({len(shape)} dimensions, sizes {shape[:4]}...)")
-    elements = math.prod(shape)
-    if (elements or math.prod(filter(None, shape))) >= 2**63:  # torch's limits hold for the non-zero sizes too
-        raise _damaged(what, f"tensor {name!r} has a shape torch cannot hold ({len(shape)} dimensions, sizes {shape[:4]}...)")
-    if end - begin != elements * dtype.itemsize:
-        raise _damaged(what, f"tensor {name!r} has {end - begin} bytes for shape {shape} of {code}")
-    return dtype, tuple(shape), begin, end
-
-
-def _unsupported_dtype(what: str, name: str, code: object) -> SvdtuneError:
-    if isinstance(code, str) and code.isascii() and code.isprintable() and len(code) <= 32:
-        return SvdtuneError(f"{what}: tensor {name!r} has dtype {code}, which svdtune does not support (it reads "
-                            f"{', '.join(DTYPES)}); convert that tensor to one of those, e.g. with .to(torch.float32).")
-    return _damaged(what, f"tensor {name!r} has no valid dtype")
-
-
-def _ints(values: object) -> bool:
-    """A list of non-negative ints (JSON gives exact types: ``type(True) is bool``, not int)."""
-    return type(values) is list and (not values or set(map(type, values)) == _INT and min(values) >= 0)
-
-
-def _check_tiling(layout: dict[str, tuple], size: int, what: str) -> None:
-    """The tensors must cover the data buffer exactly, back to back, with no gap or overlap."""
-    end = 0
-    for _, _, begin, stop in sorted(layout.values(), key=lambda entry: (entry[2], entry[3])):
-        if begin != end:
-            raise _damaged(what, "its tensors overlap or leave gaps in the data")
-        end = stop
-    if end != size:
-        raise _damaged(what, f"its tensors cover {end} bytes of a {size}-byte data buffer")
-
-
-def _tensor(whole: Tensor | None, dtype: torch.dtype, shape: tuple[int, ...], begin: int, end: int) -> Tensor:
-    """data[begin:end] as a tensor: a view of the (writable) data buffer ``whole``, or a copy if misaligned."""
-    if begin == end:
-        return torch.empty(shape, dtype=dtype)
-    raw = whole[begin:end]
-    if begin % dtype.itemsize or raw.data_ptr() % dtype.itemsize:  # safetensors does not align tensors: copy those
-        raw = raw.clone()
-    return raw.view(dtype).reshape(shape)
+    return tensors(entries, data), metadata

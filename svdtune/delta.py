@@ -21,6 +21,8 @@ import os
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import compress
+from operator import attrgetter
 
 import torch
 from torch import Tensor
@@ -279,11 +281,11 @@ def from_tensors(tensors: dict[str, Tensor], metadata: dict[str, str], what: str
     _check_tensor_names(set(tensors), names, what)
     layers = {name: layer_from_record(name, record, tensors[name], version, bad) for name, record in records.items()}
     _check_version(layers, version, bad)
-    for kind, listed in (("parameter", params), ("buffer", buffers)):
-        for name in listed:
-            _check_values(kind, name, tensors[name], bad)
-    return DeltaFile(layers, {n: tensors[n] for n in params}, user, metadata.get("svdtune_version", ""),
-                     {n: tensors[n] for n in buffers})
+    trained = {kind: dict(zip(listed, map(tensors.__getitem__, listed)))
+               for kind, listed in (("parameter", params), ("buffer", buffers))}
+    for kind, values in trained.items():
+        _check_all_values(kind, values, bad)
+    return DeltaFile(layers, trained["parameter"], user, metadata.get("svdtune_version", ""), trained["buffer"])
 
 
 def _check_version(layers: dict[str, LayerDelta], version: int, bad) -> None:
@@ -293,6 +295,21 @@ def _check_version(layers: dict[str, LayerDelta], version: int, bad) -> None:
             raise bad(f"layer {name!r} records a singular basis, which format version {version} does not have")
         if version < 4 and layer.layer_class in VERSION_4_CLASSES:
             raise bad(f"layer {name!r} is a {layer.layer_class}, a layer kind of format version 4, in a version {version} file")
+
+
+def _check_all_values(kind: str, values: dict[str, Tensor], bad) -> None:
+    """`_check_values` for every tensor of ``values``: the dtypes in one pass, the values of the tensors that
+    have any (a file can hold very many zero-size buffers); tensor by tensor only to name the first one wrong."""
+    tensors = values.values()
+    floats = kind != "parameter" or set(map(attrgetter("dtype"), tensors)) <= _FLOATS
+    sized = [tensor for tensor in compress(tensors, map(Tensor.numel, tensors)) if tensor.is_floating_point()]
+    if floats and all(bool(torch.isfinite(tensor).all()) for tensor in sized):
+        return
+    for name, tensor in values.items():
+        _check_values(kind, name, tensor, bad)
+
+
+_FLOATS = set(FLOATS)
 
 
 def _check_values(kind: str, name: str, tensor: Tensor, bad) -> None:

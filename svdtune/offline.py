@@ -415,8 +415,10 @@ def _combined_basis(name: str, layers: list[LayerDelta]) -> tuple[Basis, ...]:
     Linear in the number of recorded columns: the kept runs are disjoint, so each
     column has at most one owner.
     """
-    owner: dict[int, Basis] = {}  # column -> the kept run holding it
     first = layers[0].fingerprint.basis
+    if all(layer.fingerprint.basis == first for layer in layers[1:]):
+        return first  # the runs of one input are disjoint and in order (checked when read): nothing to add or warn about
+    owner: dict[int, Basis] = {}  # column -> the kept run holding it
     for i, layer in enumerate(layers):
         if i and layer.fingerprint.basis == first:
             continue  # all kept already (the first input's runs are disjoint): nothing to add or warn about

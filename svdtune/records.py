@@ -14,6 +14,8 @@ import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from itertools import chain, repeat
+from operator import attrgetter, itemgetter
 
 import torch
 from torch import Tensor
@@ -78,9 +80,10 @@ class LayerDelta:
 def record_of(layer: LayerDelta) -> dict:
     """The JSON record of ``layer`` (unchecked: pass it through `layer_from_record`)."""
     fp = layer.fingerprint
+    runs = _plain_runs(fp.basis) if isinstance(fp, Fingerprint) else None  # plain already: kept out of _plain
     if isinstance(fp, Fingerprint):
         fp_record = {"sha256": fp.sha256, "top_sigma": fp.top_sigma, "dtype": fp.dtype,
-                     **({"basis": [_basis_record(b) for b in fp.basis]} if fp.basis else {})}
+                     **({"basis": [_basis_record(b) for b in fp.basis]} if fp.basis and runs is None else {})}
     else:
         fp_record = fp
     record = {"class": layer.layer_class, "weight_shape": layer.weight_shape, "rank": layer.rank, "mode": layer.mode,
@@ -89,7 +92,26 @@ def record_of(layer: LayerDelta) -> dict:
         record["part"] = layer.part
     if layer.svd is not None:
         record["svd"] = layer.svd.record() if isinstance(layer.svd, RandomizedSVD) else layer.svd
-    return _plain(record)
+    record = _plain(record)
+    if runs:
+        record["fingerprint"]["basis"] = runs
+    return record
+
+
+def _plain_runs(runs: object) -> list[dict] | None:
+    """The records of ``runs`` if they are Basis objects of exactly the types a file gives (tuples of ints,
+    finite floats, a str), which `_plain` would keep as they are; else None (then `_plain` converts them)."""
+    if type(runs) is not tuple or set(map(type, runs)) - {Basis}:
+        return None
+    columns, probes = list(map(attrgetter("columns"), runs)), list(map(attrgetter("probes"), runs))
+    if {*map(type, columns), *map(type, probes)} - _TUPLE or set(map(type, map(attrgetter("sha256"), runs))) - _STR:
+        return None
+    values = list(chain.from_iterable(probes))
+    if set(map(type, chain.from_iterable(columns))) - _INT or set(map(type, values)) - _FLOAT:
+        return None
+    if not all(map(math.isfinite, values)):
+        return None
+    return [{"columns": list(run.columns), "sha256": run.sha256, "probes": list(run.probes)} for run in runs]
 
 
 def _basis_record(basis: object) -> object:
@@ -130,7 +152,7 @@ def _plain(value: object) -> object:
 
 _KEPT = frozenset({int, str, bool, type(None)})  # items `_plain` keeps as they are
 _PLAIN_SCALARS = _KEPT | {float}  # and floats, but NaN and infinity
-_FLOAT, _STR = frozenset({float}), frozenset({str})
+_FLOAT, _STR, _TUPLE = frozenset({float}), frozenset({str}), frozenset({tuple})
 
 
 def layer_from_record(name: str, record: object, delta: Tensor, version: int,
@@ -225,13 +247,38 @@ def _fingerprint(fp: object, rank: int, wrong) -> Fingerprint:
     runs = fp.get("basis", [])
     if "basis" in fp and not (isinstance(runs, list) and runs):
         raise wrong("has a malformed fingerprint basis")
-    basis = tuple([_basis(run, rank, wrong) for run in runs])
+    basis = _all_runs(runs, rank)
+    if basis is None:  # a rule fails for some run: check them one by one, to name the first one wrong
+        basis = tuple([_basis(run, rank, wrong) for run in runs])
     # Each run's columns are consecutive (checked in _basis): the runs are disjoint and in order if each
     # ends before the next begins.
     lasts, firsts = [run.columns[-1] for run in basis], [run.columns[0] for run in basis]
     if not all(map(operator.lt, lasts, firsts[1:])):
         raise wrong(f"has fingerprint basis runs that overlap or are out of order ({[list(run.columns) for run in basis]})")
     return Fingerprint(sha, tuple(map(float, top)), dtype, basis)
+
+
+def _all_runs(runs: list, rank: int) -> tuple[Basis, ...] | None:
+    """The `_basis` of every run, each rule checked in one pass over all runs (a file can record very
+    many); None if a pass fails. The rules are `_basis`'s, with exact JSON types."""
+    if set(map(type, runs)) != _DICT or not all(map(operator.eq, map(dict.keys, runs), repeat(BASIS_KEYS))):
+        return None
+    columns, shas, probes = (list(map(itemgetter(key), runs)) for key in ("columns", "sha256", "probes"))
+    if {*map(type, columns), *map(type, probes)} != _LIST or set(map(type, shas)) != _STR or not all(columns):
+        return None
+    flat, counts, firsts = list(chain.from_iterable(columns)), list(map(len, columns)), list(map(itemgetter(0), columns))
+    if set(map(type, flat)) != _INT or min(flat) < 0 or max(map(itemgetter(-1), columns)) >= rank:
+        return None
+    if flat != list(chain.from_iterable(map(range, firsts, map(operator.add, firsts, counts)))):  # each consecutive
+        return None
+    if not all(map(SHA256.fullmatch, shas)) or list(map(len, probes)) != [2 * PROBES * count for count in counts]:
+        return None
+    if not all_finite_numbers(list(chain.from_iterable(probes))):
+        return None
+    return tuple(map(Basis, map(tuple, columns), shas, map(tuple, map(map, repeat(float), probes))))
+
+
+_DICT, _LIST, _INT = frozenset({dict}), frozenset({list}), frozenset({int})
 
 
 def _basis(basis: object, rank: int, wrong) -> Basis:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from itertools import repeat
 
 from torch import Tensor, nn
 
@@ -138,9 +139,10 @@ def format_bytes(count: int) -> str:
 
 def table_lines(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
     """Left-aligned columns: the header, a rule of dashes, then one line per row."""
-    widths = [max(map(len, column)) for column in zip(header, *rows)]
-    cells = [header, tuple("-" * w for w in widths), *rows]
-    return ["  ".join(map(str.ljust, row, widths)).rstrip() for row in cells]  # per cell in C: a row per tensor
+    columns = list(zip(header, *rows))
+    widths = list(map(max, map(map, repeat(len), columns)))
+    padded = [map(str.ljust, (cells[0], "-" * width, *cells[1:]), repeat(width)) for cells, width in zip(columns, widths)]
+    return list(map(str.rstrip, map("  ".join, zip(*padded))))  # column by column in C: a file has a row per tensor
 
 
 def _percent(part: int, whole: int) -> str:
