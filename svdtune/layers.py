@@ -210,7 +210,7 @@ class SpectralLayer(nn.Module):
         state, stamps = self._spectral, self._stamps()
         count = len(state.params)
         base_changed = stamps[:count] != state.stamps[:count]
-        if base_changed and not all(now != then for now, then in zip(stamps[count:], state.stamps[count:])):
+        if not state.stamps or base_changed and not all(now != then for now, then in zip(stamps[count:], state.stamps[count:])):
             self.redecompose()
         else:
             state.stamps = stamps
@@ -300,12 +300,14 @@ class SpectralLayer(nn.Module):
         sigmas = {part: self._parameters[factor_name("sigma", part)].data for part in self._spectral.units}
         with memory.kept_on_host(self, fn):  # an offloaded W stays in CPU memory, cast to fn's dtype
             super()._apply(fn, recurse)
+        from_meta = any(sigma.is_meta for sigma in sigmas.values())
         for part, sigma in sigmas.items():  # sigma from its own precision, never through fn's half precision
             U = self._parameters[factor_name("U", part)]
             like = {"dtype": svd_dtype(U.dtype), "device": U.device}  # from meta (to_empty): no values to keep
             sigma = torch.empty_like(sigma, **like) if sigma.is_meta else sigma.to(**like)
             self._parameters[factor_name("sigma", part)].data = sigma
-        self._spectral.stamps = self._stamps()
+        # out of meta (to_empty) nothing has values: no stamps, so the next load or forward decomposes
+        self._spectral.stamps = () if from_meta else self._stamps()
         self._clear_cache()
         if stale:  # edited before the move: the factors are of the old weight
             self.redecompose()
@@ -319,7 +321,8 @@ class SpectralLayer(nn.Module):
             if incoming is None or incoming.shape != base.shape:
                 continue
             incoming = incoming if assign else incoming.to(base)
-            if (incoming.dtype, incoming.device) == (base.dtype, base.device) and torch.equal(incoming, base):
+            same = (incoming.dtype, incoming.device) == (base.dtype, base.device) and torch.equal(incoming, base)
+            if same and state.stamps:  # (no stamps: out of meta, the factors hold no values yet)
                 continue
             try:  # decompose before loading, so a weight without an SVD is not half-loaded
                 if self._sharded():
