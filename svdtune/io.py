@@ -72,9 +72,9 @@ def save_delta(model: nn.Module, path: str | os.PathLike, metadata: dict[str, st
     gathered = bool(sharded_tensors(model))  # FSDP2: every rank gathers, rank 0 writes (svdtune.sharding)
     with torch.no_grad():
         layers = {name: _layer_delta(name, layer, part) for name, layer, part in adapted}
-        deltas = {id(layer.spectral_delta(part)) for _, layer, part in adapted} | factor_ids(model)  # svdtune's own
+        own = {id(layer.spectral_delta(part)) for _, layer, part in adapted} | factor_ids(model)  # svdtune's
         params = {name: full(p).detach().to("cpu", copy=True) for name, p in model.named_parameters()
-                  if p.requires_grad and id(p) not in deltas}
+                  if p.requires_grad and id(p) not in own}
     buffers = _trained_buffers(model, params)
     warn_if_buffers_changed(model, set(buffers))
     delta = DeltaFile(layers, params, metadata, buffers=buffers)

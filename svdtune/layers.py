@@ -210,7 +210,8 @@ class SpectralLayer(nn.Module):
         state, stamps = self._spectral, self._stamps()
         count = len(state.params)
         base_changed = stamps[:count] != state.stamps[:count]
-        if not state.stamps or base_changed and not all(now != then for now, then in zip(stamps[count:], state.stamps[count:])):
+        factors_changed = all(now != then for now, then in zip(stamps[count:], state.stamps[count:]))
+        if not state.stamps or (base_changed and not factors_changed):  # no stamps: out of meta (to_empty)
             self.redecompose()
         else:
             state.stamps = stamps

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from svdtune import kinds, memory
 from svdtune.layers import SpectralLayer
 from svdtune.targets import count_kinds, describe_counts
+from svdtune.walk import factor_ids
 
 SKIPPED = "_svdtune_skipped"  # on the root model: {module name: class name} apply's patterns met but could not adapt
 
@@ -151,10 +152,9 @@ def _percent(part: int, whole: int) -> str:
 
 def build_report(model: nn.Module) -> Report:
     """The rows for every svdtune layer and every other trainable parameter of ``model``."""
-    rows, deltas = [], set()  # ids of svdtune's own parameters (deltas, factors): not the model's
+    rows, deltas = [], factor_ids(model)  # ids of svdtune's own parameters (factors, deltas): not the model's
     for name, module in model.named_modules():
         if isinstance(module, SpectralLayer):
-            deltas.update(id(module._parameters[n]) for n in module._factor_names())
             for part in module.spectral_parts():
                 delta = module.spectral_delta(part)
                 deltas.add(id(delta))
