@@ -62,7 +62,7 @@ def buffers_file(path: str, megabytes: float) -> None:
 
 
 def runs_file(path: str, megabytes: float) -> None:
-    count = int(megabytes * 2**20 / 190)  # one escaped run: columns, sha256 and 4 probes
+    count = int(megabytes * 2**20 / 163)  # one escaped run: columns, sha256 and 4 probes
     runs = tuple(Basis((i,), f"{i:064x}", (0.123456789,) * (2 * PROBES)) for i in range(count))
     DeltaFile(one_layer(count, runs)).save(path)
 
