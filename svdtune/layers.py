@@ -19,13 +19,15 @@ of its own (m, n) matrix and its own spectrum.
 
 The factors U, sigma, Vh of each unit are frozen parameters of the layer
 (``svd_U``, ``svd_sigma``, ``svd_Vh``; ``svd_U_q_proj``... for a part), hidden
-from the state dict (a checkpoint holds the base weights and deltas only):
+from the state dict (a checkpoint holds the base weights and deltas only; see
+`svdtune.checkpoint_hooks`):
 as parameters they move with ``.to``/``.cuda``/``.half`` (sigma stays float32,
 float64 for float64 weights), DistributedDataParallel broadcasts them once and
 never again, and FSDP2's ``fully_shard`` shards them like any parameter, so each
 rank holds its share (see `svdtune.sharding`). Every read goes through
 `SpectralLayer._factors`, which takes the tensors registered now (FSDP2 swaps in
-gathered ones for a forward).
+gathered ones for a forward) and decomposes again when the base weight changed
+without them (`SpectralLayer._check_current`).
 
 Where the base weights live and whether the no-grad W' is cached are the layer's
 memory options (`svdtune.memory`, hooks marked ``memory.``): an offloaded W stays
@@ -34,7 +36,6 @@ in CPU memory through ``_apply`` and is copied to the device per use.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -42,7 +43,8 @@ from torch import Tensor, nn
 
 from svdtune import kinds, memory
 from svdtune.config import SpectralConfig
-from svdtune.cache import decompose_cached
+from svdtune.cache import check_factors, decompose_cached
+from svdtune.checkpoint_hooks import CheckpointHooks
 from svdtune.decompose import Decomposition, svd_dtype
 from svdtune.errors import SvdtuneError
 from svdtune.randomized import RandomizedSVD
@@ -90,7 +92,7 @@ class SpectralState:
     loading: bool = False  # inside `SpectralLayer._factors_hidden`: reading a weight gives the raw parameter
 
 
-class SpectralLayer(nn.Module):
+class SpectralLayer(CheckpointHooks):
     """Mixin placed first in the MRO of an adapted layer's class. Not built directly:
     `adapt` swaps a supported layer's class to ``Spectral<Class>``.
 
@@ -204,24 +206,37 @@ class SpectralLayer(nn.Module):
         return self._held_factors(part)
 
     def _check_current(self) -> None:
-        """Decompose again if a base weight changed but its factors did not all change with it. Replaced or
-        written together (FSDP2's gathered copies, DDP's broadcast, ``torch.func.functional_call`` with
-        ``named_parameters()``), weight and factors still belong together."""
+        """Decompose again if a base weight changed and its factors are not of it: they did not all change
+        with it (the weight edited in place), or they all did but fail `cache.check_factors`'s probe
+        (``torch.func.functional_call`` with a new weight and copies of the old factors). Replaced or
+        written together (DDP's broadcast, ``functional_call`` with ``named_parameters()``), weight and
+        factors pass the probe."""
         state, stamps = self._spectral, self._stamps()
         count = len(state.params)
         base_changed = stamps[:count] != state.stamps[:count]
         factors_changed = all(now != then for now, then in zip(stamps[count:], state.stamps[count:]))
-        if not state.stamps or (base_changed and not factors_changed):  # no stamps: out of meta (to_empty)
-            self.redecompose()
+        if not state.stamps or (base_changed and not (factors_changed and self._factors_fit())):
+            self.redecompose()  # (no stamps: out of meta, to_empty)
         else:
             state.stamps = stamps
 
+    def _factors_fit(self) -> bool:
+        """Whether the factors held now pass the probe against the weights held now. Trusted unprobed:
+        FSDP2's gathered copies (every forward), and inside ``torch.func`` transforms (``vmap`` cannot
+        branch on values)."""
+        if self._sharded() or torch._C._functorch.peek_interpreter_stack() is not None:
+            return True
+        return all(check_factors(self._held_factors(part), self.base_matrix(part)) is None
+                   for part in self._spectral.units)
+
     def _held_factors(self, part: str = "") -> Decomposition:
         """The factor parameters registered now (no staleness check), never differentiable: frozen even
-        when something set their ``requires_grad`` (``model.requires_grad_(True)``)."""
+        when something set their ``requires_grad`` (``model.requires_grad_(True)``). Detached aliases:
+        a graph still waiting for its backward keeps the values of its forward when a new SVD later
+        writes into the parameters (``_set_factors``)."""
         unit = self._unit(part)
         held = (self._parameters[factor_name(f, unit.part.name)] for f in FACTORS)
-        U, sigma, Vh = (t.detach() if t.requires_grad else t for t in held)
+        U, sigma, Vh = (t.detach() for t in held)
         return Decomposition(U, sigma, Vh, unit.full_rank, unit.next_sigma, unit.svd)
 
     def _set_factors(self, part: str, factors: Decomposition) -> None:
@@ -232,7 +247,8 @@ class SpectralLayer(nn.Module):
         for f in FACTORS:
             name, tensor = factor_name(f, unit.part.name), getattr(factors, f).detach()
             held = self._parameters.get(name)
-            if held is not None and torch._has_compatible_shallow_copy_type(held, tensor) and not held.is_inference():
+            if isinstance(held, nn.Parameter) and torch._has_compatible_shallow_copy_type(held, tensor) \
+                    and not held.is_inference():
                 held.data = tensor  # the same Parameter object: an optimizer over model.parameters() keeps it
             else:
                 self._parameters[name] = nn.Parameter(tensor, requires_grad=False)
@@ -313,73 +329,6 @@ class SpectralLayer(nn.Module):
         if stale:  # edited before the move: the factors are of the old weight
             self.redecompose()
         return self
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
-        state, kind, new = self._spectral, self._spectral.kind, {}
-        assign = local_metadata.get("assign_to_params_buffers", False)  # the weight becomes incoming, as it is
-        for part, unit in state.units.items():
-            incoming, base = state_dict.get(prefix + unit.part.param), self._parameters[unit.part.param]
-            if incoming is None or incoming.shape != base.shape:
-                continue
-            incoming = incoming if assign else incoming.to(base)
-            same = (incoming.dtype, incoming.device) == (base.dtype, base.device) and torch.equal(incoming, base)
-            if same and state.stamps:  # (no stamps: out of meta, the factors hold no values yet)
-                continue
-            try:  # decompose before loading, so a weight without an SVD is not half-loaded
-                if self._sharded():
-                    raise SvdtuneError("it is sharded by FSDP2: load base weights before apply and fully_shard")
-                new[part] = decompose_cached(kinds.matrix(kind, incoming, unit.part), state.config.rank,
-                                             state.cache_dir, unit.svd)
-            except SvdtuneError as error:
-                error_msgs.append(f"svdtune layer {prefix[:-1]!r}: new base weight refused: {error}")
-                return
-        errors_before = len(error_msgs)
-        with self._factors_hidden():  # not in checkpoints: neither expected (missing) nor loaded
-            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
-        self._clear_cache()
-        if len(error_msgs) == errors_before:  # else leave the stamps: the next forward re-decomposes if needed
-            for part, factors in new.items():
-                self._set_factors(part, factors)
-            memory.follow_deltas(self)
-            state.stamps = self._stamps()
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        for name in self._factor_names():
-            destination.pop(prefix + name, None)
-
-    @contextlib.contextmanager
-    def _factors_hidden(self):
-        """Take the factor parameters out of ``_parameters`` for a while; put them back in their places
-        (the parameters loading replaced, with ``assign=True``, stay replaced)."""
-        params = self._parameters
-        held, names = dict(params), set(self._factor_names())
-        for name in names:
-            del params[name]
-        self._spectral.loading = True  # assign=True reads the weight (hasattr) before replacing it
-        try:
-            yield
-        finally:
-            self._spectral.loading = False
-            now = dict(params)
-            params.clear()
-            params.update((name, held[name] if name in names else now.get(name, held[name])) for name in held)
-
-    def __getstate__(self):
-        self._factors()  # a copy or pickle gets factors of the weight it holds
-        return super().__getstate__()
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self._spectral.stamps = self._stamps()  # the copied weight is a new tensor
-
-    def __reduce_ex__(self, protocol):
-        # The Spectral<Class> type is built at run time and cannot be pickled by name:
-        # pickle the original class and rebuild the adapted one on load.
-        from svdtune.swap import new_spectral  # (swap imports this module)
-
-        _, _, *rest = super().__reduce_ex__(protocol)
-        return (new_spectral, (self._spectral.original_class,), *rest)
 
     def extra_repr(self) -> str:
         config, units = self._spectral.config, self._spectral.units

@@ -148,21 +148,46 @@ def test_a_model_moved_to_meta_comes_back_with_to_empty_and_load_state_dict():
     torch.testing.assert_close(model(x), expected)
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation: a new weight with new tensors for all of its factors counts "
-                   "as belonging together (FSDP2, DDP), even when the factors are copies of the old ones")
-def test_functional_call_with_copies_of_every_parameter_and_a_new_weight():
+def test_functional_call_with_copies_of_every_parameter_and_a_new_weight(svd_calls):
     model, x = _model(), torch.randn(3, 6)
+    expected = model(x)
     params = {name: p.detach().clone() for name, p in model.named_parameters()}  # the torch.func idiom
     params["0.weight"] = params["0.weight"] + torch.randn(5, 6)
+    params["0.svd_delta"] = torch.full_like(params["0.svd_delta"], 0.3)
+    given, passed = dict(params), {name: t.clone() for name, t in params.items()}
+    out = torch.func.functional_call(model, params, (x,))  # (it writes the new factors into the dict)
+    W = params["0.weight"].double()  # dense reference: W + U diag(relu(sigma + 0.3) - sigma) Vh of the new W
+    U, sigma, Vh = torch.linalg.svd(W, full_matrices=False)
+    first = torch.tanh(x.double() @ (W + U @ torch.diag(torch.relu(sigma + 0.3) - sigma) @ Vh).T + params["0.bias"])
+    torch.testing.assert_close(out, model[2](first.float()), rtol=1e-5, atol=1e-5)
+    assert len(svd_calls) == 1  # the copied factors failed the probe: one SVD of the new weight
+    assert all(torch.equal(given[name], passed[name]) for name in given)  # the caller's tensors untouched
+    torch.testing.assert_close(model(x), expected)  # the model's own weight and factors are back
+
+
+@pytest.mark.parametrize("make, inputs", [
+    (lambda: nn.Linear(6, 5), (torch.randn(3, 6),)),
+    (lambda: nn.Conv2d(3, 4, 3), (torch.randn(2, 3, 6, 6),)),
+    (lambda: nn.Embedding(10, 4), (torch.tensor([1, 2, 7]),)),
+    (lambda: nn.MultiheadAttention(8, 2), (torch.randn(4, 1, 8),) * 3),
+], ids=["linear", "conv2d", "embedding", "attention"])
+def test_a_pending_backward_uses_the_factors_of_its_forward_after_a_new_svd(make, inputs, svd_calls):
+    torch.manual_seed(0)
+    layer = svdtune.apply(nn.Sequential(make()), targets=["0"])[0]
+    deltas = svdtune.trainable_parameters(layer)
     with torch.no_grad():
-        model[0].svd_delta.fill_(0.3)
-    params["0.svd_delta"] = model[0].svd_delta.detach()
-    out = torch.func.functional_call(model, params, (x,))
-    edited = _model()
-    with torch.no_grad():
-        edited[0].base_weight.copy_(params["0.weight"])
-        edited[0].svd_delta.fill_(0.3)
-    torch.testing.assert_close(out, edited(x))
+        for delta in deltas:
+            delta.fill_(0.1)
+    out = layer(*inputs)
+    loss = (out[0] if isinstance(out, tuple) else out).square().sum()
+    expected = torch.autograd.grad(loss, deltas, retain_graph=True)
+    held = layer._parameters  # new base weights (editing the old in place would break the graph itself)
+    for name in [name for name, w in held.items() if w is not None and w.dim() >= 2 and not name.startswith("svd_")]:
+        held[name] = nn.Parameter(held[name].detach() + torch.randn_like(held[name]), requires_grad=False)
+    layer(*inputs)  # the new weights are decomposed, written into the factor parameters
+    assert len(svd_calls) == 1
+    for grad, ref in zip(torch.autograd.grad(loss, deltas), expected):
+        torch.testing.assert_close(grad, ref)
 
 
 def test_an_optimizer_over_all_parameters_still_holds_the_models_factors_after_a_new_svd():
