@@ -309,8 +309,10 @@ def test_gpt2_conv1d_and_embedding_export_matches_the_dense_update(tmp_path):
     result = svdtune.export_lora(delta, tmp_path / "lora", base=tmp_path / "base.safetensors")
     tokens = torch.randint(0, 50, (2, 7))
     with torch.no_grad():
+        # float32 through two blocks, whose layer norms amplify rounding (2e-5 seen on some CPUs);
+        # the deltas move these outputs by about 2
         torch.testing.assert_close(peft_model(base, tmp_path / "lora")(tokens).last_hidden_state,
-                                   reference(tokens).last_hidden_state, rtol=1e-4, atol=1e-5)
+                                   reference(tokens).last_hidden_state, rtol=1e-4, atol=1e-4)
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     tensors = safetensors.torch.load_file(tmp_path / "lora" / "adapter_model.safetensors")
     assert config["fan_in_fan_out"] is True and result.delta_bytes is None
