@@ -54,11 +54,11 @@ def child(base: str, delta: str, out: str, whole: bool) -> None:
         print(peak_resident())
         return
     if whole:  # the baseline: read the whole base file into memory
-        from svdtune import container, offline
+        from svdtune import checkpoints, container
 
         read = container.read
         container.read = lambda *args, mapped=False, **kwargs: read(*args, **kwargs)
-        offline._torch_load = lambda path: torch.load(path, map_location="cpu", weights_only=True)
+        checkpoints._torch_load = lambda path: torch.load(path, map_location="cpu", weights_only=True)
     svdtune.merge_files(base, delta, out)
     print(peak_resident())
 

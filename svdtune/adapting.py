@@ -6,6 +6,7 @@ import os
 import warnings
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from svdtune import kinds
@@ -14,6 +15,7 @@ from svdtune.cache import decompose_layers
 from svdtune.config import SpectralConfig
 from svdtune.decompose import Decomposition, warn_if_degenerate, warn_if_slow_svd
 from svdtune.errors import SvdtuneError
+from svdtune.fingerprint import FLOATS
 from svdtune.integrations import guard
 from svdtune.layers import SpectralLayer, added_names
 from svdtune.randomized import RandomizedSVD
@@ -116,16 +118,17 @@ def apply(
         _check_adaptable(name, layer)
     _check_trainable(layers, free)
     check_not_shared(model, layers)
-    factors = decompose_parts(layers, rank, cache_dir, svd, mode, progress)
     skipped = {n: cls for n, cls in found.items() if not _inside(n, free)}
-    # Nothing above changed the model; nothing below is meant to fail, and if it does, it is undone.
-    with all_or_nothing(model, "svdtune.apply") as step:
-        plan = [(name, layer, factors[name], config) for name, layer in layers.items()]
-        adapt_layers(model, plan, cache_dir, record, step)
-        for name, module in free.items():
-            step.current = f"trainable module {name!r}"
-            module.requires_grad_(True)
-        model.__dict__[_TRAINABLE] = sorted({*model.__dict__.get(_TRAINABLE, ()), *free})
+    with torch.inference_mode(False):  # called inside inference_mode too, the deltas are tensors autograd can train
+        factors = decompose_parts(layers, rank, cache_dir, svd, mode, progress)
+        # Nothing above changed the model; nothing below is meant to fail, and if it does, it is undone.
+        with all_or_nothing(model, "svdtune.apply") as step:
+            plan = [(name, layer, factors[name], config) for name, layer in layers.items()]
+            adapt_layers(model, plan, cache_dir, record, step)
+            for name, module in free.items():
+                step.current = f"trainable module {name!r}"
+                module.requires_grad_(True)
+            model.__dict__[_TRAINABLE] = sorted({*model.__dict__.get(_TRAINABLE, ()), *free})
     _note_skipped(model, skipped)
     return wrapper
 
@@ -247,9 +250,13 @@ def _check_adaptable(name: str, layer: nn.Module) -> None:
         if weight.dim() != kind.ndim:
             raise SvdtuneError(f"layer {where!r} has a {weight.dim()}-D weight, but a {kind.name} has "
                                f"{kind.ndim}-D weights; exclude it.")
-        if weight.numel() == 0 or not weight.is_floating_point():
-            raise SvdtuneError(f"layer {where!r} has a weight of shape {list(weight.shape)} and dtype {weight.dtype}, "
-                               "which has no singular values to tune (empty, or not floating point); exclude the layer.")
+        if weight.numel() == 0:
+            raise SvdtuneError(f"layer {where!r} has a weight of shape {list(weight.shape)}, which has no singular "
+                               "values to tune (it is empty); exclude the layer.")
+        if weight.dtype not in FLOATS:
+            raise SvdtuneError(f"layer {where!r} has a {weight.dtype} weight; svdtune tunes the singular values of "
+                               "float16, bfloat16, float32 or float64 weights: cast the layer (e.g. .to(torch.bfloat16)) "
+                               "or exclude it.")
     names = added_names([part.name for part in kind.parts(layer)])
     taken = [n for n in names if n in layer._parameters or n in layer._buffers or n in layer._modules or n in layer.__dict__ or hasattr(type(layer), n)]
     if taken:

@@ -220,8 +220,10 @@ def _merge(args: argparse.Namespace) -> None:
 
 
 def _combine(args: argparse.Namespace) -> None:
+    from svdtune.container import check_not_an_input
     from svdtune.offline import combine
 
+    check_not_an_input(args.out, args.deltas)  # before any work, as merge does
     with _deltas_in_plain_words(args.deltas, "combine takes delta files, written by svdtune.save_delta."):
         combine(args.deltas, args.weights).save(args.out)
     print(f"wrote {printable(args.out)} ({os.path.getsize(args.out):,} bytes)")

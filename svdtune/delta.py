@@ -33,6 +33,7 @@ from svdtune.errors import SvdtuneError
 from svdtune.fingerprint import (  # noqa: F401  (re-exported: svdtune.delta.check_base etc.)
     FLOATS, TOP_SIGMA, Fingerprint, check_base, fingerprint, fingerprint_mismatch, weight_sha256,
 )
+from svdtune.values import all_finite
 from svdtune.records import MAX_NAME, VERSION_4_CLASSES, LayerDelta, layer_from_record, record_of
 
 FORMAT = "svdtune.delta"
@@ -207,7 +208,8 @@ def to_tensors(delta: DeltaFile) -> tuple[dict[str, Tensor], dict[str, str]]:
     """The (tensors, metadata) that represent ``delta`` in a file (unchecked: see `from_tensors`).
 
     Raises:
-        SvdtuneError: a field of ``delta`` has the wrong type, or two entries share a name.
+        SvdtuneError: a field of ``delta`` has the wrong type, two entries share a name, or a tensor has
+            no values to write (meta device, sparse).
     """
     layers, params, buffers = (_table(getattr(delta, kind), kind, kind_type)
                                for kind, kind_type in (("layers", LayerDelta), ("params", Tensor), ("buffers", Tensor)))
@@ -234,6 +236,10 @@ def to_tensors(delta: DeltaFile) -> tuple[dict[str, Tensor], dict[str, str]]:
         metadata["buffers"] = _json_text(sorted(buffers))
     tensors = {name: layer.delta.detach() for name, layer in layers.items()}
     tensors.update({name: value.detach() for name, value in {**params, **buffers}.items()})
+    blank = next((name for name, tensor in tensors.items() if tensor.layout != torch.strided or tensor.is_meta), None)
+    if blank is not None:
+        raise SvdtuneError(f"{blank!r} is a {tensors[blank].layout} tensor on the {tensors[blank].device.type} device; "
+                           "a delta file holds dense tensors with values: materialize it (or .to_dense()) first.")
     return tensors, metadata
 
 
@@ -303,7 +309,7 @@ def _check_all_values(kind: str, values: dict[str, Tensor], bad) -> None:
     tensors = values.values()
     floats = kind != "parameter" or set(map(attrgetter("dtype"), tensors)) <= _FLOATS
     sized = [tensor for tensor in compress(tensors, map(Tensor.numel, tensors)) if tensor.is_floating_point()]
-    if floats and all(bool(torch.isfinite(tensor).all()) for tensor in sized):
+    if floats and all(map(all_finite, sized)):
         return
     for name, tensor in values.items():
         _check_values(kind, name, tensor, bad)
@@ -316,7 +322,7 @@ def _check_values(kind: str, name: str, tensor: Tensor, bad) -> None:
     """Parameters are floats; every float value in a delta file is finite."""
     if kind == "parameter" and tensor.dtype not in FLOATS:
         raise bad(f"parameter {name!r} has dtype {tensor.dtype}, not a float")
-    if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise bad(f"{kind} {name!r} holds NaN or infinity")
 
 

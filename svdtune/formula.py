@@ -12,6 +12,7 @@ from torch import Tensor
 
 from svdtune import kernels
 from svdtune.errors import SvdtuneError
+from svdtune.values import all_finite
 
 
 def spectrum_shift(sigma: Tensor, delta: Tensor, scale: float, mode: str) -> Tensor:
@@ -45,5 +46,5 @@ def merged_matrix(base: Tensor, U: Tensor, Vh: Tensor, shift: Tensor) -> Tensor:
 
 def check_finite_merge(name: str, weight: Tensor) -> None:
     """Refuse a merged weight with NaN or infinity (before anything is written or swapped)."""
-    if not bool(torch.isfinite(weight).all()):
+    if not all_finite(weight):
         raise SvdtuneError(f"merging layer {name!r} gives non-finite weights; check its deltas and scale.")

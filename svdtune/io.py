@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from svdtune import container, kinds
+from svdtune import container, kinds, values
 from svdtune.arguments import as_metadata, as_optional_path, as_path
 from svdtune.cache import decompose_named
 from svdtune.config import SpectralConfig
@@ -102,7 +102,7 @@ def _layer_delta(name: str, layer: SpectralLayer, part: str) -> LayerDelta:
     held = layer._factors(part)  # under FSDP2, each gathered whole (svdtune.sharding.full)
     factors = dataclasses.replace(held, U=full(held.U), sigma=full(held.sigma), Vh=full(held.Vh))
     delta, base = full(layer.spectral_delta(part)).detach(), full(layer._parameters[unit.part.param])
-    if not bool(torch.isfinite(delta).all()):
+    if not values.all_finite(delta):
         raise SvdtuneError(f"layer {name!r} has non-finite deltas; training diverged: lower the learning rate.")
     weight = kinds.matrix(layer._spectral.kind, base, unit.part) if part else base
     shift = spectrum_shift(factors.sigma, delta, config.scale, config.mode)
@@ -186,8 +186,8 @@ def load_delta(
         steps = {name: _plain_step(name, record, modules) for name, record in delta.layers.items()}
         _check_whole_layers(steps)
         check_not_shared(model, {kinds.split_unit(name, step.part.name): step.layer for name, step in steps.items()})
-    params = _targets(model, "parameter", _param_candidates(model, delta, steps), delta.params)
-    buffers = _targets(model, "buffer", dict(model.named_buffers()), delta.buffers)
+    params = values.targets(model, "parameter", _param_candidates(model, delta, steps), delta.params)
+    buffers = values.targets(model, "buffer", dict(model.named_buffers()), delta.buffers)
     _check_fingerprints(delta, steps, strict, cache_dir)  # hashes first, then the SVDs
     record = {} if adapted else root_record(model)
     written = [target for target, _ in (*params.values(), *buffers.values())]
@@ -218,7 +218,7 @@ def _plain_step(name: str, record: LayerDelta, modules: dict[str, nn.Module]) ->
     _check_adaptable(module, layer)
     part = next(p for p in kind.parts(layer) if p.name == (record.part or ""))
     weight = layer._parameters[part.param]
-    step = _Step(layer, part, _config(record), _delta_value(name, record, weight.dtype, weight.device), adapted=False,
+    step = _Step(layer, part, _config(record), values.delta_value(name, record, weight.dtype, weight.device), adapted=False,
                  svd=record.svd)
     _check_shape(name, tuple(step.weight.shape), record)
     return step
@@ -271,7 +271,7 @@ def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, tuple[Spectr
     current = layer.spectral_delta(part)
     if current.is_meta:
         raise SvdtuneError(f"layer {name!r} is on the meta device; materialize the model first (model.to_empty(...)).")
-    step.delta = _delta_value(name, record, current.dtype, current.device)
+    step.delta = values.delta_value(name, record, current.dtype, current.device)
     if step.factors.svd != record.svd:
         raise SvdtuneError(
             f"layer {name!r} was decomposed by {_method(step.factors.svd)} but the delta file's basis by "
@@ -285,15 +285,6 @@ def _adapted_step(name: str, record: LayerDelta, adapted: dict[str, tuple[Spectr
 
 def _method(svd: RandomizedSVD | None) -> str:
     return "the exact SVD" if svd is None else f"the randomized SVD ({svd.describe()})"
-
-
-def _delta_value(name: str, record: LayerDelta, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The file's deltas as the model will hold them, refused if they overflow its dtype (1e39 in float32)."""
-    value = record.delta.to(device=device, dtype=dtype)
-    if not bool(torch.isfinite(value).all()):
-        raise SvdtuneError(f"layer {name!r}: the delta file's deltas do not fit the model's {dtype} (they overflow to "
-                           "infinity); load the delta into a model of the dtype it was trained in.")
-    return value
 
 
 def _check_class(name: str, cls: type | None, shown: str, record: LayerDelta) -> None:
@@ -353,46 +344,6 @@ def _param_candidates(model: nn.Module, delta: DeltaFile, steps: dict[str, _Step
     base_weights = {join_name(kinds.split_unit(name, step.part.name), step.part.param) for name, step in steps.items()}
     return {name: p for name, p in model.named_parameters()
             if name not in base_weights and not name.rsplit(".", 1)[-1].startswith(DELTA)}
-
-
-def _targets(model: nn.Module, kind: str, found: dict[str, Tensor], values: dict[str, Tensor]) -> dict[str, tuple[Tensor, Tensor]]:
-    """{name: (the model's tensor, the file's value as that tensor will hold it)}, each checked to exist with
-    the same shape, on a real device, and to hold the value exactly (integers) or finitely (floats)."""
-    targets = {}
-    for name, value in values.items():
-        target = found.get(name)
-        if target is None:
-            hint = " (or is a base weight of a tuned layer)" if kind == "parameter" else ""
-            raise SvdtuneError(f"{kind} {name!r} of the delta file is missing from the model{hint}; "
-                               "load the delta into the model it was trained with.")
-        if tuple(target.shape) != tuple(value.shape):
-            raise SvdtuneError(f"{kind} {name!r} has shape {list(target.shape)} in the model but {list(value.shape)} "
-                               "in the delta file; load the delta into the model it was trained with.")
-        targets[name] = (target, _value(model, kind, name, target, value))
-    return targets
-
-
-def _value(model: nn.Module, kind: str, name: str, target: Tensor, value: Tensor) -> Tensor:
-    """``value`` cast to ``target``'s dtype and device, refused unless the cast keeps what it means."""
-    def refuse(why: str) -> SvdtuneError:
-        return SvdtuneError(f"{kind} {name!r}: {why}; load the delta into the model it was trained with.")
-
-    if target.is_meta:
-        raise refuse("the model's tensor is on the meta device and cannot receive values; materialize the model first")
-    if kind == "parameter" and not target.is_floating_point():
-        raise refuse(f"the model's parameter is {target.dtype}, which cannot be trained (requires_grad needs a float)")
-    cast = value.to(device=target.device, dtype=target.dtype)
-    if target.is_floating_point():
-        exact = bool(torch.isfinite(cast).all())
-    else:  # integers and bools: only values the dtype holds exactly
-        exact = bool(value.to(cast.device).eq(cast.to(value.dtype)).all())
-    if not exact:
-        raise refuse(f"the delta file's values do not fit the model's {target.dtype} (overflow, NaN or a fraction)")
-    owner, _, leaf = name.rpartition(".")
-    if leaf == "running_var" and isinstance(model.get_submodule(owner), nn.modules.batchnorm._NormBase):
-        if not bool((cast >= 0).all()):
-            raise refuse("a running variance must be >= 0")
-    return cast
 
 
 def _apply_steps(model: nn.Module, steps: dict[str, _Step], cache_dir: str | None, record: dict[str, object],

@@ -41,7 +41,8 @@ from svdtune.errors import SvdtuneError
 from svdtune.formula import spectrum_shift
 from svdtune.layers import SpectralLayer
 from svdtune.model import adapted_units, unwrap
-from svdtune.offline import base_units, read_state_dict, warn_if_basis_dependent
+from svdtune.checkpoints import read_state_dict
+from svdtune.offline import base_units, warn_if_basis_dependent
 from svdtune.report import table_lines
 
 FORMATS = {"peft": "adapter_model.safetensors", "diffusers": "pytorch_lora_weights.safetensors"}

@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import json
 import os
-import re
 import warnings
 from collections.abc import Iterable
 
@@ -29,14 +28,11 @@ from svdtune.decompose import Decomposition
 from svdtune.config import as_scale, finite_number
 from svdtune.basis import Basis, basis_changes, repeated_pairs
 from svdtune.delta import DeltaFile, Fingerprint, LayerDelta, as_delta_file, check_base
+from svdtune.fingerprint import FLOATS
 from svdtune.errors import SvdtuneError
 from svdtune.formula import check_finite_merge, merged_matrix, spectrum_shift
-from svdtune.layers import DELTA
+from svdtune.checkpoints import BASE_SUFFIXES, read_state_dict  # noqa: F401  (re-exported)
 
-BASE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # matched in any case
-ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal styling, e.g. the bold in torch.load's messages
-MAX_LOGICAL_RATIO = 4  # a torch base's tensors may hold this many times its file size (tied weights share storage)
-MAX_LOGICAL_SLACK = 1 << 20  # bytes, for tiny files
 
 
 def warn_if_basis_dependent(name: str, factors: Decomposition, shift: Tensor, recorded: Fingerprint) -> None:
@@ -65,131 +61,6 @@ def warn_if_basis_dependent(name: str, factors: Decomposition, shift: Tensor, re
         "an exact result.",
         RuntimeWarning, stacklevel=4,
     )
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """A base state dict from ``.safetensors``, or ``.pt``/``.pth``/``.bin``/``.ckpt`` (``weights_only`` torch.load).
-
-    Suffixes are matched in any case (``.PT`` too). Only a regular file is read; the
-    tensors are memory-mapped where the format allows it.
-
-    A checkpoint of the form ``{"params": state_dict}`` (IQA-PyTorch) is unwrapped.
-
-    Rules for a base (each refused with the key named): every entry is a dense tensor of
-    a dtype safetensors holds; no tensor's elements overlap in memory (a stride-0
-    ``expand`` or an overlapping view: merging would write every repeated element);
-    all tensors together hold at most `MAX_LOGICAL_RATIO` times the file's bytes
-    (views sharing storage count once per view); no key is an svdtune delta
-    (``*.svd_delta``: the checkpoint was saved from an adapted model).
-
-    Raises:
-        SvdtuneError: unknown suffix, unreadable or non-regular file, or an entry that breaks a rule above.
-    """
-    path, what = os.fspath(path), f"base checkpoint {os.fspath(path)!r}"
-    if not path.lower().endswith(BASE_SUFFIXES):
-        raise SvdtuneError(f"{what} must end with one of {', '.join(BASE_SUFFIXES)}; save the base state dict in one of those.")
-    if path.lower().endswith(".safetensors"):
-        state = container.read(path, what, require_checksum=False, mapped=True)[0]
-    else:
-        with container.open_regular(path, what) as handle:  # not a FIFO or device: torch.load would block or grow
-            size = os.fstat(handle.fileno()).st_size
-        state = _unwrapped(_torch_load_or_refuse(path, what), what)
-        _check_tensors(state, size, what)
-    _check_not_adapted(state, what)
-    return state
-
-
-def _torch_load_or_refuse(path: str, what: str) -> object:
-    try:
-        return _torch_load(path)
-    except Exception as error:  # torch.load raises many types; all mean "not a readable checkpoint"
-        reason = _load_failure(error)
-        raise SvdtuneError(f"cannot read {what}: {reason}; it must be a state dict saved with torch.save.") from None
-
-
-def _unwrapped(state: object, what: str) -> dict[str, Tensor]:
-    """The state dict a torch checkpoint holds ({"params": sd} unwrapped), each entry a str -> tensor."""
-    if isinstance(state, dict) and isinstance(state.get("params"), dict):
-        state = state["params"]
-    if not isinstance(state, dict):
-        raise SvdtuneError(f"{what} holds a {type(state).__name__}, not a state dict; save model.state_dict().")
-    for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, Tensor):
-            raise SvdtuneError(f"{what}: entry {key!r} is not a tensor; save a plain model.state_dict().")
-    return state
-
-
-def _check_tensors(state: dict[str, Tensor], file_size: int, what: str) -> None:
-    """Refuse what cannot be written back as it is: sparse or exotic tensors, overlapping views, a size bomb."""
-    total = 0
-    for key, value in state.items():
-        if value.layout != torch.strided or value.dtype not in container.DTYPE_NAMES:
-            raise SvdtuneError(f"{what}: tensor {key!r} is a {value.layout} {value.dtype} tensor, which a safetensors "
-                               "file cannot hold; save it as a dense tensor of a plain dtype (.to_dense(), .to(...)).")
-        if _overlapping(value):
-            raise SvdtuneError(
-                f"{what}: tensor {key!r} of shape {list(value.shape)} has strides {list(value.stride())}, so its "
-                "elements share memory (e.g. torch.zeros(1).expand(n)); merging would write every repeated element. "
-                "If the full tensor is what you mean, save it with .contiguous() before torch.save.")
-        total += value.numel() * value.element_size()
-    if total > MAX_LOGICAL_RATIO * file_size + MAX_LOGICAL_SLACK:
-        raise SvdtuneError(f"{what}: its tensors hold {total:,} bytes, over {MAX_LOGICAL_RATIO} times the file's "
-                           f"{file_size:,} (many views of shared storage); save each tensor once (.clone()).")
-
-
-def _overlapping(tensor: Tensor) -> bool:
-    """Whether two elements of a (strided) tensor share memory, e.g. stride 0 (``expand``).
-
-    Dims sorted by stride: each stride must reach past everything the smaller ones span.
-    (A few exotic interleaved layouts that do not overlap are counted as overlapping.)
-    """
-    if tensor.numel() <= 1:
-        return False
-    span = 1  # elements spanned by the dims so far, from the first to the last, inclusive
-    for stride, size in sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride()) if size > 1):
-        if stride < span:
-            return True
-        span += stride * (size - 1)
-    return False
-
-
-def _check_not_adapted(state: dict[str, Tensor], what: str) -> None:
-    """Refuse a base saved from a model svdtune.apply adapted: its ``*.svd_delta`` keys would not load into the plain model."""
-    key = next((key for key in state if key.rsplit(".", 1)[-1] == DELTA), None)
-    if key is not None:
-        raise SvdtuneError(
-            f"{what} holds the svdtune delta {key!r}: it was saved from a model adapted by svdtune.apply, and a merged "
-            "file would not load into the plain model. Save the plain base model's state dict instead (from before "
-            "svdtune.apply, or after svdtune.restore(model)), with the deltas in their own file (svdtune.save_delta); "
-            "or call svdtune.merge(model) and save that state dict.")
-
-
-def _load_failure(error: Exception) -> str:
-    """A one-line reason from a torch.load error: its first sentence (and the unpickler's), no terminal escapes.
-
-    Example: "Weights only load failed (WeightsUnpickler error: Unsupported global: GLOBAL
-    torch.nn.modules.linear.Linear was not an allowed global by default)" for a pickled whole model.
-    """
-    lines = [" ".join(line.split()) for line in ANSI_ESCAPE.sub("", str(error)).splitlines()]
-    lines = [line for line in lines if line]
-    if not lines or not any(c.isalpha() for c in lines[0]):  # e.g. EOFError(), KeyError(101) of a damaged file
-        return " ".join([type(error).__name__, *lines[:1]])
-    reason = _first_sentence(lines[0])
-    unpickler = next((line for line in lines[1:] if line.startswith("WeightsUnpickler error:")), None)
-    return f"{reason} ({_first_sentence(unpickler)})" if unpickler else reason
-
-
-def _first_sentence(line: str) -> str:
-    """``line`` up to its first sentence end (". ", "! " or "? "), without the final full stop."""
-    return re.split(r"(?<=[.!?])\s", line, maxsplit=1)[0].removesuffix(".")
-
-
-def _torch_load(path: str) -> object:
-    """torch.load with weights_only, memory-mapped where the file's format allows it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # e.g. the legacy (pre-zip) format cannot be mapped: read it whole
-        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def merge_files(
@@ -291,10 +162,10 @@ def _file_unit(state: dict[str, Tensor], name: str, layer: LayerDelta) -> _FileU
     packed_ok = part.block is None or (weight.dim() == 2 and weight.shape[0] % len(kinds.MHA_PARTS) == 0)
     matrix = kinds.matrix(kinds.kind_named(layer.layer_class), weight, part) if packed_ok else weight
     recorded = matrix if part.name else weight
-    if not packed_ok or tuple(recorded.shape) != layer.weight_shape or not weight.is_floating_point():
+    if not packed_ok or tuple(recorded.shape) != layer.weight_shape or weight.dtype not in FLOATS:
         raise SvdtuneError(f"layer {name!r}: base weight {key!r} is {list(weight.shape)} {weight.dtype}, the delta "
-                           f"expects {list(layer.weight_shape)} float{' (per part)' if part.name else ''}; use the base "
-                           "checkpoint the delta was trained on.")
+                           f"expects {list(layer.weight_shape)}{' (per part)' if part.name else ''} in float16, bfloat16, "
+                           "float32 or float64; use the base checkpoint the delta was trained on (cast a float8 one).")
     return _FileUnit(key, part, matrix, recorded)
 
 
@@ -419,18 +290,22 @@ def _combined_basis(name: str, layers: list[LayerDelta]) -> tuple[Basis, ...]:
     if all(layer.fingerprint.basis == first for layer in layers[1:]):
         return first  # the runs of one input are disjoint and in order (checked when read): nothing to add or warn about
     owner: dict[int, Basis] = {}  # column -> the kept run holding it
+    clashes: list[Basis] = []
     for i, layer in enumerate(layers):
         if i and layer.fingerprint.basis == first:
             continue  # all kept already (the first input's runs are disjoint): nothing to add or warn about
         for run in layer.fingerprint.basis:
             owners = {id(owner[c]): owner[c] for c in run.columns if c in owner}
             if any(b != run for b in owners.values()):
-                warnings.warn(
-                    f"layer {name!r}: the deltas were trained with different singular vectors for the repeated "
-                    f"singular values {list(run.columns)}, so their sum mixes directions there; the combined file "
-                    "records the first delta's vectors.", RuntimeWarning, stacklevel=4,
-                )
+                clashes.append(run)
             elif not owners:
                 owner.update((c, run) for c in run.columns)
+    if clashes:  # one warning a layer, however many runs clash
+        more = f" and {len(clashes) - 1:,} more runs" if len(clashes) > 1 else ""
+        warnings.warn(
+            f"layer {name!r}: the deltas were trained with different singular vectors for the repeated "
+            f"singular values {list(clashes[0].columns)}{more}, so their sum mixes directions there; the combined "
+            "file records the first delta's vectors.", RuntimeWarning, stacklevel=4,
+        )
     kept = {id(run): run for run in owner.values()}.values()
     return tuple(sorted(kept, key=lambda run: run.columns))

@@ -179,7 +179,7 @@ def _running(pid: int) -> bool:
     """Whether process ``pid`` exists on this machine (POSIX: signal 0 checks without sending)."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # (no process has a pid beyond a C int)
         return False
     except OSError:  # e.g. PermissionError: it exists, under another user
         return True

@@ -256,13 +256,13 @@ def test_special_files_are_refused_before_they_are_opened(tmp_path, kind):
     os.mkfifo(path) if kind == "fifo" else path.mkdir()
     expected = r"a named pipe \(FIFO\)" if kind == "fifo" else "a folder"
     with time_limit(30):
-        for read in (svdtune.read_delta, svdtune.offline.read_state_dict,
+        for read in (svdtune.read_delta, svdtune.checkpoints.read_state_dict,
                      lambda p: svdtune.merge_files(p, p, tmp_path / "out.safetensors")):
             with pytest.raises(svdtune.SvdtuneError, match=f"is {expected}, not a regular file"):
                 read(path)
         os.rename(path, tmp_path / "x.pth")
         with pytest.raises(svdtune.SvdtuneError, match=f"is {expected}, not a regular file"):
-            svdtune.offline.read_state_dict(tmp_path / "x.pth")
+            svdtune.checkpoints.read_state_dict(tmp_path / "x.pth")
 
 
 @pytest.mark.slow  # a fresh interpreter
@@ -271,7 +271,7 @@ def test_a_device_is_refused_without_reading_it():
         import resource
         resource.setrlimit(resource.RLIMIT_AS, (3 * 2**30, resource.RLIM_INFINITY))  # a growing read fails fast
         import svdtune
-        for read in (svdtune.read_delta, svdtune.offline.read_state_dict):
+        for read in (svdtune.read_delta, svdtune.checkpoints.read_state_dict):
             try:
                 read("/dev/zero")
             except svdtune.SvdtuneError as error:
@@ -467,6 +467,6 @@ def test_an_unsupported_dtype_is_named_not_called_corruption(tmp_path):
     path = tmp_path / "base.safetensors"
     path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0")
     with pytest.raises(svdtune.SvdtuneError) as error:
-        svdtune.offline.read_state_dict(path)
+        svdtune.checkpoints.read_state_dict(path)
     assert "tensor 'w' has dtype F4, which svdtune does not support" in str(error.value)
     assert "corrupted" not in str(error.value)

@@ -17,7 +17,7 @@ from torch import nn
 
 from svdtune import container
 from svdtune.errors import SvdtuneError
-from svdtune.offline import BASE_SUFFIXES, read_state_dict
+from svdtune.checkpoints import BASE_SUFFIXES, read_state_dict
 
 from examples.cnniqa_agiqa.progress import say
 
