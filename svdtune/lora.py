@@ -4,9 +4,8 @@ A layer's spectral update is low rank and is its own SVD:
 W' - W = U diag(shift) Vh with shift = sigma' - sigma, U and Vh orthonormal, so its
 singular values are |shift|. LoRA writes an update as B @ A (B (m, r), A (r, n)); here
 B = U diag(sign(shift) sqrt|shift|) and A = diag(sqrt|shift|) Vh, with PEFT's scaling
-lora_alpha / r = 1. Keeping the r largest |shift| is the best rank-r approximation
-(Eckart-Young), and what it drops is known exactly: in spectral norm the largest
-dropped |shift|, in Frobenius norm the root of the sum of the dropped shift squares.
+lora_alpha / r = 1. Keeping the r largest |shift| is the best rank-r approximation, and
+what it drops is known exactly (`svdtune.lora_error`).
 
 PEFT's layouts (peft 0.21, ``tuners/lora/layer.py``), by the layer's class name:
 - Linear (out, in): ``lora_A.weight`` (r, in), ``lora_B.weight`` (out, r).
@@ -26,7 +25,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from svdtune.delta import FLOATS, DeltaFile, as_delta_file
 from svdtune.errors import SvdtuneError
 from svdtune.formula import spectrum_shift
 from svdtune.layers import SpectralLayer
+from svdtune.lora_error import LayerError, check_max_rank, kept, layer_error, norms_of, overall
 from svdtune.model import adapted_units, unwrap
 from svdtune.checkpoints import read_state_dict
 from svdtune.offline import base_units, warn_if_basis_dependent
@@ -57,25 +56,6 @@ NOT_EXPRESSIBLE = {  # class name -> why PEFT LoRA cannot hold its update
                                        "directly, so a PEFT LoRA on it has no effect",
 }
 READS_WEIGHTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)  # their forward reads child weights directly
-
-
-@dataclass(frozen=True)
-class LayerError:
-    """What truncating one layer's update (or all of them) to the kept rank costs, relative errors.
-
-    Attributes:
-        tuned: the number of tuned singular values (the exact rank of the update, at most).
-        rank: the LoRA rank written (a grouped conv of g groups writes g times the kept values).
-        update_spectral, update_frobenius: ||dW - dW_r|| / ||dW||, dW = W' - W.
-        weight_spectral, weight_frobenius: ||W' - W'_r|| / ||W'||, W'_r = W + dW_r.
-    """
-
-    tuned: int
-    rank: int
-    update_spectral: float
-    update_frobenius: float
-    weight_spectral: float
-    weight_frobenius: float
 
 
 @dataclass(eq=False)
@@ -173,12 +153,12 @@ def export_lora(
     tensors, norms, errors = {}, {}, {}
     for name, update in updates.items():
         _check_format(name, update.layout, format)
-        keep = _kept(update.shift, rank)
-        norms[name] = _norms(update, keep)
-        errors[name] = _layer_error(norms[name], update.shift.numel(), keep.numel() * update.groups)
+        keep = kept(update.shift, rank)
+        norms[name] = norms_of(update.shift, update.sigma, keep, update.weight_frobenius2, update.untuned_top)
+        errors[name] = layer_error(norms[name], update.shift.numel(), keep.numel() * update.groups)
         key = f"base_model.model.{name}" if format == "peft" else f"{prefix}.{name}"
         tensors.update({f"{key}.{k}": v for k, v in _lora_tensors(update, keep, dtype).items()})
-    _check_max_rank(errors, max_rank)
+    check_max_rank(errors, max_rank)
     # Nothing above wrote anything.
     os.makedirs(folder, exist_ok=True)
     container.atomic_write(files[0], container.encode(tensors, {"format": "pt"}))
@@ -186,7 +166,7 @@ def export_lora(
         config = json.dumps(_config(updates, errors, names), indent=2, sort_keys=True)
         container.atomic_write(files[1], [config.encode("utf-8") + b"\n"])
     size = sum(os.path.getsize(f) for f in files)
-    return LoraExport(files, errors, _overall(list(norms.values()), list(errors.values())), size, delta_bytes)
+    return LoraExport(files, errors, overall(list(norms.values()), list(errors.values())), size, delta_bytes)
 
 
 def _check_arguments(rank: object, format: object, prefix: object, max_rank: object, dtype: object) -> None:
@@ -324,45 +304,6 @@ def _check_format(name: str, layout: str, format: str) -> None:
                            "export it with format='peft'.")
 
 
-def _kept(shift: Tensor, rank: int | None) -> Tensor:
-    """The indices of the ``rank`` largest |shift| (all of them for None), in their original order."""
-    if rank is None or rank >= shift.numel():
-        return torch.arange(shift.numel())
-    return torch.sort(torch.topk(shift.abs(), rank, sorted=False).indices).values
-
-
-def _norms(update: _Update, keep: Tensor) -> tuple[float, float, float, float, float, float]:
-    """(dropped spectral, dropped Frobenius^2, ||dW||_2, ||dW||_F^2, ||W'||_2, ||W'||_F^2), in float64.
-
-    The singular values of W' are |sigma + shift| and the untuned ones of W, so its norms need no SVD:
-    ||W'||_F^2 = ||W||_F^2 + sum shift * (2 sigma + shift), since <W, u_i v_i^T> = sigma_i.
-    """
-    shift, sigma = update.shift.double().cpu(), update.sigma.double().cpu()
-    dropped = torch.ones(shift.numel(), dtype=torch.bool)
-    dropped[keep.cpu()] = False
-    lost = shift[dropped].abs()
-    top = float((sigma + shift).abs().max()) if shift.numel() else 0.0
-    weight_fro2 = update.weight_frobenius2 + float((shift * (2 * sigma + shift)).sum())
-    return (float(lost.max()) if lost.numel() else 0.0, float(lost.square().sum()), float(shift.abs().max()),
-            float(shift.square().sum()), max(top, update.untuned_top), max(weight_fro2, 0.0))
-
-
-def _ratio(part: float, whole: float) -> float:
-    return part / whole if part else 0.0
-
-
-def _layer_error(norms: tuple[float, ...], tuned: int, rank: int) -> LayerError:
-    lost, lost2, spectral, fro2, weight, weight2 = norms
-    return LayerError(tuned, rank, _ratio(lost, spectral), _ratio(math.sqrt(lost2), math.sqrt(fro2)),
-                      _ratio(lost, weight), _ratio(math.sqrt(lost2), math.sqrt(weight2)))
-
-
-def _overall(norms: list[tuple[float, ...]], errors: list[LayerError]) -> LayerError:
-    """All layers as one block-diagonal operator: spectral norms are maxima, squared Frobenius norms add."""
-    total = tuple((max if i % 2 == 0 else sum)(column) for i, column in enumerate(zip(*norms)))
-    return _layer_error(total, sum(e.tuned for e in errors), max(e.rank for e in errors))
-
-
 def _lora_tensors(update: _Update, keep: Tensor, dtype: torch.dtype | None) -> dict[str, Tensor]:
     """PEFT's tensors for B @ A = U_r diag(shift_r) Vh_r, the shift split evenly (sqrt) between B and A."""
     work = update.shift.dtype  # float32, or float64 for float64 weights
@@ -391,13 +332,6 @@ def _conv_tensors(update: _Update, a: Tensor, b: Tensor) -> dict[str, Tensor]:
             blocks[g * r:(g + 1) * r, g * per_group:(g + 1) * per_group] = a
         a = blocks
     return {"lora_A.weight": a, "lora_B.weight": b.reshape(out, r, *[1] * len(kernel))}  # B: (out, groups*r/groups, 1..)
-
-
-def _check_max_rank(errors: dict[str, LayerError], max_rank: int | None) -> None:
-    for name, error in errors.items():
-        if max_rank is not None and error.rank > max_rank:
-            raise SvdtuneError(f"layer {name!r} would get LoRA rank {error.rank}, above max_rank={max_rank}; pass a "
-                               "smaller rank= (it keeps the largest shifts; the returned table shows the error).")
 
 
 def _config(updates: dict[str, _Update], errors: dict[str, LayerError], names: set[str]) -> dict[str, object]:
