@@ -98,6 +98,7 @@ def apply(
                            "deltas added now would not be synchronised; call apply on the model first, then wrap it.")
     wrapper, model = model, unwrap(model)
     refuse_sharded(model, "svdtune.apply", "call svdtune.apply before fully_shard.")
+    refuse_lazy(model, "svdtune.apply")
     config = SpectralConfig(mode=mode, rank=rank)
     if not isinstance(progress, bool):
         raise SvdtuneError(f"progress={progress!r:.40} must be True (a progress bar on a terminal) or False.")
@@ -131,6 +132,14 @@ def apply(
             model.__dict__[_TRAINABLE] = sorted({*model.__dict__.get(_TRAINABLE, ()), *free})
     _note_skipped(model, skipped)
     return wrapper
+
+
+def refuse_lazy(model: nn.Module, action: str) -> None:
+    """Refuse a model with a lazy module not yet run: its parameters cannot be frozen (``requires_grad_``)."""
+    lazy = next((name for name, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)), None)
+    if lazy is not None:
+        raise SvdtuneError(f"{action}: parameter {lazy!r} belongs to a lazy module not initialized yet; run one forward "
+                           "pass with a dummy batch first.")
 
 
 def _check_trainable(layers: dict[str, nn.Module], free: dict[str, nn.Module]) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor
 from svdtune import container
 from svdtune.errors import SvdtuneError
 from svdtune.layers import DELTA
+from svdtune.values import overlapping
 
 BASE_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # matched in any case
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal styling, e.g. the bold in torch.load's messages
@@ -103,7 +104,7 @@ def _check_tensors(state: dict[str, Tensor], file_size: int, what: str) -> None:
         if value.layout != torch.strided or value.dtype not in container.DTYPE_NAMES:
             raise SvdtuneError(f"{what}: tensor {key!r} is a {value.layout} {value.dtype} tensor, which a safetensors "
                                "file cannot hold; save it as a dense tensor of a plain dtype (.to_dense(), .to(...)).")
-        if _overlapping(value):
+        if overlapping(value):
             raise SvdtuneError(
                 f"{what}: tensor {key!r} of shape {list(value.shape)} has strides {list(value.stride())}, so its "
                 "elements share memory (e.g. torch.zeros(1).expand(n)); merging would write every repeated element. "
@@ -112,22 +113,6 @@ def _check_tensors(state: dict[str, Tensor], file_size: int, what: str) -> None:
     if total > MAX_LOGICAL_RATIO * file_size + MAX_LOGICAL_SLACK:
         raise SvdtuneError(f"{what}: its tensors hold {total:,} bytes, over {MAX_LOGICAL_RATIO} times the file's "
                            f"{file_size:,} (many views of shared storage); save each tensor once (.clone()).")
-
-
-def _overlapping(tensor: Tensor) -> bool:
-    """Whether two elements of a (strided) tensor share memory, e.g. stride 0 (``expand``).
-
-    Dims sorted by stride: each stride must reach past everything the smaller ones span.
-    (A few exotic interleaved layouts that do not overlap are counted as overlapping.)
-    """
-    if tensor.numel() <= 1:
-        return False
-    span = 1  # elements spanned by the dims so far, from the first to the last, inclusive
-    for stride, size in sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride()) if size > 1):
-        if stride < span:
-            return True
-        span += stride * (size - 1)
-    return False
 
 
 def _check_not_adapted(state: dict[str, Tensor], what: str) -> None:

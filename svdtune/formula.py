@@ -44,6 +44,14 @@ def merged_matrix(base: Tensor, U: Tensor, Vh: Tensor, shift: Tensor) -> Tensor:
     return (base.to(work) + change).to(base.dtype)
 
 
+def may_overflow(top_sigma: float, shift: Tensor, dtype: torch.dtype) -> bool:
+    """Whether W' = W + U diag(shift) Vh may hold an entry beyond ``dtype``'s range, from the spectra alone:
+    every entry of W is at most sigma_max (``top_sigma``), every entry of the change at most max|shift| (the
+    rows of U and the columns of Vh have norm <= 1); the margin is far above rounding."""
+    reach = top_sigma + (float(shift.abs().max()) if shift.numel() else 0.0)
+    return not reach < torch.finfo(dtype).max * (1 - 1e-3)
+
+
 def check_finite_merge(name: str, weight: Tensor) -> None:
     """Refuse a merged weight with NaN or infinity (before anything is written or swapped)."""
     if not all_finite(weight):

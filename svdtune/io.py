@@ -31,7 +31,7 @@ from svdtune.layers import DELTA, SpectralLayer
 from svdtune.randomized import RandomizedSVD
 from svdtune.sharding import full, refuse_sharded, sharded_tensors, write_on_rank_zero
 from svdtune.offline import warn_if_basis_dependent
-from svdtune.adapting import _check_adaptable, adapt_layers, check_not_shared
+from svdtune.adapting import _check_adaptable, adapt_layers, check_not_shared, refuse_lazy
 from svdtune.walk import (
     adapted_units, factor_ids, join_name, own_persistent_buffers, root_record, trainable_modules, unwrap,
     warn_if_buffers_changed,
@@ -176,6 +176,7 @@ def load_delta(
     """
     wrapper, model = model, unwrap(model)
     refuse_sharded(model, "load a delta into", "call svdtune.load_delta before fully_shard.")
+    refuse_lazy(model, "svdtune.load_delta")
     cache_dir = as_optional_path(cache_dir, "cache_dir")
     delta = as_delta_file(source)
     adapted = {name: (layer, part) for name, layer, part in adapted_units(model)}
@@ -187,7 +188,7 @@ def load_delta(
         _check_whole_layers(steps)
         check_not_shared(model, {kinds.split_unit(name, step.part.name): step.layer for name, step in steps.items()})
     params = values.targets(model, "parameter", _param_candidates(model, delta, steps), delta.params)
-    buffers = values.targets(model, "buffer", dict(model.named_buffers()), delta.buffers)
+    buffers = values.targets(model, "buffer", _persistent_buffers(model, delta), delta.buffers)
     _check_fingerprints(delta, steps, strict, cache_dir)  # hashes first, then the SVDs
     record = {} if adapted else root_record(model)
     written = [target for target, _ in (*params.values(), *buffers.values())]
@@ -340,10 +341,24 @@ def _factors(name: str, step: _Step, cache_dir: str | None) -> Decomposition:
     return step.factors
 
 
+def _persistent_buffers(model: nn.Module, delta: DeltaFile) -> dict[str, Tensor]:
+    """The buffers a file may write: those of the state dict, as `save_delta` saves them. A non-persistent
+    buffer (a mask, a cache) is the model's own business."""
+    persistent = {join_name(name, leaf): buffer for name, module in model.named_modules()
+                  for leaf, buffer in own_persistent_buffers(module)}
+    hidden = next((name for name, _ in model.named_buffers() if name in delta.buffers and name not in persistent), None)
+    if hidden is not None:
+        raise SvdtuneError(f"buffer {hidden!r} of the delta file is a non-persistent buffer of the model (not in its "
+                           "state dict), which a delta file cannot set; load the delta into the model it was trained with.")
+    return persistent
+
+
 def _param_candidates(model: nn.Module, delta: DeltaFile, steps: dict[str, _Step]) -> dict[str, Tensor]:
+    """The parameters a file may write: not a tuned base weight, nor svdtune's own (deltas, frozen factors)."""
     base_weights = {join_name(kinds.split_unit(name, step.part.name), step.part.param) for name, step in steps.items()}
+    factors = factor_ids(model)
     return {name: p for name, p in model.named_parameters()
-            if name not in base_weights and not name.rsplit(".", 1)[-1].startswith(DELTA)}
+            if name not in base_weights and id(p) not in factors and not name.rsplit(".", 1)[-1].startswith(DELTA)}
 
 
 def _apply_steps(model: nn.Module, steps: dict[str, _Step], cache_dir: str | None, record: dict[str, object],

@@ -36,13 +36,15 @@ from svdtune import container, kinds
 from svdtune.arguments import as_optional_path, as_path
 from svdtune.delta import FLOATS, DeltaFile, as_delta_file
 from svdtune.errors import SvdtuneError
-from svdtune.formula import spectrum_shift
+from svdtune.formula import may_overflow, spectrum_shift
 from svdtune.layers import SpectralLayer
 from svdtune.lora_error import LayerError, check_max_rank, kept, layer_error, norms_of, overall
 from svdtune.model import adapted_units, unwrap
 from svdtune.checkpoints import read_state_dict
 from svdtune.offline import base_units, warn_if_basis_dependent
 from svdtune.report import table_lines
+from svdtune.values import all_finite
+from svdtune.writing import atomic_write_all, check_replaceable
 
 FORMATS = {"peft": "adapter_model.safetensors", "diffusers": "pytorch_lora_weights.safetensors"}
 CONFIG_NAME = "adapter_config.json"  # written for format="peft" only: diffusers reads the ranks off the tensors
@@ -149,6 +151,7 @@ def export_lora(
         source = source if isinstance(source, DeltaFile) else as_path(source, "the delta file path")
     files = [os.path.join(folder, FORMATS[format]), *([os.path.join(folder, CONFIG_NAME)] if format == "peft" else [])]
     _check_not_inputs(files, source, base)
+    _check_out_dir(folder, files)
     updates, names, delta_bytes = _updates(source, base, strict)
     tensors, norms, errors = {}, {}, {}
     for name, update in updates.items():
@@ -157,14 +160,15 @@ def export_lora(
         norms[name] = norms_of(update.shift, update.sigma, keep, update.weight_frobenius2, update.untuned_top)
         errors[name] = layer_error(norms[name], update.shift.numel(), keep.numel() * update.groups)
         key = f"base_model.model.{name}" if format == "peft" else f"{prefix}.{name}"
-        tensors.update({f"{key}.{k}": v for k, v in _lora_tensors(update, keep, dtype).items()})
+        tensors.update({f"{key}.{k}": v for k, v in _finite(name, update, _lora_tensors(update, keep, dtype)).items()})
     check_max_rank(errors, max_rank)
     # Nothing above wrote anything.
     os.makedirs(folder, exist_ok=True)
-    container.atomic_write(files[0], container.encode(tensors, {"format": "pt"}))
+    written = {files[0]: container.encode(tensors, {"format": "pt"})}
     if format == "peft":
         config = json.dumps(_config(updates, errors, names), indent=2, sort_keys=True)
-        container.atomic_write(files[1], [config.encode("utf-8") + b"\n"])
+        written[files[1]] = [config.encode("utf-8") + b"\n"]
+    atomic_write_all(written)  # the adapter and its config together, or neither
     size = sum(os.path.getsize(f) for f in files)
     return LoraExport(files, errors, overall(list(norms.values()), list(errors.values())), size, delta_bytes)
 
@@ -176,7 +180,7 @@ def _check_arguments(rank: object, format: object, prefix: object, max_rank: obj
         raise SvdtuneError(f"max_rank={max_rank!r} must be a positive int (e.g. vLLM's --max-lora-rank), or None.")
     if not isinstance(format, str) or format not in FORMATS:
         raise SvdtuneError(f"format={format!r} is not one of {sorted(FORMATS)}.")
-    if not isinstance(prefix, str) or not prefix or prefix.startswith(".") or prefix.endswith("."):
+    if not isinstance(prefix, str) or not prefix.isprintable() or "" in prefix.split("."):
         raise SvdtuneError(f"prefix={prefix!r} must be a diffusers component name such as 'unet' or 'text_encoder'.")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in FLOATS):
         raise SvdtuneError(f"dtype={dtype!r} must be one of {[str(d) for d in FLOATS]}, or None for the base weights' dtype.")
@@ -191,6 +195,28 @@ def _updates(source: object, base: object, strict: bool) -> tuple[dict[str, _Upd
         return _model_updates(model), {name for name, _ in model.named_modules() if name}, None
     updates, names = _file_updates(source, base, strict)
     return updates, names, None if isinstance(source, DeltaFile) else os.path.getsize(source)
+
+
+def _check_out_dir(folder: str, files: list[str]) -> None:
+    """Refuse, before any work, an ``out_dir`` that is not a folder, or files in it that cannot be replaced."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SvdtuneError(f"out_dir {folder!r} is a file; give a folder (it is created if missing).")
+    if os.path.isdir(folder):
+        for path in files:
+            check_replaceable(path)
+
+
+def _finite(name: str, update: _Update, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Refuse an update that makes W' non-finite in the weight's dtype (as `merge_files` does; the bound
+    `svdtune.formula.may_overflow` decides without building W'), or factors that overflow the export's dtype."""
+    top = max(float(update.sigma.abs().max()) if update.sigma.numel() else 0.0, update.untuned_top)
+    if may_overflow(top, update.shift, update.dtype):
+        raise SvdtuneError(f"layer {name!r}: its update may make the weight non-finite in {update.dtype} (as merge_files "
+                           "refuses); check the delta's deltas and scale.")
+    if not all(map(all_finite, tensors.values())):
+        out = next(iter(tensors.values())).dtype
+        raise SvdtuneError(f"layer {name!r}: its LoRA factors overflow {out}; export in a wider dtype (dtype=torch.float32).")
+    return tensors
 
 
 def _check_not_inputs(files: list[str], source: object, base: object) -> None:

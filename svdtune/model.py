@@ -11,7 +11,10 @@ from torch import Tensor, nn
 
 from svdtune.adapting import apply  # noqa: F401  (svdtune.model.apply, as before the split)
 from svdtune import kinds
-from svdtune.formula import check_finite_merge
+from svdtune.config import SpectralConfig
+from svdtune.errors import SvdtuneError
+from svdtune.formula import check_finite_merge, may_overflow, spectrum_shift
+from svdtune.layers import SpectralLayer
 from svdtune.report import SKIPPED, Report, build_report
 from svdtune.sharding import refuse_sharded
 from svdtune.swap import unadapt
@@ -90,16 +93,34 @@ def set_scale(model: nn.Module, scale: float) -> nn.Module:
         The same model.
 
     Raises:
-        SvdtuneError: if the model has no svdtune layers or scale is not finite.
+        SvdtuneError: if the model has no svdtune layers, scale is not finite, or it makes a layer's
+            adapted weight overflow its dtype (nothing changes then).
 
     Example:
         >>> svdtune.set_scale(model, 0.8)
     """
     layers = _require_adapted(unwrap(model), "scale")
     configs = [dataclasses.replace(layer._spectral.config, scale=scale) for _, layer in layers]
+    for (name, layer), config in zip(layers, configs):
+        _check_scale_fits(name, layer, config)
     for (_, layer), config in zip(layers, configs):
         layer._spectral.config = config
     return model
+
+
+def _check_scale_fits(name: str, layer: SpectralLayer, config: SpectralConfig) -> None:
+    """Refuse a scale at which a layer's W' may overflow its dtype (not checked on a sharded layer: reading
+    its spectrum would be a collective)."""
+    if layer._sharded():
+        return
+    for part in layer.spectral_parts():
+        sigma = layer._held_factors(part).sigma
+        with torch.no_grad():
+            shift = spectrum_shift(sigma, layer.spectral_delta(part), config.scale, config.mode)
+        dtype = layer._parameters[layer._unit(part).part.param].dtype
+        if sigma.numel() and may_overflow(float(sigma.max()), shift, dtype):
+            raise SvdtuneError(f"scale={config.scale:g} makes the weight of layer {kinds.unit_name(name, part)!r} "
+                               f"overflow {dtype}; use a smaller scale.")
 
 
 def singular_values(model: nn.Module) -> dict[str, tuple[Tensor, Tensor]]:

@@ -227,6 +227,8 @@ def combine(deltas: Iterable[str | os.PathLike | DeltaFile], weights: Iterable[f
     Example:
         >>> svdtune.combine(["sharp.safetensors", "warm.safetensors"], [0.7, 0.3]).save("mix.safetensors")
     """
+    if isinstance(deltas, (str, bytes, os.PathLike, DeltaFile)):
+        raise SvdtuneError("combine needs a list of deltas (paths or DeltaFiles), got one; pass [delta, ...].")
     try:
         deltas, weights = list(deltas), list(weights)  # iterated more than once below
     except TypeError:

@@ -165,10 +165,12 @@ def build_report(model: nn.Module) -> Report:
                     f"{delta.numel()}/{min(matrix)}", module._spectral.config.mode,
                     delta.numel() if delta.requires_grad else 0, layer_memory(module, part),
                 ))
+    lazy = nn.parameter.UninitializedParameter  # a lazy module not yet run: no shape, no numbers yet
     for name, param in model.named_parameters():
         if param.requires_grad and id(param) not in deltas:
-            rows.append(LayerRow(name, "parameter", tuple(param.shape), "full", "-", param.numel()))
-    total = sum(p.numel() for p in model.parameters() if id(p) not in deltas)
+            shape, count = ((), 0) if isinstance(param, lazy) else (tuple(param.shape), param.numel())
+            rows.append(LayerRow(name, "parameter", shape, "full", "-", count))
+    total = sum(p.numel() for p in model.parameters() if id(p) not in deltas and not isinstance(p, lazy))
     skipped = [cls for module in model.modules() for cls in module.__dict__.get(SKIPPED, {}).values()]
     return Report(tuple(rows), sum(r.trainable for r in rows), total, count_kinds(skipped))
 

@@ -62,12 +62,12 @@ class _Snapshot:
             module._non_persistent_buffers_set.update(state.non_persistent)
             if state.spectral is not None:
                 module.__dict__["_spectral"].__dict__.update(state.spectral)
+        for param, flag in self.flags:  # (before the values: a flag cannot fail to be set back)
+            with writable(param):
+                param.requires_grad_(flag)
         for tensor, value in self.values:
             with writable(tensor):
                 tensor.copy_(value)
-        for param, flag in self.flags:
-            with writable(param):
-                param.requires_grad_(flag)
 
 
 def _module_state(module: nn.Module) -> _ModuleState:

@@ -29,6 +29,22 @@ def all_finite(tensor: Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+def overlapping(tensor: Tensor) -> bool:
+    """Whether two elements of a (strided) tensor share memory, e.g. stride 0 (``expand``).
+
+    Dims sorted by stride: each stride must reach past everything the smaller ones span.
+    (A few exotic interleaved layouts that do not overlap are counted as overlapping.)
+    """
+    if tensor.numel() <= 1:
+        return False
+    span = 1  # elements spanned by the dims so far, from the first to the last, inclusive
+    for stride, size in sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride()) if size > 1):
+        if stride < span:
+            return True
+        span += stride * (size - 1)
+    return False
+
+
 def delta_value(name: str, record: LayerDelta, dtype: torch.dtype, device: torch.device) -> Tensor:
     """The file's deltas as the model will hold them, refused if they overflow its dtype (1e39 in float32)."""
     value = record.delta.to(device=device, dtype=dtype)
@@ -62,6 +78,9 @@ def _value(model: nn.Module, kind: str, name: str, target: Tensor, value: Tensor
 
     if target.is_meta:
         raise refuse("the model's tensor is on the meta device and cannot receive values; materialize the model first")
+    if overlapping(target):
+        raise refuse(f"the model's tensor of shape {list(target.shape)} has strides {list(target.stride())}, so its "
+                     "elements share memory (e.g. an expand) and cannot each take a value; make it .contiguous()")
     if kind == "parameter" and not target.is_floating_point():
         raise refuse(f"the model's parameter is {target.dtype}, which cannot be trained (requires_grad needs a float)")
     if value.is_complex() and not target.is_complex():

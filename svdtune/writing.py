@@ -94,8 +94,39 @@ def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) 
         OSError: naming ``path``: the folder is missing (FileNotFoundError), ``path`` is a
             folder (IsADirectoryError) or read-only (PermissionError), the disk is full, ...
     """
-    path = os.fspath(path)
-    existing = _check_folder(path)
+    atomic_write_all({path: chunks})
+
+
+def atomic_write_all(files: dict[str | os.PathLike, Iterable[bytes | memoryview]]) -> None:
+    """`atomic_write` for files that belong together (an adapter and its config): every destination is
+    checked, then every file is written to its temporary file, and only when all are complete are they
+    renamed, in order. A failure before the renames leaves every destination untouched.
+
+    Raises:
+        OSError: as `atomic_write`, naming the destination that failed.
+    """
+    paths = {os.fspath(path): chunks for path, chunks in files.items()}
+    existing = {path: _check_folder(path) for path in paths}
+    staged: list[tuple[str, str]] = []  # (temporary, destination)
+    try:
+        for path, chunks in paths.items():
+            staged.append((_staged(path, chunks, existing[path]), path))
+        for temporary, path in staged:
+            try:
+                os.replace(temporary, path)
+            except OSError as error:
+                raise _naming(error, path) from None
+    except BaseException:
+        for temporary, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        raise
+    for folder in {os.path.dirname(os.path.abspath(path)) for path in paths}:
+        _sync_folder(folder)
+
+
+def _staged(path: str, chunks: Iterable[bytes | memoryview], existing: os.stat_result | None) -> str:
+    """A complete, fsynced temporary file beside ``path`` holding ``chunks``, with the mode ``path`` gets."""
     folder = os.path.dirname(os.path.abspath(path))
     remove_stale_temporaries(folder)
     try:
@@ -110,14 +141,23 @@ def atomic_write(path: str | os.PathLike, chunks: Iterable[bytes | memoryview]) 
             if existing is not None:
                 _keep_owner_and_mode(descriptor, existing)
             os.fsync(descriptor)
-        os.replace(temporary, path)
     except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         if isinstance(error, OSError):
             raise _naming(error, path) from None
         raise
-    _sync_folder(folder)
+    return temporary
+
+
+def check_replaceable(path: str | os.PathLike) -> None:
+    """Refuse, before any work, a destination that `atomic_write` could not replace (a folder, a
+    read-only file, a missing folder); see `check_destination` for delta files.
+
+    Raises:
+        OSError: naming ``path``.
+    """
+    _check_folder(os.fspath(path))
 
 
 def _create_temporary(folder: str, private: bool) -> tuple[int, str]:
