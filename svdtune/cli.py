@@ -155,7 +155,7 @@ def _add_export_lora(commands) -> argparse.ArgumentParser:
                     "keeping only the RANK largest shifts, and the sizes.")
     command.add_argument("delta", metavar="DELTA", help="the delta file")
     command.add_argument("-o", "--out", required=True, help="the folder to write (created if missing)")
-    command.add_argument("--base", help="the base state dict the delta was trained on (required)")
+    command.add_argument("--base", required=True, help="the base state dict the delta was trained on")
     command.add_argument("--rank", type=int, help="keep the RANK largest shifts per layer (default: all, exact)")
     command.add_argument("--max-rank", type=int, help="refuse a layer rank above this (vLLM's --max-lora-rank)")
     command.add_argument("--format", choices=["diffusers", "peft"], default="peft", help="peft (default) or diffusers")
