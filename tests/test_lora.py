@@ -216,8 +216,9 @@ def test_a_delta_file_exports_as_the_model_does_and_the_cli_prints_errors_and_si
     with torch.no_grad():
         torch.testing.assert_close(peft_model(base, tmp_path / "cli")(x), peft_model(base, tmp_path / "model")(x))
     assert cli.keys() == ours.keys()
-    assert main(["export-lora", str(tmp_path / "task.safetensors"), "-o", str(tmp_path / "x")]) == 1
-    assert "svdtune: error: exporting a delta file needs base=" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:  # --base is a required option: argparse's usage error
+        main(["export-lora", str(tmp_path / "task.safetensors"), "-o", str(tmp_path / "x")])
+    assert exited.value.code == 2 and "the following arguments are required: --base" in capsys.readouterr().err
     assert main(["export-lora", str(tmp_path / "task.safetensors"), "--base", str(tmp_path / "base.pt"),
                  "-o", str(tmp_path / "x"), "--rank", "2", "--max-rank", "1"]) == 1
     assert "above max_rank=1" in capsys.readouterr().err and not (tmp_path / "x").exists()
