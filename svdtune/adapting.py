@@ -13,7 +13,7 @@ from svdtune import kinds
 from svdtune.arguments import as_optional_path
 from svdtune.cache import decompose_layers
 from svdtune.config import SpectralConfig
-from svdtune.decompose import Decomposition, warn_if_degenerate, warn_if_slow_svd
+from svdtune.decompose import Decomposition, check_svd_choice, warn_if_degenerate, warn_if_slow_svd
 from svdtune.errors import SvdtuneError
 from svdtune.fingerprint import FLOATS
 from svdtune.integrations import guard
@@ -100,6 +100,7 @@ def apply(
     refuse_sharded(model, "svdtune.apply", "call svdtune.apply before fully_shard.")
     refuse_lazy(model, "svdtune.apply")
     config = SpectralConfig(mode=mode, rank=rank)
+    check_svd_choice(svd)
     if not isinstance(progress, bool):
         raise SvdtuneError(f"progress={progress!r:.40} must be True (a progress bar on a terminal) or False.")
     targets, exclude = as_patterns(targets, "targets"), as_patterns(exclude, "exclude")

@@ -65,11 +65,16 @@ def _check_expansion(handle, size: int, what: str) -> None:
     """Refuse a zip checkpoint whose members would expand past the size bound (compressed zeros: a 130 kB
     file of 128 MiB) from its directory alone, before torch.load allocates them. (torch.save stores members
     uncompressed; a legacy, non-zip checkpoint holds its bytes as they are.)"""
+    zipped = handle.read(4) == b"PK\x03\x04"  # a local file header first, as torch.save writes
+    handle.seek(0)
     try:
         with zipfile.ZipFile(handle) as archive:
             expanded = sum(info.file_size for info in archive.infolist())
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-        return  # not a zip archive: torch.load tells what it is
+        if zipped:  # torch's own zip reader may still read it, and expand what this check cannot see
+            raise SvdtuneError(f"{what}: its zip archive's directory cannot be read (damaged or crafted); save the "
+                               "state dict again with torch.save.") from None
+        return  # not a zip archive: torch.load tells what it is (a legacy checkpoint holds its bytes as they are)
     finally:
         handle.seek(0)
     if expanded > MAX_LOGICAL_RATIO * size + MAX_LOGICAL_SLACK:

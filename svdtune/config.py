@@ -31,8 +31,8 @@ class SpectralConfig:
     scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise SvdtuneError(f"mode={self.mode!r} is not supported; use one of {MODES}.")
+        if not isinstance(self.mode, str) or self.mode not in MODES:
+            raise SvdtuneError(f"mode={self.mode!r:.60} is not supported; use one of {MODES}.")
         if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1):
             raise SvdtuneError(f"rank={self.rank!r} must be a positive int, or None to tune every singular value.")
         object.__setattr__(self, "scale", as_scale(self.scale))  # always a Python float

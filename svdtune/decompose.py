@@ -63,6 +63,12 @@ def svd_driver(device: torch.device) -> str | None:
     return "gesvd" if device.type == "cuda" else None
 
 
+def check_svd_choice(svd: object) -> None:
+    """Refuse an ``svd`` argument that is none of `SVD_CHOICES`, None or a `RandomizedSVD`."""
+    if not (svd is None or isinstance(svd, RandomizedSVD) or (isinstance(svd, str) and svd in SVD_CHOICES)):
+        raise SvdtuneError(f"svd={svd!r:.60} is not an SVD method; use one of {SVD_CHOICES} or a svdtune.RandomizedSVD.")
+
+
 def choose_svd(shape: tuple[int, int], rank: int | None, svd: str | RandomizedSVD | None = "auto") -> RandomizedSVD | None:
     """The algorithm that decomposes a matrix of ``shape`` at ``rank``: a `RandomizedSVD`, or None (exact).
 
@@ -79,14 +85,10 @@ def choose_svd(shape: tuple[int, int], rank: int | None, svd: str | RandomizedSV
         SvdtuneError: an unknown ``svd``, or a randomized SVD asked for where it cannot run
             (no rank, or rank + oversample > min(m, n)).
     """
+    check_svd_choice(svd)
     if svd is None or svd == "exact":
         return None
-    if isinstance(svd, RandomizedSVD):
-        params = svd
-    elif svd in ("auto", "randomized"):
-        params = RandomizedSVD()
-    else:
-        raise SvdtuneError(f"svd={svd!r} is not an SVD method; use one of {SVD_CHOICES} or a svdtune.RandomizedSVD.")
+    params = svd if isinstance(svd, RandomizedSVD) else RandomizedSVD()  # "auto" or "randomized"
     size = min(shape)
     width = None if rank is None else rank + params.oversample
     if svd == "auto":

@@ -216,6 +216,11 @@ class SpectralLayer(CheckpointHooks):
         base_changed = stamps[:count] != state.stamps[:count]
         factors_changed = all(now != then for now, then in zip(stamps[count:], state.stamps[count:]))
         if not state.stamps or (base_changed and not (factors_changed and self._factors_fit())):
+            if _in_func_transform():  # an SVD of wrapped tensors would store them in the layer's parameters
+                raise SvdtuneError(
+                    f"an svdtune layer ({self._spectral.original_class.__name__}) got a new base weight inside a "
+                    "torch.func transform, where svdtune cannot decompose it; pass its factors for that weight too "
+                    "(functional_call with every entry of named_parameters()), or set the weight outside the transform.")
             self.redecompose()  # (no stamps: out of meta, to_empty)
         else:
             state.stamps = stamps
@@ -224,7 +229,7 @@ class SpectralLayer(CheckpointHooks):
         """Whether the factors held now pass the probe against the weights held now. Trusted unprobed:
         FSDP2's gathered copies (every forward), and inside ``torch.func`` transforms (``vmap`` cannot
         branch on values)."""
-        if self._sharded() or torch._C._functorch.peek_interpreter_stack() is not None:
+        if self._sharded() or _in_func_transform():
             return True
         return all(check_factors(self._held_factors(part), self.base_matrix(part)) is None
                    for part in self._spectral.units)
@@ -341,6 +346,11 @@ class SpectralLayer(CheckpointHooks):
     def _plain_forward(self, *args, **kwargs):
         """The original class's forward (reading the adapted weight)."""
         return self._spectral.original_class.forward(self, *args, **kwargs)
+
+
+def _in_func_transform() -> bool:
+    """Inside ``torch.func.grad``/``vmap``/``jvp``... (their tensors are wrapped; values cannot steer Python)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def delta_name(part: str) -> str:

@@ -29,9 +29,13 @@ def as_patterns(patterns: str | Iterable[str], what: str) -> tuple[str, ...]:
     """Accept one pattern or several; refuse anything else by name."""
     if isinstance(patterns, str):
         return (patterns,)
+    wrong = SvdtuneError(f"{what} must be a glob pattern or a list of them, got {patterns!r:.80}; e.g. {what}=['fc*'].")
     if not isinstance(patterns, Iterable):
-        raise SvdtuneError(f"{what} must be a glob pattern or a list of them, got {patterns!r}; e.g. {what}=['fc*'].")
-    patterns = tuple(patterns)
+        raise wrong
+    try:
+        patterns = tuple(patterns)
+    except TypeError:  # iterable by type only, e.g. a 0-d tensor
+        raise wrong from None
     if not all(isinstance(p, str) and p for p in patterns):
         raise SvdtuneError(f"{what} must be non-empty glob patterns (strings), got {patterns!r}.")
     return patterns

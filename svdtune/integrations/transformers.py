@@ -23,8 +23,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from svdtune.errors import SvdtuneError
 from svdtune.io import save_delta
-from svdtune.layers import DELTA
+from svdtune.formula import check_finite_merge
+from svdtune.layers import delta_name
 from svdtune.sharding import sharded_tensors
+from svdtune.writing import atomic_write
 from svdtune.walk import adapted_layers, own_persistent_buffers, join_name, unwrap
 
 DELTA_FILE = "svdtune_delta.safetensors"  # the delta file the callback writes into each checkpoint folder
@@ -55,6 +57,8 @@ class SvdtuneCallback(TrainerCallback):
     """
 
     def __init__(self, keep_base_weights: bool = True, metadata: dict[str, str] | None = None) -> None:
+        if not isinstance(keep_base_weights, bool):
+            raise SvdtuneError(f"keep_base_weights={keep_base_weights!r:.40} must be True or False.")
         self.keep_base_weights = keep_base_weights
         self.metadata = dict(metadata or {})
 
@@ -91,20 +95,23 @@ def trained_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def keep_only_trained(model: nn.Module, folder: str | os.PathLike) -> None:
     """Replace a Trainer checkpoint's weights by `trained_state_dict` (``model.safetensors``); the config,
-    optimizer, scheduler and trainer state stay. The new file is written before the old ones are removed."""
+    optimizer, scheduler and trainer state stay. The new file replaces ``model.safetensors`` atomically
+    (`svdtune.writing.atomic_write`) before the other weight files are removed: a crash leaves weights."""
     folder = os.fspath(folder)
-    tmp = os.path.join(folder, "model.safetensors.svdtune-tmp")
-    safetensors.torch.save_file(trained_state_dict(model), tmp,
-                                metadata={"format": "pt", "svdtune": "trained tensors only, no base weights"})
+    target = os.path.join(folder, "model.safetensors")
+    data = safetensors.torch.save(trained_state_dict(model),
+                                  metadata={"format": "pt", "svdtune": "trained tensors only, no base weights"})
+    atomic_write(target, [data])
     for pattern in _WEIGHTS:
         for path in glob.glob(os.path.join(folder, pattern)):
-            os.remove(path)
-    os.replace(tmp, os.path.join(folder, "model.safetensors"))
+            if os.path.abspath(path) != os.path.abspath(target):
+                os.remove(path)
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """``model.state_dict()`` as `svdtune.merge` would leave it, without changing the model: each adapted
-    layer's ``weight`` is W' (computed as merge does) and its ``svd_delta`` key is gone.
+    parameter (``weight``; an attention's ``in_proj_weight``...) is W' (computed as merge does) and the
+    deltas' keys (``svd_delta``, ``svd_delta_q_proj``...) are gone.
 
     Raises:
         SvdtuneError: the model has no svdtune layers, or a merged weight is not finite.
@@ -116,11 +123,11 @@ def merged_state_dict(model: nn.Module) -> dict[str, Tensor]:
     state = model.state_dict()
     with torch.no_grad():
         for name, layer in layers:
-            weight = layer.merged_weight()
-            if not bool(torch.isfinite(weight).all()):
-                raise SvdtuneError(f"merging layer {name!r} gives non-finite weights; check its deltas and scale.")
-            state[join_name(name, "weight")] = weight
-            del state[join_name(name, DELTA)]
+            for param, weight in layer.merged_params().items():
+                check_finite_merge(name, weight)
+                state[join_name(name, param)] = weight
+            for part in layer.spectral_parts():
+                del state[join_name(name, delta_name(part))]
     return state
 
 
