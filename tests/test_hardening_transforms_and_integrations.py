@@ -1,4 +1,4 @@
-"""Third adversarial review: what the first two (test_review_issue10.py, test_review2.py) did not cover.
+"""Hardening found by a third adversarial review (issue 10): torch.func transforms, save_merged, argument types.
 
 Each test fails on main at 8bbb99c and states the promise of docs/guide.md, docs/api.md or
 docs/deploy.md it checks, against a dense float64 reference where outputs are concerned.

@@ -1,4 +1,4 @@
-"""Review of issue 10 (hardening): variants of its attacks that an adversarial review found unhandled.
+"""Hardening (issue 10): variants of its attacks that a first adversarial review found unhandled.
 
 The review's tests failed on main at b1afae1; each states the promise of docs/format.md,
 docs/guide.md or docs/api.md it checks. The last ones cover the rest of the same classes.

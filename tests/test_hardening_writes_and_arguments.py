@@ -1,4 +1,4 @@
-"""Second adversarial review: what still breaks a promise of docs/api.md or docs/guide.md.
+"""Hardening found by a second adversarial review (issue 10): what load_delta may write, export_lora, arguments.
 
 Each test failed on main at 4441c7f and says which promise it checks; they pass once the
 library keeps it (a refusal with `SvdtuneError` where the promise allows one).
