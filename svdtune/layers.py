@@ -36,6 +36,7 @@ in CPU memory through ``_apply`` and is copied to the device per use.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +59,31 @@ def version_of(tensor: Tensor) -> int:
     """``tensor._version``; 0 for an inference tensor (of a model built under ``torch.inference_mode()``),
     which has no version counter and can be changed in place only inside inference mode."""
     return 0 if tensor.is_inference() else tensor._version
+
+
+class Stamp:
+    """Which tensor a layer held, and its version: equal to a later stamp only if that is the same tensor,
+    still alive, at the same version. (Not its ``id``: a tensor that died, e.g. a copy passed to
+    ``functional_call``, can leave its id to a new one.)"""
+
+    __slots__ = ("ref", "version")
+
+    def __init__(self, tensor: Tensor | None, version: int = 0) -> None:
+        self.ref = weakref.ref(tensor) if tensor is not None else _dead
+        self.version = version_of(tensor) if tensor is not None else version
+
+    def __eq__(self, other: object) -> bool:
+        held = self.ref()
+        return isinstance(other, Stamp) and held is not None and held is other.ref() and self.version == other.version
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self):  # a copy or pickle holds other tensors: its stamps match nothing
+        return Stamp, (None, self.version)
+
+
+def _dead() -> None:
+    return None
 
 
 @dataclass(eq=False)
@@ -83,7 +109,7 @@ class SpectralState:
     original_class: type[nn.Module]
     units: dict[str, Unit]  # part name ("" for a layer's only matrix) -> Unit, in part order
     params: tuple[str, ...]  # the names of the parameters the units are in, in part order
-    stamps: tuple[tuple[int, int], ...]  # (id, _version) per base weight, then per factor, when last checked
+    stamps: tuple[Stamp, ...]  # of each base weight, then of each factor, when last checked
     cache_dir: str | None = None  # where decompositions are cached on disk (see svdtune.cache)
     # parameter name -> (key, version of the tensor when built, W'): the no-grad W' of `SpectralLayer._cached_weight`
     cached: dict[str, tuple[tuple, int, Tensor]] = field(default_factory=dict, repr=False)
@@ -222,7 +248,7 @@ class SpectralLayer(CheckpointHooks):
                     "torch.func transform, where svdtune cannot decompose it; pass its factors for that weight too "
                     "(functional_call with every entry of named_parameters()), or set the weight outside the transform.")
             self.redecompose()  # (no stamps: out of meta, to_empty)
-        else:
+        elif not _in_func_transform():  # (a transform's tensors are its own, gone after it)
             state.stamps = stamps
 
     def _factors_fit(self) -> bool:
@@ -265,11 +291,11 @@ class SpectralLayer(CheckpointHooks):
         """Managed by FSDP2's ``fully_shard`` (which marks every module it manages)."""
         return bool(self.__dict__.get("_is_fsdp_managed_module", False))
 
-    def _stamps(self) -> tuple[tuple[int, int], ...]:
-        """(id, version) of each base weight, then of each factor: change when one is replaced or edited
+    def _stamps(self) -> tuple[Stamp, ...]:
+        """A `Stamp` of each base weight, then of each factor: they change when one is replaced or edited
         in place (not through ``.data``)."""
         names = (*self._spectral.params, *self._factor_names())
-        return tuple((id(p), version_of(p)) for p in map(self._parameters.__getitem__, names))
+        return tuple(map(Stamp, map(self._parameters.__getitem__, names)))
 
     def redecompose(self) -> None:
         """Decompose the current base weights again (the deltas are kept).

@@ -198,3 +198,33 @@ def test_an_optimizer_over_all_parameters_still_holds_the_models_factors_after_a
     model(torch.randn(3, 6))  # decomposed again
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert held == {id(p) for p in model.parameters()}
+
+
+def test_transient_copies_in_functional_call_never_pass_for_the_models_tensors():
+    """A copy passed to functional_call dies after the call and can leave its id to the next call's copy:
+    tensors are told apart by identity (a weak reference), not by id. Before, some of 200 torch.func
+    calls took a reused id for "the factors did not change" and refused, or would decompose wrapped tensors."""
+    model, x = _model(), torch.randn(4, 6)
+
+    def loss(params, batch):
+        return torch.func.functional_call(model, params, (batch,)).square().sum()
+
+    expected = torch.autograd.grad(loss(dict(model.named_parameters()), x), svdtune.trainable_parameters(model))
+    for _ in range(200):
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        grads = torch.func.grad(loss)(params, x)
+    for ref, name in zip(expected, ["0.svd_delta", "2.svd_delta"]):
+        torch.testing.assert_close(grads[name], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_each_new_weight_in_consecutive_functional_calls_gets_its_own_svd():
+    model, x = _model(), torch.randn(3, 6)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        params = {name: p.detach().clone() for name, p in model.named_parameters()}  # copies of the old factors
+        params["0.weight"] = torch.randn(5, 6)
+        W = params["0.weight"].double()
+        U, sigma, Vh = torch.linalg.svd(W, full_matrices=False)  # delta 0: W' = W, whatever the SVD
+        first = torch.tanh(x.double() @ (U @ torch.diag(sigma) @ Vh).T + params["0.bias"])
+        out = torch.func.functional_call(model, params, (x,))
+        torch.testing.assert_close(out, model[2](first.float()), rtol=1e-5, atol=1e-5)
