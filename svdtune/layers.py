@@ -329,8 +329,9 @@ class SpectralLayer(CheckpointHooks):
             return self.adapted_weight(param)  # built for this use and freed after (sharded: a W' per layer per rank)
         base, state = self._parameters[param], self._spectral
         deltas = [self._parameters[delta_name(part)] for part, _ in self._units_of(param)]
-        key = (*((version_of(d), d.data_ptr()) for d in deltas), version_of(base), base.data_ptr(), base.dtype,
-               base.device, state.config)
+        # the same tensors (a new one can take a freed one's address), versions and memory, and the same config
+        key = (*((Stamp(d), d.data_ptr()) for d in deltas), Stamp(base), base.data_ptr(), base.dtype, base.device,
+               state.config)
         entry = state.cached.get(param)
         if entry is None or entry[0] != key or entry[2]._version != entry[1]:
             # (re)build, also when someone wrote into the cached tensor; never as an inference

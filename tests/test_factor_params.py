@@ -228,3 +228,30 @@ def test_each_new_weight_in_consecutive_functional_calls_gets_its_own_svd():
         first = torch.tanh(x.double() @ (U @ torch.diag(sigma) @ Vh).T + params["0.bias"])
         out = torch.func.functional_call(model, params, (x,))
         torch.testing.assert_close(out, model[2](first.float()), rtol=1e-5, atol=1e-5)
+
+
+def test_the_eval_cache_is_not_fooled_by_a_new_delta_at_a_freed_deltas_address():
+    """GPU caching allocators hand a freed block to the next tensor of its size: a new delta (a copy in
+    functional_call, a new Parameter) can have the old one's address and version. The no-grad W' cache
+    then served the old deltas' W'. Emulated here: a new tensor on the same memory, holding new values."""
+    model, x = _model().eval(), torch.randn(3, 6)
+    layer = model[0]
+    W = layer.base_weight.detach().double()
+    U, sigma, Vh = torch.linalg.svd(W, full_matrices=False)
+
+    def expected(value: float) -> torch.Tensor:
+        first = torch.tanh(x.double() @ (W + U @ torch.diag(torch.relu(sigma + value) - sigma) @ Vh).T + layer.bias)
+        return model[2](first.float())
+
+    def run(delta: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.func.functional_call(model, {"0.svd_delta": delta}, (x,), strict=False)
+
+    old = torch.full((5,), 0.1).add_(0.0)  # version 1, as the tensor set_ makes below
+    torch.testing.assert_close(run(old), expected(0.1), rtol=1e-5, atol=1e-5)
+    memory = old.untyped_storage()
+    torch.empty(0).set_(memory, 0, (5,)).fill_(0.5)  # new values, written through another tensor object
+    del old  # freed: the next tensor takes its memory
+    new = torch.empty(0).set_(memory, 0, (5,))  # a new tensor, version 1, at the old address
+    assert new.data_ptr() == memory.data_ptr() and new._version == 1
+    torch.testing.assert_close(run(new), expected(0.5), rtol=1e-5, atol=1e-5)
