@@ -74,7 +74,7 @@ class CheckpointHooks(nn.Module):
             params.update((name, held[name] if name in names else now.get(name, held[name])) for name in held)
 
     def __getstate__(self):
-        self._factors()  # a copy or pickle gets factors of the weight it holds
+        self._adopt()  # a copy or pickle gets factors of the weight it holds
         return super().__getstate__()
 
     def __setstate__(self, state):

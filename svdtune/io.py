@@ -203,6 +203,8 @@ def load_delta(
                     target.copy_(value)
                     if kind == "parameter" and not target.requires_grad:
                         target.requires_grad_(True)
+        for step in steps.values():  # inference tensors have no version counter to tell the W' cache
+            step.layer._clear_cache()
     return wrapper
 
 

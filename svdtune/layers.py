@@ -36,7 +36,6 @@ in CPU memory through ``_apply`` and is copied to the device per use.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -44,8 +43,9 @@ from torch import Tensor, nn
 
 from svdtune import kinds, memory
 from svdtune.config import SpectralConfig
-from svdtune.cache import check_factors, decompose_cached
+from svdtune.cache import decompose_cached
 from svdtune.checkpoint_hooks import CheckpointHooks
+from svdtune.tracking import Stamp, Tracking, in_func_transform
 from svdtune.decompose import Decomposition, svd_dtype
 from svdtune.errors import SvdtuneError
 from svdtune.randomized import RandomizedSVD
@@ -53,37 +53,6 @@ from svdtune.formula import delta_weight, merged_matrix, spectrum_shift
 
 DELTA = "svd_delta"  # parameter name of the trainable deltas: state-dict key "<layer>.svd_delta"
 FACTORS = ("U", "sigma", "Vh")  # the frozen factor parameters "svd_U", "svd_sigma", "svd_Vh" (+ "_<part>")
-
-
-def version_of(tensor: Tensor) -> int:
-    """``tensor._version``; 0 for an inference tensor (of a model built under ``torch.inference_mode()``),
-    which has no version counter and can be changed in place only inside inference mode."""
-    return 0 if tensor.is_inference() else tensor._version
-
-
-class Stamp:
-    """Which tensor a layer held, and its version: equal to a later stamp only if that is the same tensor,
-    still alive, at the same version. (Not its ``id``: a tensor that died, e.g. a copy passed to
-    ``functional_call``, can leave its id to a new one.)"""
-
-    __slots__ = ("ref", "version")
-
-    def __init__(self, tensor: Tensor | None, version: int = 0) -> None:
-        self.ref = weakref.ref(tensor) if tensor is not None else _dead
-        self.version = version_of(tensor) if tensor is not None else version
-
-    def __eq__(self, other: object) -> bool:
-        held = self.ref()
-        return isinstance(other, Stamp) and held is not None and held is other.ref() and self.version == other.version
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __reduce__(self):  # a copy or pickle holds other tensors: its stamps match nothing
-        return Stamp, (None, self.version)
-
-
-def _dead() -> None:
-    return None
 
 
 @dataclass(eq=False)
@@ -109,16 +78,18 @@ class SpectralState:
     original_class: type[nn.Module]
     units: dict[str, Unit]  # part name ("" for a layer's only matrix) -> Unit, in part order
     params: tuple[str, ...]  # the names of the parameters the units are in, in part order
-    stamps: tuple[Stamp, ...]  # of each base weight, then of each factor, when last checked
+    stamps: tuple[Stamp, ...]  # of the layer's own base weights, then factors, when they were last made to agree
     cache_dir: str | None = None  # where decompositions are cached on disk (see svdtune.cache)
     # parameter name -> (key, version of the tensor when built, W'): the no-grad W' of `SpectralLayer._cached_weight`
     cached: dict[str, tuple[tuple, int, Tensor]] = field(default_factory=dict, repr=False)
     live: dict[str, Tensor] = field(default_factory=dict, repr=False)  # W' built once for one training forward
     memory: memory.MemoryOptions = field(default_factory=memory.MemoryOptions)  # offloaded W, cached W' (set_memory)
     loading: bool = False  # inside `SpectralLayer._factors_hidden`: reading a weight gives the raw parameter
+    checked: tuple[Stamp, ...] = ()  # the last swapped-in weights and factors that passed the probe (svdtune.tracking)
+    foreign: tuple | None = None  # (stamps of a swapped-in weight, {part: its SVD}) while that weight is held
 
 
-class SpectralLayer(CheckpointHooks):
+class SpectralLayer(Tracking, CheckpointHooks):
     """Mixin placed first in the MRO of an adapted layer's class. Not built directly:
     `adapt` swaps a supported layer's class to ``Spectral<Class>``.
 
@@ -223,43 +194,6 @@ class SpectralLayer(CheckpointHooks):
         deltas = (self._parameters[delta_name(part)] for part in self._spectral.units)
         return any(d.requires_grad for d in deltas) or any(self._parameters[p].requires_grad for p in self._params())
 
-    def _factors(self, part: str = "") -> Decomposition:
-        """A unit's decomposition, recomputed first if the base weight was edited in place
-        (e.g. DistributedDataParallel broadcasting rank 0's weights). Under FSDP2, whose forward
-        swaps gathered copies in for the sharded weights, the weights count as unchanged."""
-        if not torch.compiler.is_compiling() and self._stamps() != self._spectral.stamps:
-            self._check_current()
-        return self._held_factors(part)
-
-    def _check_current(self) -> None:
-        """Decompose again if a base weight changed and its factors are not of it: they did not all change
-        with it (the weight edited in place), or they all did but fail `cache.check_factors`'s probe
-        (``torch.func.functional_call`` with a new weight and copies of the old factors). Replaced or
-        written together (DDP's broadcast, ``functional_call`` with ``named_parameters()``), weight and
-        factors pass the probe."""
-        state, stamps = self._spectral, self._stamps()
-        count = len(state.params)
-        base_changed = stamps[:count] != state.stamps[:count]
-        factors_changed = all(now != then for now, then in zip(stamps[count:], state.stamps[count:]))
-        if not state.stamps or (base_changed and not (factors_changed and self._factors_fit())):
-            if _in_func_transform():  # an SVD of wrapped tensors would store them in the layer's parameters
-                raise SvdtuneError(
-                    f"an svdtune layer ({self._spectral.original_class.__name__}) got a new base weight inside a "
-                    "torch.func transform, where svdtune cannot decompose it; pass its factors for that weight too "
-                    "(functional_call with every entry of named_parameters()), or set the weight outside the transform.")
-            self.redecompose()  # (no stamps: out of meta, to_empty)
-        elif not _in_func_transform():  # (a transform's tensors are its own, gone after it)
-            state.stamps = stamps
-
-    def _factors_fit(self) -> bool:
-        """Whether the factors held now pass the probe against the weights held now. Trusted unprobed:
-        FSDP2's gathered copies (every forward), and inside ``torch.func`` transforms (``vmap`` cannot
-        branch on values)."""
-        if self._sharded() or _in_func_transform():
-            return True
-        return all(check_factors(self._held_factors(part), self.base_matrix(part)) is None
-                   for part in self._spectral.units)
-
     def _held_factors(self, part: str = "") -> Decomposition:
         """The factor parameters registered now (no staleness check), never differentiable: frozen even
         when something set their ``requires_grad`` (``model.requires_grad_(True)``). Detached aliases:
@@ -291,12 +225,6 @@ class SpectralLayer(CheckpointHooks):
         """Managed by FSDP2's ``fully_shard`` (which marks every module it manages)."""
         return bool(self.__dict__.get("_is_fsdp_managed_module", False))
 
-    def _stamps(self) -> tuple[Stamp, ...]:
-        """A `Stamp` of each base weight, then of each factor: they change when one is replaced or edited
-        in place (not through ``.data``)."""
-        names = (*self._spectral.params, *self._factor_names())
-        return tuple(map(Stamp, map(self._parameters.__getitem__, names)))
-
     def redecompose(self) -> None:
         """Decompose the current base weights again (the deltas are kept).
 
@@ -311,7 +239,7 @@ class SpectralLayer(CheckpointHooks):
             self._set_factors(part, decompose_cached(self.base_matrix(part), state.config.rank, state.cache_dir,
                                                      unit.svd))
         memory.follow_deltas(self)  # decomposed from an offloaded W: the factors go to the deltas' device
-        state.stamps = self._stamps()
+        state.stamps, state.checked, state.foreign = self._stamps(), (), None
         self._clear_cache()
 
     def _adapted_param(self, param: str) -> Tensor:
@@ -325,7 +253,7 @@ class SpectralLayer(CheckpointHooks):
 
     def _cached_weight(self, param: str) -> Tensor:
         """W' without autograd, rebuilt only when the deltas, weight or scale change."""
-        if torch.compiler.is_compiling() or self._sharded() or not memory.caches(self):
+        if torch.compiler.is_compiling() or self._sharded() or not memory.caches(self) or in_func_transform():
             return self.adapted_weight(param)  # built for this use and freed after (sharded: a W' per layer per rank)
         base, state = self._parameters[param], self._spectral
         deltas = [self._parameters[delta_name(part)] for part, _ in self._units_of(param)]
@@ -346,6 +274,7 @@ class SpectralLayer(CheckpointHooks):
 
     def _apply(self, fn, recurse=True):
         stale = self._stamps() != self._spectral.stamps
+        before = [self._parameters[param].dtype for param in self._spectral.params]
         sigmas = {part: self._parameters[factor_name("sigma", part)].data for part in self._spectral.units}
         with memory.kept_on_host(self, fn):  # an offloaded W stays in CPU memory, cast to fn's dtype
             super()._apply(fn, recurse)
@@ -358,8 +287,11 @@ class SpectralLayer(CheckpointHooks):
         # out of meta (to_empty) nothing has values: no stamps, so the next load or forward decomposes
         self._spectral.stamps = () if from_meta else self._stamps()
         self._clear_cache()
-        if stale:  # edited before the move: the factors are of the old weight
-            self.redecompose()
+        after = [self._parameters[param].dtype for param in self._spectral.params]
+        finer = any(new.is_floating_point and old.is_floating_point and torch.finfo(new).eps < torch.finfo(old).eps
+                    for old, new in zip(before, after))
+        if (stale or (finer and not self._sharded())) and not from_meta:  # edited before the move; or cast to a finer dtype (bf16 -> f32,
+            self.redecompose()  # f32 -> f64), where factors of the coarser weight would be coarser than it
         return self
 
     def extra_repr(self) -> str:
@@ -373,11 +305,6 @@ class SpectralLayer(CheckpointHooks):
     def _plain_forward(self, *args, **kwargs):
         """The original class's forward (reading the adapted weight)."""
         return self._spectral.original_class.forward(self, *args, **kwargs)
-
-
-def _in_func_transform() -> bool:
-    """Inside ``torch.func.grad``/``vmap``/``jvp``... (their tensors are wrapped; values cannot steer Python)."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
 
 
 def delta_name(part: str) -> str:

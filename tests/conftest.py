@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import svdtune
 from svdtune import kernels
 
 # name -> (layer factory, input shape without batch)
@@ -45,3 +46,14 @@ def onednn_for_every_size(monkeypatch):
     """Route even the tests' small products through svdtune's oneDNN kernel (real models reach it
     only above kernels.MIN_MULTIPLY_ADDS), so every test covers the fast path too."""
     monkeypatch.setattr(kernels, "MIN_MULTIPLY_ADDS", 0)
+
+
+@pytest.fixture
+def svd_calls(monkeypatch):
+    """One entry per SVD an adapted layer runs after apply (into its own factors, or for a swapped-in weight)."""
+    calls = []
+    for module in (svdtune.layers, svdtune.tracking):
+        original = module.decompose_cached
+        monkeypatch.setattr(module, "decompose_cached",
+                            lambda *args, original=original, **kwargs: (calls.append(1), original(*args, **kwargs))[1])
+    return calls
