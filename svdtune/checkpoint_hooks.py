@@ -23,6 +23,7 @@ class CheckpointHooks(nn.Module):
     """The state-dict, copy and pickle hooks of `svdtune.layers.SpectralLayer` (its base class)."""
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
+        self._adopt()  # the factors of the weights held now, first: a weight edited before the load keeps its SVD
         state, kind, new = self._spectral, self._spectral.kind, {}
         assign = local_metadata.get("assign_to_params_buffers", False)  # the weight becomes incoming, as it is
         for part, unit in state.units.items():

@@ -43,11 +43,9 @@ from torch import Tensor, nn
 
 from svdtune import kinds, memory
 from svdtune.config import SpectralConfig
-from svdtune.cache import decompose_cached
 from svdtune.checkpoint_hooks import CheckpointHooks
 from svdtune.tracking import Stamp, Tracking, in_func_transform
 from svdtune.decompose import Decomposition, svd_dtype
-from svdtune.errors import SvdtuneError
 from svdtune.randomized import RandomizedSVD
 from svdtune.formula import delta_weight, merged_matrix, spectrum_shift
 
@@ -80,8 +78,8 @@ class SpectralState:
     params: tuple[str, ...]  # the names of the parameters the units are in, in part order
     stamps: tuple[Stamp, ...]  # of the layer's own base weights, then factors, when they were last made to agree
     cache_dir: str | None = None  # where decompositions are cached on disk (see svdtune.cache)
-    # parameter name -> (key, version of the tensor when built, W'): the no-grad W' of `SpectralLayer._cached_weight`
-    cached: dict[str, tuple[tuple, int, Tensor]] = field(default_factory=dict, repr=False)
+    # parameter name -> (key, version of W' when built, W', copies of inference-tensor deltas): `SpectralLayer._cached_weight`
+    cached: dict[str, tuple[tuple, int, Tensor, list]] = field(default_factory=dict, repr=False)
     live: dict[str, Tensor] = field(default_factory=dict, repr=False)  # W' built once for one training forward
     memory: memory.MemoryOptions = field(default_factory=memory.MemoryOptions)  # offloaded W, cached W' (set_memory)
     loading: bool = False  # inside `SpectralLayer._factors_hidden`: reading a weight gives the raw parameter
@@ -231,16 +229,7 @@ class SpectralLayer(Tracking, CheckpointHooks):
         Raises:
             SvdtuneError: the layer is sharded by FSDP2 (its factors are FSDP's parameters now).
         """
-        state = self._spectral
-        if self._sharded():
-            raise SvdtuneError("a layer sharded by FSDP2 cannot be decomposed again; load the base weights, then "
-                               "svdtune.apply, then fully_shard.")
-        for part, unit in state.units.items():  # the same method as before
-            self._set_factors(part, decompose_cached(self.base_matrix(part), state.config.rank, state.cache_dir,
-                                                     unit.svd))
-        memory.follow_deltas(self)  # decomposed from an offloaded W: the factors go to the deltas' device
-        state.stamps, state.checked, state.foreign = self._stamps(), (), None
-        self._clear_cache()
+        self._decompose_own(tuple(self._spectral.units))
 
     def _adapted_param(self, param: str) -> Tensor:
         """What reading the parameter ``param`` gives: W' (built with autograd when training)."""
@@ -261,19 +250,20 @@ class SpectralLayer(Tracking, CheckpointHooks):
         key = (*((Stamp(d), d.data_ptr()) for d in deltas), Stamp(base), base.data_ptr(), base.dtype, base.device,
                state.config)
         entry = state.cached.get(param)
-        if entry is None or entry[0] != key or entry[2]._version != entry[1]:
+        if entry is None or entry[0] != key or entry[2]._version != entry[1] or not _same_values(entry[3], deltas):
             # (re)build, also when someone wrote into the cached tensor; never as an inference
             # tensor, which has no version counter and could not be used outside inference_mode
             with torch.inference_mode(False), torch.no_grad():
                 weight = self.adapted_weight(param)
-            entry = state.cached[param] = (key, weight._version, weight)
+            kept = [d.clone() if d.is_inference() else None for d in deltas]  # no version counter: keep the values
+            entry = state.cached[param] = (key, weight._version, weight, kept)
         return entry[2]
 
     def _clear_cache(self) -> None:
         self._spectral.cached.clear()
 
     def _apply(self, fn, recurse=True):
-        stale = self._stamps() != self._spectral.stamps
+        self._adopt()  # factors of the weights held now, as the layer's own, before they move
         before = [self._parameters[param].dtype for param in self._spectral.params]
         sigmas = {part: self._parameters[factor_name("sigma", part)].data for part in self._spectral.units}
         with memory.kept_on_host(self, fn):  # an offloaded W stays in CPU memory, cast to fn's dtype
@@ -290,8 +280,8 @@ class SpectralLayer(Tracking, CheckpointHooks):
         after = [self._parameters[param].dtype for param in self._spectral.params]
         finer = any(new.is_floating_point and old.is_floating_point and torch.finfo(new).eps < torch.finfo(old).eps
                     for old, new in zip(before, after))
-        if (stale or (finer and not self._sharded())) and not from_meta:  # edited before the move; or cast to a finer dtype (bf16 -> f32,
-            self.redecompose()  # f32 -> f64), where factors of the coarser weight would be coarser than it
+        if finer and not self._sharded() and not from_meta:  # cast to a finer dtype (bf16 -> f32, f32 -> f64):
+            self.redecompose()  # factors of the coarser weight would be coarser than it
         return self
 
     def extra_repr(self) -> str:
@@ -305,6 +295,11 @@ class SpectralLayer(Tracking, CheckpointHooks):
     def _plain_forward(self, *args, **kwargs):
         """The original class's forward (reading the adapted weight)."""
         return self._spectral.original_class.forward(self, *args, **kwargs)
+
+
+def _same_values(kept: list[Tensor | None], deltas: list[Tensor]) -> bool:
+    """Inference-tensor deltas (no version counter) still hold the values the cached W' was built from."""
+    return all(k is None or torch.equal(k, d) for k, d in zip(kept, deltas))
 
 
 def delta_name(part: str) -> str:

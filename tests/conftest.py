@@ -52,7 +52,7 @@ def onednn_for_every_size(monkeypatch):
 def svd_calls(monkeypatch):
     """One entry per SVD an adapted layer runs after apply (into its own factors, or for a swapped-in weight)."""
     calls = []
-    for module in (svdtune.layers, svdtune.tracking):
+    for module in (svdtune.tracking, svdtune.checkpoint_hooks):
         original = module.decompose_cached
         monkeypatch.setattr(module, "decompose_cached",
                             lambda *args, original=original, **kwargs: (calls.append(1), original(*args, **kwargs))[1])
