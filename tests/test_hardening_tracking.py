@@ -1,6 +1,7 @@
-"""Hardening found by a sixth review (issue 10 follow-up) of svdtune/tracking.py (which factors go with the base weights held now) and the no-grad W'
-cache. Each test failed on the code it was written against (main at bd13bc8). References are dense float64:
-W + U diag(relu(sigma + delta) - sigma) Vh from torch.linalg.svd of the weight the layer holds."""
+"""Hardening found by a sixth review (issue 10 follow-up) of svdtune/tracking.py, which factors go with the
+base weights held now, and of the no-grad W' cache. Each test failed on the code it was written against
+(main at bd13bc8). References are dense float64: W + U diag(relu(sigma + delta) - sigma) Vh from
+torch.linalg.svd of the weight the layer holds."""
 
 from __future__ import annotations
 
