@@ -10,6 +10,7 @@ run-time ``Spectral<Class>`` type of its original class.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch import nn
@@ -76,7 +77,9 @@ class CheckpointHooks(nn.Module):
 
     def __getstate__(self):
         self._adopt()  # a copy or pickle gets factors of the weight it holds
-        return super().__getstate__()
+        state = dict(super().__getstate__())  # without the SVDs of swapped-in weights, which the copy does not hold
+        state["_spectral"] = dataclasses.replace(state["_spectral"], foreign=[], checked=())
+        return state
 
     def __setstate__(self, state):
         super().__setstate__(state)

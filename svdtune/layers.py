@@ -84,7 +84,7 @@ class SpectralState:
     memory: memory.MemoryOptions = field(default_factory=memory.MemoryOptions)  # offloaded W, cached W' (set_memory)
     loading: bool = False  # inside `SpectralLayer._factors_hidden`: reading a weight gives the raw parameter
     checked: tuple[Stamp, ...] = ()  # the last swapped-in weights and factors that passed the probe (svdtune.tracking)
-    foreign: tuple | None = None  # (stamps of a swapped-in weight, {part: its SVD}) while that weight is held
+    foreign: list = field(default_factory=list)  # `tracking.Foreign`: SVDs of swapped-in weights, newest first
 
 
 class SpectralLayer(Tracking, CheckpointHooks):

@@ -11,16 +11,21 @@ which version). Every read of the factors (`Tracking._factors`) compares what th
   decomposed again into the layer's own factor parameters;
 - other weight tensors swapped in (``torch.func.functional_call``; FSDP2's gathered copies): never
   written into the layer's own factors. The factors held with them serve where they pass the probe;
-  the parts that fail get an SVD of the swapped-in weight, kept until one of its tensors is freed;
+  the parts that fail get an SVD of the swapped-in weight, kept until one of its tensors is freed (for
+  the `FOREIGN_KEPT` most recent such weights). Factors swapped in alone that do not fit the layer's
+  own weight are ignored: its own factors serve;
 - a move (``.to``), a copy, a pickle or a ``load_state_dict`` first makes the factors of the weights
   held now the layer's own (`Tracking._adopt`);
 - inside ``torch.func`` transforms nothing is probed or stamped (their tensors are wrapped and gone
-  after the call), and a weight that would need a new SVD is refused.
+  after the call): a new weight is trusted with new factors, and refused with the layer's own factors
+  or views of them (``detach()``), since it would need an SVD.
 """
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +75,23 @@ def in_func_transform() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+FOREIGN_KEPT = 4  # SVDs of swapped-in weights a layer keeps, the most recent first
+
+
+@dataclass(eq=False)
+class Foreign:
+    """The SVD of a swapped-in weight: its stamps, its factors per part, and the finalizers that drop it
+    when one of its tensors is freed."""
+
+    stamps: tuple[Stamp, ...]
+    factors: dict[str, Decomposition]
+    finalizers: list = field(default_factory=list)
+
+    def release(self) -> None:
+        for finalizer in self.finalizers:
+            finalizer.detach()
+
+
 class Tracking(nn.Module):
     """The factor reads of `svdtune.layers.SpectralLayer` (its base class): `_factors` and the rules above."""
 
@@ -78,43 +100,50 @@ class Tracking(nn.Module):
         if not torch.compiler.is_compiling():
             state, stamps = self._spectral, self._stamps()
             if stamps != state.stamps and stamps != state.checked:
-                foreign = self._check_current(stamps)
-                if foreign is not None:
-                    return foreign[self._unit(part).part.name]
+                factors = self._check_current(stamps)
+                if factors is not None:
+                    return factors[self._unit(part).part.name]
         return self._held_factors(part)
 
     def _check_current(self, stamps: tuple[Stamp, ...]) -> dict[str, Decomposition] | None:
         """Apply the rules of `svdtune.tracking` to what the layer holds now (``stamps``, which differ from
-        the layer's own). Returns the factors of a swapped-in weight, or None: the factors held serve."""
+        the layer's own). Returns the factors to use instead of those held, or None: those held serve."""
         state = self._spectral
         count = len(state.params)
         if not state.stamps:  # out of meta (to_empty): nothing was decomposed yet
             return self._decompose_own(tuple(state.units))
-        weights, factors = zip(stamps[:count], state.stamps[:count]), zip(stamps[count:], state.stamps[count:])
-        weights, factors = list(weights), list(factors)
+        weights, factors = list(zip(stamps[:count], state.stamps[:count])), list(zip(stamps[count:], state.stamps[count:]))
         own_factors = all(now.same_tensor(then) for now, then in factors)
         if all(now.same_tensor(then) for now, then in weights):  # the layer's own weights
-            edited = {param for param, (now, then) in zip(state.params, weights) if now != then}
-            written = all(now != then for now, then in factors)
-            if edited and not written:  # the weight alone edited in place
-                return self._decompose_own(self._parts_of(edited))
-            wrong = self._parts_not_fitting()
-            if not wrong:  # written together (a broadcast), or factors swapped in or written that fit
-                self._stamp_as(stamps, own=own_factors)
-                return None
-            if own_factors:  # the layer's own factors, edited: decompose its own weights again
-                return self._decompose_own(wrong)
-            return self._decompose_swapped_in(stamps[:count], wrong)  # swapped-in factors of another weight
-        if state.foreign is not None and state.foreign[0] == stamps[:count]:
-            return state.foreign[1]  # this swapped-in weight was decomposed already
-        if in_func_transform():  # nothing can be probed: swapped-in factors are trusted, the layer's own are not
-            return None if not any(now.same_tensor(then) for now, then in factors) else \
-                self._decompose_swapped_in(stamps[:count], tuple(state.units))  # (refused)
-        wrong = () if self._sharded() else self._parts_not_fitting()
+            return self._check_own_weights(stamps, weights, factors, own_factors)
+        kept = next((entry for entry in state.foreign if entry.stamps == stamps[:count]), None)
+        if kept is not None:
+            return kept.factors  # this swapped-in weight was decomposed already
+        if in_func_transform():  # nothing can be probed: new factors are trusted, the layer's own are not
+            if own_factors or (self._aliases_own(factors) and not self._aliases_own(weights)):
+                self._refuse_in_transform(always=True)
+            return None
+        wrong = () if self._sharded() else self._parts_not_fitting(tuple(state.units))
         if not wrong:
             self._stamp_as(stamps, own=False)
             return None
         return self._decompose_swapped_in(stamps[:count], wrong)
+
+    def _check_own_weights(self, stamps, weights, factors, own_factors) -> dict[str, Decomposition] | None:
+        state = self._spectral
+        edited = {param for param, (now, then) in zip(state.params, weights) if now != then}
+        written = all(now != then for now, then in factors)
+        wrong = self._parts_not_fitting(self._parts_of(edited) if edited and not written else tuple(state.units))
+        if not wrong:  # unchanged where it matters, written together (a broadcast), or factors that fit
+            self._stamp_as(stamps, own=own_factors)
+            return None
+        if own_factors:  # the layer's own weights or factors edited: decompose its own weights again
+            return self._decompose_own(wrong)
+        if not edited:  # factors of another weight swapped in: the layer's own ones serve
+            own = self._own_factors()
+            if own is not None:
+                return own
+        return self._decompose_swapped_in(stamps[:len(state.params)], wrong)
 
     def _stamp_as(self, stamps: tuple[Stamp, ...], own: bool) -> None:
         """Remember that these tensors go together: as the layer's own, or as a swap that passed."""
@@ -124,17 +153,48 @@ class Tracking(nn.Module):
             else:
                 self._spectral.checked = stamps
 
-    def _parts_not_fitting(self) -> tuple[str, ...]:
-        """The parts whose factors held now fail the probe against their weights held now. None fails:
-        FSDP2's gathered copies (every forward), and inside ``torch.func`` transforms (``vmap`` cannot
-        branch on values)."""
+    def _parts_not_fitting(self, parts: tuple[str, ...]) -> tuple[str, ...]:
+        """Those of ``parts`` whose factors held now fail the probe against their weights held now. None
+        fails: FSDP2's gathered copies (every forward), and inside ``torch.func`` transforms (``vmap``
+        cannot branch on values)."""
         if self._sharded() or in_func_transform():
             return ()
-        return tuple(part for part in self._spectral.units
-                     if check_factors(self._held_factors(part), self.base_matrix(part)) is not None)
+        return tuple(part for part in parts if not self._fits(part))
+
+    def _fits(self, part: str) -> bool:
+        factors = self._held_factors(part)
+        if factors.U.is_meta:  # no values to probe (the deltas' device a stand-in, in tests): decompose
+            return False
+        weight = self.base_matrix(part)  # (an offloaded W is in CPU memory: probe it where the factors are)
+        return check_factors(factors, weight.to(factors.U.device)) is None
 
     def _parts_of(self, params: set[str]) -> tuple[str, ...]:
         return tuple(part for part, unit in self._spectral.units.items() if unit.part.param in params)
+
+    def _own_factors(self) -> dict[str, Decomposition] | None:
+        """The layer's own factors while others are swapped in (alive: the swap holds them), or None."""
+        state, count = self._spectral, len(self._spectral.params)
+        tensors = [stamp.ref() for stamp in state.stamps[count:]]
+        if any(t is None for t in tensors):
+            return None
+        held = iter(tensors)
+        return {part: self._described(part, next(held), next(held), next(held)) for part in state.units}
+
+    def _described(self, part: str, U: Tensor, sigma: Tensor, Vh: Tensor) -> Decomposition:
+        unit = self._spectral.units[part]
+        return Decomposition(U.detach(), sigma.detach(), Vh.detach(), unit.full_rank, unit.next_sigma, unit.svd)
+
+    def _aliases_own(self, pairs: list[tuple[Stamp, Stamp]]) -> bool:
+        """Whether some swapped-in tensors (of (now, own) stamp pairs) are views of the layer's own
+        (``detach()``), seen through the transform's wrappers."""
+        for now, then in pairs:
+            tensor, own = now.ref(), then.ref()
+            while tensor is not None and torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+                tensor = torch._C._functorch.get_unwrapped(tensor)
+            with contextlib.suppress(RuntimeError):  # (a tensor without storage aliases nothing)
+                if tensor is not None and own is not None and tensor.data_ptr() == own.data_ptr():
+                    return True
+        return False
 
     def _decompose(self, part: str) -> Decomposition:
         state, unit = self._spectral, self._spectral.units[part]
@@ -150,38 +210,45 @@ class Tracking(nn.Module):
         for part in parts:  # the same method as before
             self._set_factors(part, self._decompose(part))
         memory.follow_deltas(self)  # decomposed from an offloaded W: the factors go to the deltas' device
-        state.stamps, state.checked, state.foreign = self._stamps(), (), None
+        state.stamps, state.checked = self._stamps(), ()
         self._clear_cache()
         return None
 
     def _decompose_swapped_in(self, stamps: tuple[Stamp, ...], parts: tuple[str, ...]) -> dict[str, Decomposition]:
         """The factors of a swapped-in weight (an SVD of each part in ``parts``, the held factors of the
-        others), kept (not registered) until one of its tensors is freed."""
+        others), kept (not registered) until one of its tensors is freed, or `FOREIGN_KEPT` newer ones."""
         self._refuse_in_transform()
         state = self._spectral
-        factors = {part: self._decompose(part) if part in parts else self._held_factors(part) for part in state.units}
-        entry = state.foreign = (stamps, factors)
+        entry = Foreign(stamps, {part: self._decompose(part) if part in parts else self._held_factors(part)
+                                 for part in state.units})
         held = weakref.ref(state)
-        for stamp in stamps:
-            if stamp.ref() is not None:
-                weakref.finalize(stamp.ref(), _forget, held, entry)
+        entry.finalizers = [weakref.finalize(stamp.ref(), _forget, held, entry) for stamp in stamps
+                            if stamp.ref() is not None]
+        state.foreign.insert(0, entry)
+        for old in state.foreign[FOREIGN_KEPT:]:
+            old.release()
+        del state.foreign[FOREIGN_KEPT:]
         self._clear_cache()
-        return factors
+        return entry.factors
 
     def _adopt(self) -> None:
         """Resolve what the layer holds now (`_factors`) and make the factors of a swapped-in weight the
         layer's own: before a move (``.to``), a copy or a pickle, which keep the weight held now."""
-        if not self._spectral.stamps:
+        state = self._spectral
+        if not state.stamps:
             return
         self._factors()
-        foreign = self._spectral.foreign
-        if foreign is not None and foreign[0] == self._stamps()[:len(self._spectral.params)]:
-            for part, factors in foreign[1].items():
+        now = self._stamps()[:len(state.params)]
+        kept = next((entry for entry in state.foreign if entry.stamps == now), None)
+        if kept is not None:
+            for part, factors in kept.factors.items():
                 self._set_factors(part, factors)
-            self._spectral.stamps, self._spectral.checked, self._spectral.foreign = self._stamps(), (), None
+            state.stamps, state.checked = self._stamps(), ()
+            state.foreign.remove(kept)
+            kept.release()
 
-    def _refuse_in_transform(self) -> None:
-        if in_func_transform():  # an SVD of wrapped tensors would store them in the layer
+    def _refuse_in_transform(self, always: bool = False) -> None:
+        if always or in_func_transform():  # an SVD of wrapped tensors would store them in the layer
             raise SvdtuneError(
                 f"an svdtune layer ({self._spectral.original_class.__name__}) got a new base weight inside a "
                 "torch.func transform, where svdtune cannot decompose it; pass its factors for that weight too "
@@ -194,8 +261,9 @@ class Tracking(nn.Module):
         return tuple(map(Stamp, map(self._parameters.__getitem__, names)))
 
 
-def _forget(held: weakref.ref, entry: tuple) -> None:
-    """A swapped-in weight was freed: drop its SVD (unless another took its place)."""
+def _forget(held: weakref.ref, entry: Foreign) -> None:
+    """A swapped-in weight was freed: drop its SVD."""
     state = held()
-    if state is not None and state.foreign is entry:
-        state.foreign = None
+    if state is not None and entry in state.foreign:
+        state.foreign.remove(entry)
+        entry.release()
