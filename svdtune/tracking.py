@@ -8,12 +8,12 @@ which version). Every read of the factors (`Tracking._factors`) compares what th
 - its own weights, edited in place (a DDP broadcast writes weights and factors together; a user edit
   writes the weight alone), or its factors written: kept if the factors were written and pass the
   probe (U diag(sigma) Vh x against W x, `svdtune.cache.check_factors`), else the parts that fail are
-  decomposed again into the layer's own factor parameters;
+  decomposed again into the layer's own factor parameters (factors swapped in alone that fail are
+  ignored: the layer's own serve);
 - other weight tensors swapped in (``torch.func.functional_call``; FSDP2's gathered copies): never
   written into the layer's own factors. The factors held with them serve where they pass the probe;
   the parts that fail get an SVD of the swapped-in weight, kept until one of its tensors is freed (for
-  the `FOREIGN_KEPT` most recent such weights). Factors swapped in alone that do not fit the layer's
-  own weight are ignored: its own factors serve;
+  the `FOREIGN_KEPT` most recent such weights);
 - a move (``.to``), a copy, a pickle or a ``load_state_dict`` first makes the factors of the weights
   held now the layer's own (`Tracking._adopt`);
 - inside ``torch.func`` transforms nothing is probed or stamped (their tensors are wrapped and gone
