@@ -42,6 +42,8 @@ from svdtune.randomized import RandomizedSVD
 PROBE_COLUMNS = 4  # random vectors x in the reconstruction probe
 SPOT_COLUMNS = 8  # singular vectors in the orthonormality spot check
 TOLERANCE = 16  # in units of the rounding scale r (see check_factors): a wide margin over honest rounding
+POWER_STEPS = 3  # power iterations estimating the largest singular value a truncated SVD left out
+RANDOMIZED_MARGIN = 2.0  # a randomized SVD's residual may exceed its sigma_k a little; twice is a gross error
 CACHE_VERSION = "2"  # bump when decompose() changes what it returns for the same input (2: next_sigma)
 FORMAT = "svdtune.svd-cache"
 
@@ -152,7 +154,9 @@ def check_factors(factors: Decomposition, weight: Tensor, seed: int = 0) -> str 
     singular vector pairs, U^T U and Vh Vh^T equal the identity within TOLERANCE * r; and for
     4 random vectors X (n, 4), seeded by ``seed``: U^T W X = diag(sigma) Vh X (the triplets are
     singular triplets of W) and ||W X - U diag(sigma) Vh X|| <= next_sigma ||X|| (what is left
-    out is no larger than next_sigma; = 0 at full rank), within TOLERANCE * r * sigma_max * ||X||.
+    out is no larger than next_sigma; = 0 at full rank), within TOLERANCE * r * sigma_max * ||X||; and, for a
+    truncated SVD, that no singular value left out is larger than sigma_k, the smallest kept (estimated by
+    `POWER_STEPS` power iterations; twice sigma_k for a randomized SVD, whose residual is near-optimal only).
     r = eps(the weight's dtype, in which U and Vh are stored) + sqrt(max(m, n)) * eps(SVD dtype):
     storing U, Vh rounds them by eps/2 per entry, and products of length m or n round by about
     sqrt(length) * eps. Cost: 3 products of W with 4 vectors, against an SVD's min(m, n) times m n.
@@ -180,7 +184,27 @@ def check_factors(factors: Decomposition, weight: Tensor, seed: int = 0) -> str 
         return "U^T W x differs from diag(sigma) Vh x for random x"
     if float((wx - U.to(work) @ (sigma[:, None] * vx)).norm()) > next_sigma * float(x.norm()) + bound:
         return "W x differs from U diag(sigma) Vh x for random x by more than the singular values left out allow"
+    if not factors.full_rank:  # a top-k SVD leaves out nothing larger than it keeps
+        margin = 1.0 if factors.svd is None else RANDOMIZED_MARGIN
+        if _largest_left_out(matrix, U.to(work), sigma, Vh.to(work), x) > margin * float(sigma[-1]) + bound / float(x.norm()):
+            return "a singular value left out is larger than the smallest one kept (not the top singular triplets)"
     return None
+
+
+def _largest_left_out(matrix: Tensor, U: Tensor, sigma: Tensor, Vh: Tensor, x: Tensor) -> float:
+    """A lower estimate of the largest singular value of W - U diag(sigma) Vh (what a top-k SVD leaves out):
+    `POWER_STEPS` power iterations from the probe vectors ``x``, 4 products with W each."""
+    def left_out(v: Tensor) -> Tensor:  # (n, c) -> (m, c)
+        return matrix @ v - U @ (sigma[:, None] * (Vh @ v))
+
+    def left_out_t(r: Tensor) -> Tensor:  # (m, c) -> (n, c)
+        return matrix.T @ r - Vh.T @ (sigma[:, None] * (U.T @ r))
+
+    v = x / x.norm(dim=0).clamp_min(torch.finfo(x.dtype).tiny)
+    for _ in range(POWER_STEPS):
+        v = left_out_t(left_out(v))
+        v = v / v.norm(dim=0).clamp_min(torch.finfo(x.dtype).tiny)
+    return float(left_out(v).norm(dim=0).max())
 
 
 def _next_sigma(text: str | None, full_rank: bool, key: str) -> float | None:

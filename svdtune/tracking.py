@@ -120,7 +120,8 @@ class Tracking(nn.Module):
         if kept is not None:
             return kept.factors  # this swapped-in weight was decomposed already
         if in_func_transform():  # nothing can be probed: new factors are trusted, the layer's own are not
-            if own_factors or (self._aliases_own(factors) and not self._aliases_own(weights)):
+            own_or_views = own_factors or self._aliases_own(factors)
+            if own_or_views and (not self._aliases_own(weights) or self._own_weights_edited()):
                 self._refuse_in_transform(always=True)
             return None
         wrong = () if self._sharded() else self._parts_not_fitting(tuple(state.units))
@@ -133,6 +134,8 @@ class Tracking(nn.Module):
         state = self._spectral
         edited = {param for param, (now, then) in zip(state.params, weights) if now != then}
         written = all(now != then for now, then in factors)
+        if edited and not written and in_func_transform():  # nothing can be probed: the edit needs an SVD
+            self._refuse_in_transform()
         wrong = self._parts_not_fitting(self._parts_of(edited) if edited and not written else tuple(state.units))
         if not wrong:  # unchanged where it matters, written together (a broadcast), or factors that fit
             self._stamp_as(stamps, own=own_factors)
@@ -183,6 +186,11 @@ class Tracking(nn.Module):
     def _described(self, part: str, U: Tensor, sigma: Tensor, Vh: Tensor) -> Decomposition:
         unit = self._spectral.units[part]
         return Decomposition(U.detach(), sigma.detach(), Vh.detach(), unit.full_rank, unit.next_sigma, unit.svd)
+
+    def _own_weights_edited(self) -> bool:
+        """Whether the layer's own weights (alive: a swap holds them) were edited since it last decomposed them."""
+        count = len(self._spectral.params)
+        return any(then.ref() is not None and Stamp(then.ref()) != then for then in self._spectral.stamps[:count])
 
     def _aliases_own(self, pairs: list[tuple[Stamp, Stamp]]) -> bool:
         """Whether some swapped-in tensors (of (now, own) stamp pairs) are views of the layer's own
@@ -248,11 +256,12 @@ class Tracking(nn.Module):
             kept.release()
 
     def _refuse_in_transform(self, always: bool = False) -> None:
-        if always or in_func_transform():  # an SVD of wrapped tensors would store them in the layer
+        if always or in_func_transform():  # an SVD inside a transform would leave its tensors in the layer
             raise SvdtuneError(
                 f"an svdtune layer ({self._spectral.original_class.__name__}) got a new base weight inside a "
                 "torch.func transform, where svdtune cannot decompose it; pass its factors for that weight too "
-                "(functional_call with every entry of named_parameters()), or set the weight outside the transform.")
+                "(functional_call with every entry of named_parameters()), or set the weight outside the transform "
+                "(after an in-place edit, one forward outside it, or layer.redecompose(), decomposes it).")
 
     def _stamps(self) -> tuple[Stamp, ...]:
         """A `Stamp` of each base weight, then of each factor: they change when one is replaced or edited
