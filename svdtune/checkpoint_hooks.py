@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from svdtune import kinds, memory
-from svdtune.cache import decompose_cached
 from svdtune.errors import SvdtuneError
 
 
@@ -38,8 +37,7 @@ class CheckpointHooks(nn.Module):
             try:  # decompose before loading, so a weight without an SVD is not half-loaded
                 if self._sharded():
                     raise SvdtuneError("it is sharded by FSDP2: load base weights before apply and fully_shard")
-                new[part] = decompose_cached(kinds.matrix(kind, incoming, unit.part), state.config.rank,
-                                             state.cache_dir, unit.svd)
+                new[part] = self._decompose(part, kinds.matrix(kind, incoming, unit.part))
             except SvdtuneError as error:
                 error_msgs.append(f"svdtune layer {prefix[:-1]!r}: new base weight refused: {error}")
                 return

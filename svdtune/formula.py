@@ -44,11 +44,11 @@ def merged_matrix(base: Tensor, U: Tensor, Vh: Tensor, shift: Tensor) -> Tensor:
     return (base.to(work) + change).to(base.dtype)
 
 
-def may_overflow(top_sigma: float, shift: Tensor, dtype: torch.dtype) -> bool:
-    """Whether W' = W + U diag(shift) Vh may hold an entry beyond ``dtype``'s range, from the spectra alone:
-    every entry of W is at most sigma_max (``top_sigma``), every entry of the change at most max|shift| (the
-    rows of U and the columns of Vh have norm <= 1); the margin is far above rounding."""
-    reach = top_sigma + (float(shift.abs().max()) if shift.numel() else 0.0)
+def may_overflow(top: float, shift: Tensor, dtype: torch.dtype) -> bool:
+    """Whether W' = W + U diag(shift) Vh may hold an entry beyond ``dtype``'s range: ``top`` bounds W's entries
+    (max|W|, or sigma_max without reading W), and every entry of the change is at most max|shift| (the rows
+    of U and the columns of Vh have norm <= 1); the margin is far above rounding."""
+    reach = top + (float(shift.abs().max()) if shift.numel() else 0.0)
     return not reach < torch.finfo(dtype).max * (1 - 1e-3)
 
 

@@ -26,7 +26,7 @@ from svdtune.basis import basis_of, repeated_pairs
 from svdtune.delta import DeltaFile, LayerDelta, as_delta_file
 from svdtune.fingerprint import check_base, fingerprint
 from svdtune.errors import SvdtuneError
-from svdtune.formula import merged_matrix, spectrum_shift
+from svdtune.formula import may_overflow, merged_matrix, spectrum_shift
 from svdtune.layers import DELTA, SpectralLayer
 from svdtune.randomized import RandomizedSVD
 from svdtune.sharding import full, refuse_sharded, sharded_tensors, write_on_rank_zero
@@ -324,15 +324,13 @@ def _check_fingerprints(delta: DeltaFile, steps: dict[str, _Step], strict: bool,
 def _stays_finite(weight: Tensor, factors: Decomposition, shift: Tensor) -> bool:
     """Whether W' = W + U_k diag(shift) Vh_k is finite in the weight's dtype.
 
-    Cheap first: each entry of U_k diag(shift) Vh_k is at most max|shift| in size (rows of U_k and
-    columns of Vh_k have norm <= 1), so max|W| + max|shift| below the dtype's largest value (with a
-    margin far above rounding) decides without building W'; only otherwise is W' built.
+    Cheap first: `svdtune.formula.may_overflow` with max|W| decides without building W'; only
+    otherwise is W' built.
     """
     with torch.no_grad():
-        bound = float(weight.detach().abs().max()) + float(shift.abs().max())
-        if bound < torch.finfo(weight.dtype).max * (1 - 1e-3):
+        if not may_overflow(float(weight.detach().abs().max()), shift, weight.dtype):
             return True
-        return bool(torch.isfinite(merged_matrix(weight, factors.U[:, :shift.numel()], factors.Vh[:shift.numel()], shift)).all())
+        return values.all_finite(merged_matrix(weight, factors.U[:, :shift.numel()], factors.Vh[:shift.numel()], shift))
 
 
 def _factors(name: str, step: _Step, cache_dir: str | None) -> Decomposition:

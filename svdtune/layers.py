@@ -26,8 +26,8 @@ float64 for float64 weights), DistributedDataParallel broadcasts them once and
 never again, and FSDP2's ``fully_shard`` shards them like any parameter, so each
 rank holds its share (see `svdtune.sharding`). Every read goes through
 `SpectralLayer._factors`, which takes the tensors registered now (FSDP2 swaps in
-gathered ones for a forward) and decomposes again when the base weight changed
-without them (`SpectralLayer._check_current`).
+gathered ones for a forward) and decides which factors go with the weights held
+now (`svdtune.tracking`).
 
 Where the base weights live and whether the no-grad W' is cached are the layer's
 memory options (`svdtune.memory`, hooks marked ``memory.``): an offloaded W stays
@@ -197,10 +197,13 @@ class SpectralLayer(Tracking, CheckpointHooks):
         when something set their ``requires_grad`` (``model.requires_grad_(True)``). Detached aliases:
         a graph still waiting for its backward keeps the values of its forward when a new SVD later
         writes into the parameters (``_set_factors``)."""
-        unit = self._unit(part)
-        held = (self._parameters[factor_name(f, unit.part.name)] for f in FACTORS)
-        U, sigma, Vh = (t.detach() for t in held)
-        return Decomposition(U, sigma, Vh, unit.full_rank, unit.next_sigma, unit.svd)
+        name = self._unit(part).part.name
+        return self._decomposition(name, *(self._parameters[factor_name(f, name)] for f in FACTORS))
+
+    def _decomposition(self, part: str, U: Tensor, sigma: Tensor, Vh: Tensor) -> Decomposition:
+        """The unit's `Decomposition` of these factor tensors, detached, with what describes them."""
+        unit = self._spectral.units[part]
+        return Decomposition(U.detach(), sigma.detach(), Vh.detach(), unit.full_rank, unit.next_sigma, unit.svd)
 
     def _set_factors(self, part: str, factors: Decomposition) -> None:
         """Register a unit's factors as frozen parameters; a factor already registered keeps its Parameter

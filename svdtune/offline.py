@@ -31,7 +31,7 @@ from svdtune.delta import DeltaFile, Fingerprint, LayerDelta, as_delta_file, che
 from svdtune.fingerprint import FLOATS
 from svdtune.errors import SvdtuneError
 from svdtune.formula import check_finite_merge, merged_matrix, spectrum_shift
-from svdtune.checkpoints import BASE_SUFFIXES, read_state_dict  # noqa: F401  (re-exported)
+from svdtune.checkpoints import read_state_dict
 
 
 

@@ -181,11 +181,7 @@ class Tracking(nn.Module):
         if any(t is None for t in tensors):
             return None
         held = iter(tensors)
-        return {part: self._described(part, next(held), next(held), next(held)) for part in state.units}
-
-    def _described(self, part: str, U: Tensor, sigma: Tensor, Vh: Tensor) -> Decomposition:
-        unit = self._spectral.units[part]
-        return Decomposition(U.detach(), sigma.detach(), Vh.detach(), unit.full_rank, unit.next_sigma, unit.svd)
+        return {part: self._decomposition(part, next(held), next(held), next(held)) for part in state.units}
 
     def _own_weights_edited(self) -> bool:
         """Whether the layer's own weights (alive: a swap holds them) were edited since it last decomposed them."""
@@ -204,9 +200,11 @@ class Tracking(nn.Module):
                     return True
         return False
 
-    def _decompose(self, part: str) -> Decomposition:
+    def _decompose(self, part: str, matrix: Tensor | None = None) -> Decomposition:
+        """An SVD of ``matrix`` (default: the part's base matrix held now) by the layer's rank, cache and method."""
         state, unit = self._spectral, self._spectral.units[part]
-        return decompose_cached(self.base_matrix(part), state.config.rank, state.cache_dir, unit.svd)
+        matrix = self.base_matrix(part) if matrix is None else matrix
+        return decompose_cached(matrix, state.config.rank, state.cache_dir, unit.svd)
 
     def _decompose_own(self, parts: tuple[str, ...]) -> None:
         """Decompose the layer's own weights of ``parts`` again, into its own factor parameters."""

@@ -52,8 +52,7 @@ def onednn_for_every_size(monkeypatch):
 def svd_calls(monkeypatch):
     """One entry per SVD an adapted layer runs after apply (into its own factors, or for a swapped-in weight)."""
     calls = []
-    for module in (svdtune.tracking, svdtune.checkpoint_hooks):
-        original = module.decompose_cached
-        monkeypatch.setattr(module, "decompose_cached",
-                            lambda *args, original=original, **kwargs: (calls.append(1), original(*args, **kwargs))[1])
+    original = svdtune.tracking.decompose_cached  # every SVD after apply goes through Tracking._decompose
+    monkeypatch.setattr(svdtune.tracking, "decompose_cached",
+                        lambda *args, **kwargs: (calls.append(1), original(*args, **kwargs))[1])
     return calls
