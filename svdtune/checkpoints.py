@@ -38,9 +38,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     Rules for a base (each refused with the key named): every entry is a dense tensor of
     a dtype safetensors holds; no tensor's elements overlap in memory (a stride-0
     ``expand`` or an overlapping view: merging would write every repeated element);
-    all tensors together hold at most `MAX_LOGICAL_RATIO` times the file's bytes (for a zip
-    checkpoint, checked from its directory before loading: compressed members are not expanded)
-    (views sharing storage count once per view); no key is an svdtune delta
+    all tensors together hold at most `MAX_LOGICAL_RATIO` times the file's bytes (views sharing
+    storage count once per view; for a zip checkpoint, its members' sizes are checked from its
+    directory before loading, so compressed members are not expanded); no key is an svdtune delta
     (``*.svd_delta``, ``*.svd_delta_q_proj``...: the checkpoint was saved from an adapted model).
 
     Raises:
@@ -77,9 +77,14 @@ def _check_expansion(handle, size: int, what: str) -> None:
         return  # not a zip archive: torch.load tells what it is (a legacy checkpoint holds its bytes as they are)
     finally:
         handle.seek(0)
-    if expanded > MAX_LOGICAL_RATIO * size + MAX_LOGICAL_SLACK:
+    if _beyond_size_bound(expanded, size):
         raise SvdtuneError(f"{what}: its zip archive expands to {expanded:,} bytes, over {MAX_LOGICAL_RATIO} times the "
                            f"file's {size:,} (compressed members); save the state dict with torch.save, uncompressed.")
+
+
+def _beyond_size_bound(held: int, file_size: int) -> bool:
+    """Whether ``held`` bytes are more than a file of ``file_size`` bytes may expand to."""
+    return held > MAX_LOGICAL_RATIO * file_size + MAX_LOGICAL_SLACK
 
 
 def _torch_load_or_refuse(path: str, what: str) -> object:
@@ -115,7 +120,7 @@ def _check_tensors(state: dict[str, Tensor], file_size: int, what: str) -> None:
                 "elements share memory (e.g. torch.zeros(1).expand(n)); merging would write every repeated element. "
                 "If the full tensor is what you mean, save it with .contiguous() before torch.save.")
         total += value.numel() * value.element_size()
-    if total > MAX_LOGICAL_RATIO * file_size + MAX_LOGICAL_SLACK:
+    if _beyond_size_bound(total, file_size):
         raise SvdtuneError(f"{what}: its tensors hold {total:,} bytes, over {MAX_LOGICAL_RATIO} times the file's "
                            f"{file_size:,} (many views of shared storage); save each tensor once (.clone()).")
 
